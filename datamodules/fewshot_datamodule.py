@@ -1,0 +1,236 @@
+"""`FewShotDataModule`: CoOp few-shot and base-to-new data over a `split_zhou_<Name>.json` split.
+
+The CoOp/CoCoOp protocol, end to end: read the split, draw the K-shot train / min(K, 4)-shot
+val subset with Dassl's sampler (cached as `split_fewshot/shot_K-seed_S.json`), then apply
+`subsample_classes` (train on "base", test on "base" and "new", each relabelled from 0).
+Class names are read at `__init__` so LightningCLI links (`data.classnames -> model.classnames`,
+`apply_on="instantiate"`) see them before `setup`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from vlm.datamodules.fewshot import load_or_create_fewshot, subsample_classes
+from vlm.datamodules.image_list import CollateSkipCorrupt, ImageListDataset, OnCorrupt
+from vlm.datamodules.splits import Datum, check_images_exist, label_to_classname, read_split, split_file_path
+from vlm.datamodules.transforms import (
+    CLIP_MEAN,
+    CLIP_STD,
+    DEFAULT_TRAIN_TRANSFORMS,
+    build_test_transform,
+    build_train_transform,
+)
+
+SubsetName = Literal["base", "new", "all"]
+
+
+class FewShotDataModule(L.LightningDataModule):
+    """Few-shot / base-to-new classification data over a CoOp split file.
+
+    Batches are dicts `{"image": float [B, 3, H, W], "label": long [B], "index": long [B]}`.
+    `test_dataloader` returns one loader per entry of `test_subsets`, in that order.
+
+    Args:
+        root: dataset folder holding `split_zhou_<dataset>.json` and the image folder (CoOp's
+            `$DATA/<dataset_dir>`, e.g. `~/data/oxford_pets`).
+        dataset: the split file's name part, e.g. "OxfordPets" for `split_zhou_OxfordPets.json`.
+        image_dir: image root relative to `root` that the split's relpaths start from ("images";
+            "" or "." when the relpaths start at `root` itself, as for StanfordCars).
+        num_shots: K training shots per class (val uses min(K, 4)); < 1 uses the full splits.
+        seed: few-shot sampling seed (Python `random`, as Dassl); seeds 1, 2, 3 in the papers.
+        subsample: classes to train and validate on: "base" (first half of the sorted labels),
+            "new" (second half) or "all".
+        test_subsets: class subsets to test on, one loader each, e.g. ["base", "new"].
+        image_size: crop size of train and test images.
+        mean: normalisation mean (CLIP's by default).
+        std: normalisation std (CLIP's by default).
+        train_transforms: Dassl transform names: "random_resized_crop", "random_crop",
+            "random_flip", "normalize"; test images are normalised iff "normalize" is listed.
+        crop_scale: RandomResizedCrop scale range (Dassl's `INPUT.RRCROP_SCALE`).
+        batch_size: training batch size.
+        eval_batch_size: validation/test/predict batch size.
+        num_workers: DataLoader worker processes.
+        template: hand-written prompt template; `prompts()` fills it with class names.
+        strict_shots: raise if a class has fewer than K train (or min(K, 4) val) examples,
+            instead of keeping all of them (Dassl's behaviour).
+        on_corrupt: "fail" raises on an undecodable image, naming it; "skip" drops it from its
+            batch and counts it (see `skipped_images`).
+        check_files: verify in `prepare_data`/`setup` that every image used exists.
+        fewshot_cache_dir: where the few-shot index files go; default `<root>/split_fewshot`.
+        split_file: explicit split file path, overriding `<root>/split_zhou_<dataset>.json`.
+        pin_memory: DataLoader `pin_memory`.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        dataset: str,
+        image_dir: str = "images",
+        num_shots: int = 16,
+        seed: int = 1,
+        subsample: SubsetName = "base",
+        test_subsets: Sequence[SubsetName] = ("base", "new"),
+        image_size: int = 224,
+        mean: Sequence[float] = CLIP_MEAN,
+        std: Sequence[float] = CLIP_STD,
+        train_transforms: Sequence[str] = DEFAULT_TRAIN_TRANSFORMS,
+        crop_scale: Sequence[float] = (0.08, 1.0),
+        batch_size: int = 32,
+        eval_batch_size: int = 100,
+        num_workers: int = 0,
+        template: str = "a photo of a {}.",
+        strict_shots: bool = False,
+        on_corrupt: OnCorrupt = "fail",
+        check_files: bool = True,
+        fewshot_cache_dir: str | None = None,
+        split_file: str | None = None,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        if type(self).__init__ is FewShotDataModule.__init__:  # subclasses with own args save their own
+            self.save_hyperparameters()
+        for name in (subsample, *test_subsets):
+            if name not in ("base", "new", "all"):
+                raise ValueError(f"Class subsets are 'base', 'new' or 'all'; got {name!r}.")
+        if on_corrupt not in ("fail", "skip"):
+            raise ValueError(f"on_corrupt must be 'fail' or 'skip', got {on_corrupt!r}.")
+        self.root = Path(root).expanduser()
+        self.dataset = dataset
+        self.image_root = self.root / image_dir if image_dir not in ("", ".") else self.root
+        self.split_file = Path(split_file).expanduser() if split_file else split_file_path(self.root, dataset)
+        self.fewshot_cache_dir = (
+            Path(fewshot_cache_dir).expanduser() if fewshot_cache_dir else self.split_file.parent / "split_fewshot"
+        )
+        self.num_shots, self.seed, self.subsample = num_shots, seed, subsample
+        self.test_subsets: list[str] = list(test_subsets)
+        self.image_size, self.mean, self.std = image_size, tuple(mean), tuple(std)
+        self.train_transforms, self.crop_scale = list(train_transforms), tuple(crop_scale)
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.template, self.strict_shots, self.on_corrupt = template, strict_shots, on_corrupt
+        self.check_files, self.pin_memory = check_files, pin_memory
+
+        self._split: dict[str, list[Datum]] = read_split(self.split_file, self.image_root)
+        self.classnames: list[str] = self._subset_classnames(subsample)
+        self.test_classnames: dict[str, list[str]] = {s: self._subset_classnames(s) for s in self.test_subsets}
+        self.train_set: ImageListDataset | None = None
+        self.val_set: ImageListDataset | None = None
+        self.test_sets: list[ImageListDataset] = []
+        self.predict_set: ImageListDataset | None = None
+
+    # ----------------------------------------------------------------------------- class names
+    def _subset_classnames(self, subsample: str) -> list[str]:
+        """Class names of a subset in its relabelled order (labels come from the train split, as CoOp)."""
+        names = label_to_classname(*self._split.values(), source=str(self.split_file))
+        labels = sorted({d.label for d in self._split["train"]})
+        if labels != list(range(len(labels))):
+            raise ValueError(f"'{self.split_file}': train labels must be 0..n-1 without gaps, got {labels[:10]}...")
+        extra = sorted({d.label for items in self._split.values() for d in items} - set(labels))
+        if extra:
+            raise ValueError(f"'{self.split_file}': labels {extra[:10]} occur in val/test but not in train.")
+        (picked,) = subsample_classes([Datum("", y, names[y]) for y in labels], subsample=subsample)
+        return [d.classname for d in picked]
+
+    @property
+    def num_classes(self) -> int:
+        """Number of training classes (after `subsample`)."""
+        return len(self.classnames)
+
+    def num_test_classes(self, subset: str) -> int:
+        """Number of classes of one test subset."""
+        return len(self.test_classnames[subset])
+
+    def prompts(self, subset: str | None = None) -> list[str]:
+        """`template` filled with each class name (underscores to spaces, as CoOp's prompt learners do)."""
+        names = self.classnames if subset is None else self.test_classnames[subset]
+        return [self.template.format(c.replace("_", " ")) for c in names]
+
+    # ----------------------------------------------------------------------------- data
+    def _fewshot(self) -> tuple[list[Datum], list[Datum]]:
+        """The all-class few-shot (train, val), from the cache or freshly sampled (and cached)."""
+        return load_or_create_fewshot(
+            self._split, self.num_shots, self.seed, self.fewshot_cache_dir, strict=self.strict_shots
+        )
+
+    def _test_items(self, subset: str) -> list[Datum]:
+        """Test items of one class subset, relabelled from 0 (label set from train, as CoOp)."""
+        _, test = subsample_classes(self._split["train"], self._split["test"], subsample=subset)
+        return test
+
+    def _check(self, **splits: list[Datum]) -> None:
+        if self.check_files:
+            check_images_exist(splits, image_root=self.image_root)
+
+    def prepare_data(self) -> None:
+        """Rank 0 per node: verify the images and write the few-shot cache (no state is set)."""
+        train, val = self._fewshot()
+        self._check(train=train, val=val, test=self._split["test"])
+
+    def _dataset(self, items: list[Datum], train: bool, name: str) -> ImageListDataset:
+        if train:
+            tf = build_train_transform(
+                self.image_size, self.train_transforms, self.mean, self.std, crop_scale=self.crop_scale
+            )
+        else:
+            norm = "normalize" in self.train_transforms
+            tf = build_test_transform(self.image_size, self.mean, self.std, normalize=norm)
+        return ImageListDataset(items, tf, on_corrupt=self.on_corrupt, name=f"{self.dataset}/{name}")
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets the stage needs: fit/validate -> train+val, test -> one per subset, predict."""
+        if stage in (None, "fit", "validate") and self.train_set is None:
+            train, val = self._fewshot()
+            train, val = subsample_classes(train, val, subsample=self.subsample)
+            self._check(train=train, val=val)
+            self.train_set = self._dataset(train, True, f"train[{self.subsample}]")
+            self.val_set = self._dataset(val, False, f"val[{self.subsample}]")
+        if stage in (None, "test") and not self.test_sets:
+            tests = {s: self._test_items(s) for s in self.test_subsets}
+            self._check(**tests)
+            self.test_sets = [self._dataset(tests[s], False, f"test[{s}]") for s in self.test_subsets]
+        if stage in (None, "predict") and self.predict_set is None:
+            test = self._test_items("all")
+            self._check(test=test)
+            self.predict_set = self._dataset(test, False, "test[all]")
+
+    def _loader(self, ds: ImageListDataset | None, batch_size: int, shuffle: bool, stage: str) -> DataLoader:
+        if ds is None:
+            raise RuntimeError(f"Call setup('{stage}') before asking for its dataloader.")
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=CollateSkipCorrupt((3, self.image_size, self.image_size)),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled few-shot train set of the training subset."""
+        return self._loader(self.train_set, self.batch_size, True, "fit")
+
+    def val_dataloader(self) -> DataLoader:
+        """Few-shot val set (min(K, 4) per class) of the training subset."""
+        return self._loader(self.val_set, self.eval_batch_size, False, "fit")
+
+    def test_dataloader(self) -> list[DataLoader]:
+        """One loader per `test_subsets` entry, in that order (see `test_classnames`)."""
+        if not self.test_sets:
+            raise RuntimeError("Call setup('test') before asking for its dataloaders.")
+        return [self._loader(ds, self.eval_batch_size, False, "test") for ds in self.test_sets]
+
+    def predict_dataloader(self) -> DataLoader:
+        """The full test set over all classes, original labels."""
+        return self._loader(self.predict_set, self.eval_batch_size, False, "predict")
+
+    # ----------------------------------------------------------------------------- bookkeeping
+    def skipped_images(self) -> list[str]:
+        """Corrupt images skipped so far (on_corrupt='skip'), over every dataset built."""
+        sets = [self.train_set, self.val_set, *self.test_sets, self.predict_set]
+        return [p for ds in sets if ds is not None for p in ds.skipped_paths]

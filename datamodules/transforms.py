@@ -1,0 +1,105 @@
+"""CLIP preprocessing as Dassl/CoOp build it, and image loading with clear errors.
+
+Train (Dassl `_build_transform_train`, names as in `INPUT.TRANSFORMS`): a plain resize to
+size x size unless a crop is listed, `random_crop` (padding 4), `random_resized_crop` (scale
+(0.08, 1), bicubic), then `random_flip`, ToTensor and, if listed, `normalize` (CLIP mean/std by default).
+Test (`_build_transform_test`): resize the shorter side to `size` (bicubic), center-crop `size`,
+ToTensor and `normalize` if the train list has it. Images are converted to RGB, as Dassl's
+`read_image` does.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from PIL import Image
+from torchvision import transforms as T
+
+CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+DEFAULT_TRAIN_TRANSFORMS: tuple[str, ...] = ("random_resized_crop", "random_flip", "normalize")
+AVAILABLE_TRAIN_TRANSFORMS: tuple[str, ...] = ("random_resized_crop", "random_crop", "random_flip", "normalize")
+_INTERPOLATION = {
+    "bicubic": T.InterpolationMode.BICUBIC,
+    "bilinear": T.InterpolationMode.BILINEAR,
+    "nearest": T.InterpolationMode.NEAREST,
+}
+
+
+class CorruptImageError(OSError):
+    """An image file exists but cannot be decoded (corrupt, truncated or not an image)."""
+
+    def __init__(self, path: str, cause: BaseException) -> None:
+        super().__init__(
+            f"Cannot decode image '{path}' ({type(cause).__name__}: {cause}). The file is corrupt or "
+            "truncated: re-download it, drop it from the split, or set on_corrupt='skip' to skip and count such files."
+        )
+        self.path = path
+
+
+def load_image(path: str | os.PathLike[str]) -> Image.Image:
+    """Open an image fully (so truncation surfaces here, not later) and convert it to RGB."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Image '{path}' does not exist (listed in the split but missing on disk).")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise CorruptImageError(path, e) from e
+
+
+def _interpolation(name: str) -> T.InterpolationMode:
+    """Map an interpolation name to torchvision's enum, listing the choices on a typo."""
+    if name not in _INTERPOLATION:
+        raise ValueError(f"Unknown interpolation {name!r}; choose one of {sorted(_INTERPOLATION)}.")
+    return _INTERPOLATION[name]
+
+
+def build_train_transform(
+    size: int = 224,
+    names: Sequence[str] = DEFAULT_TRAIN_TRANSFORMS,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+    crop_scale: Sequence[float] = (0.08, 1.0),
+    interpolation: str = "bicubic",
+    crop_padding: int = 4,
+) -> T.Compose:
+    """Dassl's train pipeline from a list of transform names (order follows Dassl, not the list)."""
+    unknown = [n for n in names if n not in AVAILABLE_TRAIN_TRANSFORMS]
+    if unknown:
+        raise ValueError(f"Unknown train transform(s) {unknown}; available: {list(AVAILABLE_TRAIN_TRANSFORMS)}.")
+    interp = _interpolation(interpolation)
+    steps: list[object] = []
+    if "random_crop" not in names and "random_resized_crop" not in names:
+        steps.append(T.Resize((size, size), interpolation=interp))
+    if "random_crop" in names:  # as Dassl: crops the decoded image directly (padding, no resize)
+        steps.append(T.RandomCrop(size, padding=crop_padding))
+    if "random_resized_crop" in names:
+        steps.append(T.RandomResizedCrop(size, scale=tuple(crop_scale), interpolation=interp))
+    if "random_flip" in names:
+        steps.append(T.RandomHorizontalFlip())
+    steps.append(T.ToTensor())
+    if "normalize" in names:
+        steps.append(T.Normalize(mean=list(mean), std=list(std)))
+    return T.Compose(steps)
+
+
+def build_test_transform(
+    size: int = 224,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+    normalize: bool = True,
+    interpolation: str = "bicubic",
+) -> T.Compose:
+    """Dassl's test pipeline: shorter side to `size`, center crop, ToTensor, optional normalize."""
+    steps: list[object] = [
+        T.Resize(size, interpolation=_interpolation(interpolation)),
+        T.CenterCrop(size),
+        T.ToTensor(),
+    ]
+    if normalize:
+        steps.append(T.Normalize(mean=list(mean), std=list(std)))
+    return T.Compose(steps)

@@ -1,0 +1,56 @@
+"""The prompt-learner interface: a :class:`~vlm.hooks.TowerHook` with learnable prompts.
+
+Life cycle (driven by the LightningModule):
+  1. ``__init__(**hyper_parameters)``: only configuration, no backbone yet (LightningCLI builds it).
+  2. ``build(backbone)``: create parameters sized to the backbone (widths, depth, tokenizer).
+  3. per step: hooks run inside the towers; ``text_inputs(classnames)`` gives the text tower its
+     (learned) inputs; ``losses(outputs, batch)`` adds method-specific terms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from torch import Tensor
+
+from vlm.hooks import TowerHook
+
+
+@dataclass
+class TextInputs:
+    """What the text tower should encode: token ids (for types and pooling) and, optionally, the
+    token embeddings that replace ``token_embedding(tokens)`` (e.g. with learned context)."""
+
+    tokens: Tensor
+    embeds: Optional[Tensor] = None
+
+
+class PromptLearner(TowerHook):
+    """Base class of all prompt learners. Subclasses register a short name in ``vlm.prompts``."""
+
+    #: Short registry name, set by ``@register``.
+    name: str = ""
+    #: True if the method needs a frozen, prompt-free pass of the same backbone (DiSa).
+    needs_frozen_pass: bool = False
+    #: True if the text features depend on learned parameters (no caching of class features).
+    learns_text: bool = False
+
+    def build(self, backbone: Any) -> None:
+        """Create parameters for ``backbone``. The backbone is kept as a plain reference (it is
+        owned by the LightningModule and must not appear in this learner's state dict)."""
+        self.__dict__["backbone"] = backbone
+
+    def text_inputs(self, classnames: list[str], template: str = "{}") -> Optional[TextInputs]:
+        """Text-tower inputs for ``classnames``; ``None`` means "use the frozen template prompts"."""
+        return None
+
+    def losses(self, outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Extra loss terms, each logged under its own name (already weighted)."""
+        return {}
+
+    def on_train_epoch_start(self, epoch: int) -> None:
+        """Epoch-dependent schedules (warm-ups, loss switches)."""
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}"

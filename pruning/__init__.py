@@ -1,0 +1,1 @@
+"""`vlm.pruning`: visual-token pruners (TowerHooks) and their registry."""

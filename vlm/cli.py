@@ -1,0 +1,92 @@
+"""The ``vlm`` command: ``vlm fit|validate|test|predict`` (LightningCLI) and ``vlm export``.
+
+Configs compose left to right (``--config backbone.yaml --config prompt.yaml --config data.yaml``)
+and any field can be overridden (``--model.init_args.prompt_learner.init_args.n_ctx 8``). Model
+and data are chosen by ``class_path`` (subclass mode); prompt learners accept a short registry
+name (``class_path: coop``). Every ``test`` run writes ``results.json`` into its log directory.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+from lightning.pytorch.cli import LightningCLI
+
+import vlm.datamodules  # noqa: F401  (registers datamodule subclasses for class_path resolution)
+import vlm.modules  # noqa: F401
+import vlm.prompts  # noqa: F401
+from vlm.results import write_results
+
+
+class VLMCLI(LightningCLI):
+    """LightningCLI in subclass mode for model and data, with results and resolved-config capture."""
+
+    def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_kwargs", {"default_env": False})
+        super().__init__(
+            L.LightningModule,
+            L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=args,
+            run=run,
+            auto_configure_optimizers=False,
+            **kwargs,
+        )
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        resolved = cfg.as_dict()
+        if hasattr(self.model, "run_config"):
+            self.model.run_config = {
+                "seed_everything": resolved.get("seed_everything"),
+                "model": resolved.get("model"),
+                "data": resolved.get("data"),
+                "trainer": _portable_trainer(resolved.get("trainer", {})),
+            }
+
+    def _config_path(self) -> Optional[str]:
+        log_dir = self.trainer.log_dir or self.trainer.default_root_dir
+        path = Path(log_dir) / "config.yaml"
+        return str(path) if path.exists() else None
+
+    def after_test(self) -> None:
+        seed = self.config[self.subcommand].get("seed_everything")
+        write_results(self.trainer, self.model, self._config_path(), seed if isinstance(seed, int) else None)
+
+
+def _portable_trainer(trainer: dict[str, Any]) -> dict[str, Any]:
+    """The trainer section without run-specific objects (callbacks/loggers stay as config dicts)."""
+    return {k: v for k, v in trainer.items() if v is not None}
+
+
+def export_main(argv: list[str]) -> None:
+    """``vlm export --ckpt X --out DIR [--trust]``."""
+    import argparse
+
+    from vlm.export import export_checkpoint
+
+    p = argparse.ArgumentParser(prog="vlm export", description="Write the learned tensors of a checkpoint as safetensors.")
+    p.add_argument("--ckpt", required=True, help="a .ckpt written by `vlm fit`")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--trust", action="store_true", help="allow full pickle loading of the checkpoint (only for files you trust)")
+    a = p.parse_args(argv)
+    out = export_checkpoint(a.ckpt, a.out, trust=a.trust)
+    print(f"exported to {out}; evaluate with: vlm test --config {out / 'config.yaml'}")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "export":
+        export_main(argv[1:])
+        return
+    VLMCLI(args=argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Behaviour shared by every vlm LightningModule: learned-only checkpoints with identity checks.
+
+* ``state_dict()`` holds only trainable parameters (the frozen backbone is referenced by identity
+  and checksum, never copied), so a CoOp checkpoint is kilobytes, not a CLIP.
+* Loading checks that every trainable tensor is restored and nothing unknown is present.
+* ``on_save_checkpoint`` records the backbone identity/checksum and the method; loading a
+  checkpoint made with another backbone or method fails with a message naming both.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Mapping, Optional
+
+import lightning as L
+from torch import Tensor, nn
+
+from vlm.modules.optim import build_optimizer, warmup_cosine
+
+CHECKPOINT_KEY = "vlm"
+FORMAT_VERSION = 1
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint that does not belong to this model (other backbone, method or tensors)."""
+
+
+class LearnedOnlyModule(L.LightningModule):
+    """Subclasses set ``self.backbone`` and ``self.method_name``."""
+
+    backbone: nn.Module
+    method_name: str = "none"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.strict_loading = False  # the frozen backbone is absent from checkpoints by design
+
+    # --- what is learned ----------------------------------------------------------------------
+    def trainable_names(self) -> list[str]:
+        return [n for n, p in self.named_parameters() if p.requires_grad]
+
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> dict:
+        full = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        keep = {prefix + n for n in self.trainable_names()}
+        return OrderedDict((k, v) for k, v in full.items() if k in keep)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        expected = set(self.trainable_names())
+        missing = sorted(expected - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(dict(self.named_parameters())) - set(dict(self.named_buffers())))
+        if missing or unexpected:
+            raise CheckpointMismatchError(
+                f"Checkpoint does not match {type(self).__name__} ({self.method_name}): "
+                f"missing learned tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}; "
+                f"unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}. "
+                "Load it into the same method and prompt settings that produced it."
+            )
+        return super().load_state_dict(state_dict, strict=False, assign=assign)
+
+    # --- optimisation -------------------------------------------------------------------------
+    def on_train_epoch_start(self) -> None:
+        learner = getattr(self, "prompt_learner", None)
+        if learner is not None:
+            learner.on_train_epoch_start(self.current_epoch)
+
+    def configure_optimizers(self) -> Any:
+        """Only trainable parameters reach the optimiser (``self.optim``: an OptimConfig)."""
+        opt = build_optimizer((p for p in self.parameters() if p.requires_grad), self.optim)
+        sched = warmup_cosine(opt, self.optim, self.trainer.max_epochs or 1)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    # --- identity -----------------------------------------------------------------------------
+    def identity(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_VERSION,
+            "method": self.method_name,
+            "module": type(self).__name__,
+            "backbone": self.backbone.identity(),
+            "backbone_checksum": self.backbone.checksum(),
+        }
+
+    #: The resolved run config (set by the CLI), stored in checkpoints so exports can rebuild the run.
+    run_config: Optional[dict[str, Any]] = None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        record = self.identity()
+        record["config"] = self.run_config
+        record["classnames"] = list(getattr(self, "classnames", None) or []) or None
+        record["test_classnames"] = dict(getattr(self, "test_classnames", None) or {}) or None
+        checkpoint[CHECKPOINT_KEY] = record
+
+    def load_exported(self, directory: str) -> None:
+        """Load the learned tensors of a ``vlm export`` directory (identity-checked)."""
+        from vlm.export import load_exported
+
+        load_exported(self, directory)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_identity(checkpoint.get(CHECKPOINT_KEY), self.identity(), source="checkpoint")
+
+
+def check_identity(saved: Optional[Mapping[str, Any]], current: Mapping[str, Any], source: str) -> None:
+    """Raise a clear error if a saved identity names another method or backbone."""
+    if saved is None:
+        raise CheckpointMismatchError(
+            f"This {source} has no vlm identity record: it was not written by vlm. "
+            "Use `vlm export` / `vlm fit` checkpoints."
+        )
+    if saved.get("method") != current["method"] or saved.get("module") != current["module"]:
+        raise CheckpointMismatchError(
+            f"The {source} was made by method {saved.get('method')!r} ({saved.get('module')}), "
+            f"but the model is method {current['method']!r} ({current['module']})."
+        )
+    if saved.get("backbone") != current["backbone"] or saved.get("backbone_checksum") != current["backbone_checksum"]:
+        raise CheckpointMismatchError(
+            f"The {source} was made with backbone {saved.get('backbone')} "
+            f"(sha256 {str(saved.get('backbone_checksum'))[:12]}), but the model has backbone "
+            f"{current['backbone']} (sha256 {current['backbone_checksum'][:12]}). "
+            "Use the backbone that produced it."
+        )
+
+
+def accuracy_percent(logits: Tensor, labels: Tensor) -> Tensor:
+    return (logits.argmax(-1) == labels).float().mean() * 100.0

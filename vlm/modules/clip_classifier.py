@@ -1,0 +1,166 @@
+"""CLIP classification with an optional prompt learner (CoOp family protocol).
+
+Class names become text features through the learner's text side (or the frozen template when the
+learner does not touch text, in which case features are computed once per class set and cached).
+Logits are ``exp(logit_scale) * cos(image, text)``. Base, new and all class sets are evaluated
+as separate test dataloaders with their own metrics (``test/acc_base``, ``test/acc_new``,
+``test/acc_all``) and the harmonic mean ``test/hm`` of base and new (accuracies in percent).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from vlm.backbones import ClipBackbone
+from vlm.modules.base import LearnedOnlyModule, accuracy_percent
+from vlm.modules.optim import OptimConfig
+from vlm.prompts import PromptLearner
+
+
+def harmonic_mean(a: float, b: float) -> float:
+    return 2 * a * b / (a + b) if a + b > 0 else 0.0
+
+
+class CLIPClassifier(LearnedOnlyModule):
+    """Zero-shot or prompt-tuned CLIP classifier.
+
+    Args:
+        backbone: the (frozen) CLIP.
+        prompt_learner: a registered learner (``coop``, ``vpt``, ...) or None for zero-shot CLIP.
+        classnames: training classes in label order; if None, taken from the datamodule's
+            ``classnames`` at setup.
+        test_classnames: ``{subset: classnames}`` per test dataloader, in dataloader order; if
+            None, taken from the datamodule's ``test_classnames`` at setup.
+        template: prompt template for frozen text features (zero-shot and vision-only learners).
+        optim: optimiser and schedule.
+        init_from: an exported directory (``vlm export``) whose learned tensors are loaded.
+    """
+
+    def __init__(
+        self,
+        backbone: ClipBackbone,
+        prompt_learner: Optional[PromptLearner] = None,
+        classnames: Optional[list[str]] = None,
+        test_classnames: Optional[dict[str, list[str]]] = None,
+        template: str = "a photo of a {}.",
+        optim: Optional[OptimConfig] = None,
+        init_from: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["backbone", "prompt_learner", "optim"])
+        self.backbone = backbone
+        self.prompt_learner = prompt_learner
+        if prompt_learner is not None:
+            prompt_learner.build(backbone)
+        self.method_name = prompt_learner.name if prompt_learner is not None else "zeroshot"
+        self.classnames = list(classnames or [])
+        self.test_classnames = dict(test_classnames or {})
+        self.template = template
+        self.optim = optim or OptimConfig()
+        self.test_acc = nn.ModuleDict()
+        self._text_cache: dict[tuple[str, ...], Tensor] = {}
+        self._sync_test_metrics()
+        if init_from:
+            self.load_exported(init_from)
+
+    def _sync_test_metrics(self) -> None:
+        for subset, names in self.test_classnames.items():
+            if subset not in self.test_acc:
+                self.test_acc[subset] = MulticlassAccuracy(num_classes=max(2, len(names)), average="micro")
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if not self.classnames and dm is not None:
+            self.classnames = list(getattr(dm, "classnames", []) or [])
+        if not self.test_classnames and dm is not None:
+            self.test_classnames = dict(getattr(dm, "test_classnames", {}) or {})
+        self._sync_test_metrics()
+        self.test_acc.to(self.device)
+
+    @property
+    def hooks(self) -> list[PromptLearner]:
+        return [self.prompt_learner] if self.prompt_learner is not None else []
+
+    # --- features -----------------------------------------------------------------------------
+    def _text_is_frozen(self) -> bool:
+        return self.prompt_learner is None or not self.prompt_learner.learns_text
+
+    def class_features(self, classnames: list[str]) -> Tensor:
+        """L2-normalised text features ``[C, E]`` of ``classnames``."""
+        key = tuple(classnames)
+        if self._text_is_frozen() and key in self._text_cache:
+            return self._text_cache[key]
+        inputs = self.prompt_learner.text_inputs(classnames, self.template) if self.prompt_learner else None
+        if inputs is None:
+            tokens = self.backbone.tokenize([self.template.format(c.replace("_", " ")) for c in classnames])
+            embeds = None
+        else:
+            tokens, embeds = inputs.tokens, inputs.embeds
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self._text_is_frozen()):
+            feats = self.backbone.encode_text(tokens.to(self.device), self.hooks, embeds, normalize=True)
+        if self._text_is_frozen():
+            self._text_cache[key] = feats.detach()
+        return feats
+
+    def forward(self, images: Tensor, classnames: Optional[list[str]] = None) -> dict[str, Tensor]:
+        classnames = classnames if classnames is not None else self.classnames
+        text = self.class_features(classnames)
+        image = self.backbone.encode_image(images, self.hooks, normalize=True)
+        logits = self.backbone.logit_scale.exp() * image @ text.t()
+        return {"logits": logits, "image_features": image, "text_features": text}
+
+    # --- steps --------------------------------------------------------------------------------
+    def _loss(self, out: dict[str, Tensor], batch: dict[str, Tensor], stage: str) -> Tensor:
+        ce = F.cross_entropy(out["logits"], batch["label"])
+        extra = self.prompt_learner.losses(out, batch) if self.prompt_learner else {}
+        for name, value in extra.items():
+            self.log(f"{stage}/{name}", value)
+        loss = ce + sum(extra.values()) if extra else ce
+        bs = batch["label"].shape[0]
+        self.log(f"{stage}/ce", ce, batch_size=bs)
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "train", batch_size=bs)
+        self.log(f"{stage}/acc", accuracy_percent(out["logits"], batch["label"]), prog_bar=True, batch_size=bs)
+        return loss
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._loss(self(batch["image"]), batch, "train")
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._loss(self(batch["image"]), batch, "val")
+
+    def test_subset(self, dataloader_idx: int) -> str:
+        names = list(self.test_classnames)
+        if dataloader_idx >= len(names):
+            raise ValueError(
+                f"Test dataloader {dataloader_idx} has no class list: the model knows subsets {names}. "
+                "Link data.test_classnames to model.test_classnames (the default CLI does this)."
+            )
+        return names[dataloader_idx]
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        subset = self.test_subset(dataloader_idx)
+        out = self(batch["image"], self.test_classnames[subset])
+        self.test_acc[subset].update(out["logits"], batch["label"])
+
+    def on_test_epoch_end(self) -> None:
+        accs = {}
+        for subset, metric in self.test_acc.items():
+            if metric.update_count == 0:
+                continue
+            accs[subset] = float(metric.compute()) * 100.0
+            self.log(f"test/acc_{subset}", accs[subset], add_dataloader_idx=False)
+            metric.reset()
+        if "base" in accs and "new" in accs:
+            self.log("test/hm", harmonic_mean(accs["base"], accs["new"]), add_dataloader_idx=False)
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        subset = "all" if "all" in self.test_classnames else None
+        names = self.test_classnames[subset] if subset else self.classnames
+        probs = self(batch["image"], names)["logits"].softmax(-1)
+        conf, pred = probs.max(-1)
+        return {"index": batch.get("index"), "pred": pred, "confidence": conf, "classnames": names}

@@ -1,0 +1,121 @@
+"""Token types and the per-tower token state that flows through the block loop."""
+
+from __future__ import annotations
+
+import dataclasses
+from enum import IntEnum
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+
+class TokenType(IntEnum):
+    """What a token is. Stored as int8 per token; new members go at the end (CONTRACTS.md)."""
+
+    CLS = 0
+    PATCH = 1
+    REGISTER = 2
+    PROMPT = 3
+    PROMPT_CLS = 4
+    PROMPT_IMG = 5
+    TEXT = 6
+    CTX = 7
+    EOT = 8
+    PAD = 9
+    SOS = 10
+
+
+@dataclasses.dataclass
+class TokenState:
+    """The residual stream of one tower for one forward pass, plus what hooks need to know.
+
+    x:         ``[B, N, D]`` residual stream.
+    types:     int8 ``[N]`` or ``[B, N]`` TokenType of each token.
+    lengths:   long ``[B]`` valid tokens per sample (valid tokens first), or ``None`` if all valid.
+    positions: long ``[B, N]`` index in the tower's original sequence; -1 for inserted tokens.
+    kv_only:   bool ``[N]``: tokens that are only keys/values (no query, no MLP, dropped after
+               the block by the runner).
+    scratch:   per-hook state carried across layers, keyed by hook name.
+    """
+
+    x: Tensor
+    types: Tensor
+    lengths: Optional[Tensor] = None
+    positions: Optional[Tensor] = None
+    kv_only: Optional[Tensor] = None
+    scratch: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def create(cls, x: Tensor, types: Tensor, lengths: Optional[Tensor] = None) -> "TokenState":
+        """A fresh state whose positions are 0..N-1 (every token is an original one)."""
+        b, n, _ = x.shape
+        positions = torch.arange(n, device=x.device).expand(b, n)
+        return cls(x=x, types=types.to(torch.int8), lengths=lengths, positions=positions)
+
+    @property
+    def batch_types(self) -> Tensor:
+        """``types`` as ``[B, N]``."""
+        return self.types.expand(self.x.shape[0], -1) if self.types.dim() == 1 else self.types
+
+    def replace(self, **changes: Any) -> "TokenState":
+        return dataclasses.replace(self, **changes)
+
+    def insert(self, index: int, tokens: Tensor, types: Tensor | int, kv_only: bool = False) -> "TokenState":
+        """Insert ``tokens [B or 1, P, D]`` before sequence position ``index``.
+
+        Inserted tokens get position -1. ``lengths`` grows by P (inserted tokens are valid and
+        are placed before any padding, so ``index`` must not exceed the shortest length).
+        """
+        b = self.x.shape[0]
+        p = tokens.shape[1]
+        tokens = tokens.to(self.x.dtype).expand(b, -1, -1)
+        new_types = torch.as_tensor(types, dtype=torch.int8, device=self.x.device)
+        if new_types.dim() == 0:
+            new_types = new_types.expand(p)
+        if self.types.dim() == 2:
+            new_types = new_types.expand(b, p)
+        x = torch.cat([self.x[:, :index], tokens, self.x[:, index:]], dim=1)
+        types_all = torch.cat([self.types[..., :index], new_types, self.types[..., index:]], dim=-1)
+        pos_new = torch.full((b, p), -1, dtype=torch.long, device=self.x.device)
+        positions = None
+        if self.positions is not None:
+            positions = torch.cat([self.positions[:, :index], pos_new, self.positions[:, index:]], dim=1)
+        kv = self.kv_only
+        if kv is not None or kv_only:
+            old = kv if kv is not None else torch.zeros(self.x.shape[1], dtype=torch.bool, device=self.x.device)
+            new = torch.full((p,), kv_only, dtype=torch.bool, device=self.x.device)
+            kv = torch.cat([old[:index], new, old[index:]])
+        lengths = None if self.lengths is None else self.lengths + p
+        return self.replace(x=x, types=types_all, positions=positions, kv_only=kv, lengths=lengths)
+
+    def select(self, index: Tensor) -> "TokenState":
+        """Keep tokens ``index [B, K]`` (per sample, in the given order), e.g. after pruning."""
+        b, k = index.shape
+        x = torch.gather(self.x, 1, index[..., None].expand(b, k, self.x.shape[-1]))
+        types = torch.gather(self.batch_types, 1, index)
+        positions = None if self.positions is None else torch.gather(self.positions, 1, index)
+        kv = None
+        if self.kv_only is not None:
+            if self.kv_only.any():
+                raise ValueError("TokenState.select: drop key/value-only tokens before selecting.")
+        return self.replace(x=x, types=types, positions=positions, kv_only=kv)
+
+    def drop_kv_only(self, x: Optional[Tensor] = None) -> "TokenState":
+        """Remove key/value-only tokens (the tower runner does this after every block).
+
+        ``x``, if given, is the new residual of the remaining (query) tokens; by default the
+        current residual is sliced.
+        """
+        if self.kv_only is None or not bool(self.kv_only.any()):
+            return self.replace(x=self.x if x is None else x, kv_only=None)
+        keep = ~self.kv_only
+        lengths = None if self.lengths is None else self.lengths - int(self.kv_only.sum())
+        positions = None if self.positions is None else self.positions[:, keep]
+        return self.replace(
+            x=self.x[:, keep] if x is None else x,
+            types=self.types[..., keep],
+            positions=positions,
+            kv_only=None,
+            lengths=lengths,
+        )

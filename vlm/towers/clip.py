@@ -1,0 +1,174 @@
+"""open_clip CLIP towers run block by block: image tower, built-in text tower, and the backbone.
+
+Parity contract: with no hooks, :meth:`ClipBackbone.encode_image` equals open_clip
+``model.encode_image`` and :meth:`ClipBackbone.encode_text` equals ``model.encode_text`` (tests
+check 1e-5 in fp32). The runners read the library modules' own weights; nothing is patched.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from vlm.hooks import TowerHook
+from vlm.tokens import TokenState, TokenType
+from vlm.towers.blocks import OpenClipBlock
+from vlm.towers.runner import (
+    TowerOutput,
+    first_of_type,
+    masked_mean,
+    run_blocks,
+    start_hooks,
+    type_mask,
+)
+
+
+class ClipVisionRunner:
+    """open_clip ``VisionTransformer``: conv patches + CLS + positions -> hooks -> ln_pre -> blocks
+    -> ln_post -> pool -> proj. ``on_tower_start`` hooks see the tokens before ``ln_pre`` (where
+    MaPLe/IVLP/VPT-on-CLIP insert shallow prompts)."""
+
+    name = "vision"
+
+    def __init__(self, visual: nn.Module) -> None:
+        if getattr(visual, "attn_pool", None) is not None:
+            raise TypeError("open_clip vision towers with attentional pooling are not supported.")
+        if not getattr(visual.transformer, "batch_first", True):
+            raise TypeError("open_clip transformer with batch_first=False is not supported (open_clip<2.26).")
+        self.visual = visual
+        self.blocks = [OpenClipBlock(b) for b in visual.transformer.resblocks]
+        self.width = visual.transformer.width
+        self.num_layers = len(self.blocks)
+        self.heads = self.blocks[0].heads
+
+    def embed(self, images: Tensor) -> TokenState:
+        v = self.visual
+        x = v.conv1(images)
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+        cls = v.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
+        types = torch.full((x.shape[1],), int(TokenType.PATCH), dtype=torch.int8, device=x.device)
+        types[0] = int(TokenType.CLS)
+        state = TokenState.create(x, types)
+        prob = float(getattr(v.patch_dropout, "prob", 0.0))
+        if v.training and prob > 0:  # FLIP patch dropout: keep CLS and a random subset of patches
+            b, n = x.shape[0], x.shape[1] - 1
+            keep = max(1, int(n * (1 - prob)))
+            idx = torch.randn(b, n, device=x.device).topk(keep, dim=-1).indices + 1
+            state = state.select(torch.cat([torch.zeros_like(idx[:, :1]), idx], dim=1))
+        return state
+
+    def pool(self, state: TokenState) -> Tensor:
+        v = self.visual
+        x = state.x
+        if not v.final_ln_after_pool:
+            x = v.ln_post(x)
+            state = state.replace(x=x)
+        if v.pool_type == "tok":
+            pooled = first_of_type(state, TokenType.CLS)
+        elif v.pool_type == "avg":
+            pooled = masked_mean(x, type_mask(state, TokenType.PATCH))
+        else:
+            raise TypeError(f"open_clip pool_type={v.pool_type!r} is not supported by the runner.")
+        if v.final_ln_after_pool:
+            pooled = v.ln_post(pooled)
+        return pooled @ v.proj if v.proj is not None else pooled
+
+    def __call__(self, images: Tensor, hooks: Optional[Iterable[TowerHook]] = None) -> TowerOutput:
+        state = start_hooks(self.name, self.embed(images), hooks)
+        state = state.replace(x=self.visual.ln_pre(state.x))
+        state = run_blocks(self.name, self.blocks, state, hooks)
+        return TowerOutput(self.pool(state), state)
+
+
+class ClipTextRunner:
+    """open_clip causal text transformer (CLIP's flattened text tower, or ``TextTransformer``).
+
+    ``embeds`` (token embeddings before the positional embedding, ``[B, L, D]``) lets prompt
+    learners such as CoOp replace placeholder embeddings with learned context.
+    """
+
+    name = "text"
+
+    def __init__(self, text: nn.Module) -> None:
+        if getattr(text, "cls_emb", None) is not None:
+            raise TypeError("open_clip text towers with a class embedding (CoCa) are not supported.")
+        self.text = text
+        self.blocks = [OpenClipBlock(b) for b in text.transformer.resblocks]
+        self.width = text.transformer.width
+        self.num_layers = len(self.blocks)
+        self.heads = self.blocks[0].heads
+        self.pool_type = getattr(text, "text_pool_type", None) or getattr(text, "pool_type", "argmax")
+        self.causal = getattr(text, "attn_mask", None) is not None
+        self.eos_id = getattr(text, "text_eos_id", None) or getattr(text, "eos_id", None)
+
+    @property
+    def token_embedding(self) -> nn.Module:
+        return self.text.token_embedding
+
+    def token_types(self, tokens: Tensor) -> Tensor:
+        """SOS at 0, EOT where open_clip pools (argmax id, or ``eos_id``), PAD after, TEXT else."""
+        b, n = tokens.shape
+        pos = torch.arange(n, device=tokens.device)[None]
+        if self.pool_type == "eos" and self.eos_id is not None:
+            eot = (tokens == self.eos_id).int().argmax(-1, keepdim=True)
+        else:
+            eot = tokens.argmax(-1, keepdim=True)
+        types = torch.full((b, n), int(TokenType.TEXT), dtype=torch.int8, device=tokens.device)
+        types[:, 0] = int(TokenType.SOS)
+        types = torch.where(pos == eot, torch.full_like(types, int(TokenType.EOT)), types)
+        return torch.where(pos > eot, torch.full_like(types, int(TokenType.PAD)), types)
+
+    def embed(self, tokens: Tensor, embeds: Optional[Tensor] = None) -> TokenState:
+        t = self.text
+        cast = t.transformer.get_cast_dtype() if hasattr(t.transformer, "get_cast_dtype") else None
+        x = t.token_embedding(tokens) if embeds is None else embeds
+        if cast is not None:
+            x = x.to(cast)
+        x = x + t.positional_embedding[: x.shape[1]].to(x.dtype)
+        return TokenState.create(x, self.token_types(tokens))
+
+    def pool(self, state: TokenState, project: bool = True) -> Tensor:
+        t = self.text
+        x = t.ln_final(state.x)
+        if self.pool_type in ("argmax", "eos"):
+            pooled = first_of_type(state.replace(x=x), TokenType.EOT)
+        elif self.pool_type == "first":
+            pooled = x[:, 0]
+        elif self.pool_type == "last":
+            pooled = x[:, -1]
+        else:
+            pooled = x
+        return self.project(pooled) if project else pooled
+
+    def project(self, pooled: Tensor) -> Tensor:
+        """The text projection (kept separate so frozen pooled features can be cached)."""
+        proj = self.text.text_projection
+        if proj is None:
+            return pooled
+        return proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
+
+    def __call__(
+        self,
+        tokens: Tensor,
+        hooks: Optional[Iterable[TowerHook]] = None,
+        embeds: Optional[Tensor] = None,
+        project: bool = True,
+    ) -> TowerOutput:
+        state = start_hooks(self.name, self.embed(tokens, embeds), hooks)
+        state = run_blocks(self.name, self.blocks, state, hooks, causal=self.causal)
+        return TowerOutput(self.pool(state, project), state)
+
+
+def text_runner_for(model: nn.Module):
+    """The right text runner for an open_clip model (built-in text tower or HF text encoder)."""
+    text = getattr(model, "text", None)
+    if text is None:
+        return ClipTextRunner(model)
+    if hasattr(text, "transformer") and hasattr(text, "pooler") and hasattr(text, "proj"):
+        from vlm.towers.hf_text import HFTextRunner
+
+        return HFTextRunner(text)
+    return ClipTextRunner(text)

@@ -16,6 +16,7 @@ from typing import Literal
 import lightning as L
 from torch.utils.data import DataLoader
 
+from vlm.datamodules.distributed import exact_eval_sampler
 from vlm.datamodules.fewshot import load_or_create_fewshot, subsample_classes
 from vlm.datamodules.image_list import CollateSkipCorrupt, ImageListDataset, OnCorrupt
 from vlm.datamodules.splits import Datum, check_images_exist, label_to_classname, read_split, split_file_path
@@ -115,7 +116,7 @@ class FewShotDataModule(L.LightningDataModule):
         self.template, self.strict_shots, self.on_corrupt = template, strict_shots, on_corrupt
         self.check_files, self.pin_memory = check_files, pin_memory
 
-        self._split: dict[str, list[Datum]] = read_split(self.split_file, self.image_root)
+        self._split: dict[str, list[Datum]] = self._load_split()
         self.classnames: list[str] = self._subset_classnames(subsample)
         self.test_classnames: dict[str, list[str]] = {s: self._subset_classnames(s) for s in self.test_subsets}
         self.train_set: ImageListDataset | None = None
@@ -124,10 +125,18 @@ class FewShotDataModule(L.LightningDataModule):
         self.predict_set: ImageListDataset | None = None
 
     # ----------------------------------------------------------------------------- class names
+    def _load_split(self) -> dict[str, list[Datum]]:
+        """The `{train, val, test}` Datum lists (subclasses read other layouts, e.g. the dataset registry)."""
+        return read_split(self.split_file, self.image_root)
+
+    def _class_items(self) -> list[Datum]:
+        """Items whose labels define the class list and the base/new halves (CoOp: the train split)."""
+        return self._split["train"]
+
     def _subset_classnames(self, subsample: str) -> list[str]:
         """Class names of a subset in its relabelled order (labels come from the train split, as CoOp)."""
-        names = label_to_classname(*self._split.values(), source=str(self.split_file))
-        labels = sorted({d.label for d in self._split["train"]})
+        names = label_to_classname(self._class_items(), *self._split.values(), source=str(self.split_file))
+        labels = sorted({d.label for d in self._class_items()})
         if labels != list(range(len(labels))):
             raise ValueError(f"'{self.split_file}': train labels must be 0..n-1 without gaps, got {labels[:10]}...")
         extra = sorted({d.label for items in self._split.values() for d in items} - set(labels))
@@ -159,7 +168,7 @@ class FewShotDataModule(L.LightningDataModule):
 
     def _test_items(self, subset: str) -> list[Datum]:
         """Test items of one class subset, relabelled from 0 (label set from train, as CoOp)."""
-        _, test = subsample_classes(self._split["train"], self._split["test"], subsample=subset)
+        _, test = subsample_classes(self._class_items(), self._split["test"], subsample=subset)
         return test
 
     def _check(self, **splits: list[Datum]) -> None:
@@ -205,6 +214,7 @@ class FewShotDataModule(L.LightningDataModule):
             ds,
             batch_size=batch_size,
             shuffle=shuffle,
+            sampler=None if shuffle else exact_eval_sampler(ds),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,

@@ -33,7 +33,7 @@ def _triton_module():
 def _cpu_fast_ok(q: Tensor, spec: AttnSpec) -> bool:
     if _CPU_FLASH is None or q.is_cuda or spec.is_varlen or not spec.is_plain:
         return False
-    if spec.probe_rows is not None or q.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         return False
     # Rows with no key at all (length 0) follow the reference's "output 0, lse -inf" rule.
     return spec.k_lengths is None or bool((spec.k_lengths > 0).all())
@@ -50,7 +50,21 @@ def torch_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec) -> AttnOutp
             return reference_attention(q, k, v, spec)
         mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))
     out, lse = _CPU_FLASH(q, k, v, 0.0, False, attn_mask=mask, scale=spec.scale)
-    return AttnOutput(out, lse.float(), None)
+    lse = lse.float()
+    probes = None if spec.probe_rows is None else probe_weights(q, k, lse, spec, mask)
+    return AttnOutput(out, lse, probes)
+
+
+def probe_weights(q: Tensor, k: Tensor, lse: Tensor, spec: AttnSpec, mask: Optional[Tensor]) -> Tensor:
+    """``probes [B, H, P, Nk]`` recomputed from the probe rows' queries and the row logsumexp:
+    ``p_ij = exp(q_i . k_j * scale - lse_i)``, O(P * Nk * d) instead of a full attention matrix.
+    ``mask`` is the additive ``[B, 1, Nq, Nk]`` mask the fused call used, or None."""
+    rows = spec.probe_rows.to(q.device)
+    scale = spec.scale if spec.scale is not None else q.shape[-1] ** -0.5
+    logits = (q[:, :, rows].float() @ k.float().transpose(-1, -2)) * scale
+    if mask is not None:
+        logits = logits + mask[:, :, rows].float()
+    return torch.exp(logits - lse[:, :, rows, None])
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, spec: Optional[AttnSpec] = None) -> AttnOutput:

@@ -138,6 +138,8 @@ def attention_weights(q: Tensor, k: Tensor, spec: AttnSpec) -> tuple[Tensor, Ten
     compute = torch.promote_types(q.dtype, torch.float32)
     scale = spec.scale if spec.scale is not None else d ** -0.5
     scores = (q.to(compute) @ k.to(compute).transpose(-1, -2)) * scale
+    if nk == 0:  # no key at all: every row outputs 0 with lse = -inf
+        return scores, torch.full(scores.shape[:-1], float("-inf"), dtype=compute, device=q.device)
     struct = structural_mask(spec, b, nq, nk, q.device)
     sem = semantic_mask(spec, b, nq, nk, q.device)
     if spec.normalize == "all_keys":
@@ -172,6 +174,8 @@ def _varlen_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec) -> AttnOu
     cq, ck = spec.cu_seqlens_q.tolist(), spec.cu_seqlens_k.tolist()
     outs, lses, probes = [], [], []
     for i in range(len(cq) - 1):
+        if cq[i + 1] == cq[i]:  # a sequence with no query contributes nothing
+            continue
         qi = q[cq[i] : cq[i + 1]].transpose(0, 1)[None]
         ki = k[ck[i] : ck[i + 1]].transpose(0, 1)[None]
         vi = v[ck[i] : ck[i + 1]].transpose(0, 1)[None]

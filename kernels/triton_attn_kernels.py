@@ -165,6 +165,26 @@ def attn_fwd(
 
 
 @triton.jit
+def _merge_topk_by_rank(buf, tile, BLOCK_N: tl.constexpr):
+    """Sorted (descending) top-``BLOCK_N`` of ``buf ∪ tile`` by explicit ranks (interpreter path).
+
+    ``buf`` is sorted descending, so its own rank is its index; ties go to ``buf`` first, then to
+    the lower tile index, which makes every rank unique. Position ``r`` of the result takes the
+    element of rank ``r``. Same result as the sort path, but ``[BLOCK_M, BLOCK_N, BLOCK_N]``
+    temporaries, far too large for GPU registers and far faster than ``tl.sort`` under the
+    interpreter.
+    """
+    idx = tl.arange(0, BLOCK_N)
+    rank_a = idx[None, :] + tl.sum((tile[:, None, :] > buf[:, :, None]).to(tl.int32), 2)
+    earlier = idx[None, :] < idx[:, None]  # [i, j]: j before i
+    beats_b = (tile[:, None, :] > tile[:, :, None]) | ((tile[:, None, :] == tile[:, :, None]) & earlier[None, :, :])
+    rank_b = tl.sum((buf[:, None, :] >= tile[:, :, None]).to(tl.int32), 2) + tl.sum(beats_b.to(tl.int32), 2)
+    new_a = tl.max(tl.where(rank_a[:, None, :] == idx[None, :, None], buf[:, None, :], float("-inf")), 2)
+    new_b = tl.max(tl.where(rank_b[:, None, :] == idx[None, :, None], tile[:, None, :], float("-inf")), 2)
+    return tl.maximum(new_a, new_b)
+
+
+@triton.jit
 def attn_topk_threshold(
     Q, K, V, q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, a_sb, a_sh, a_sn, CuQ, CuK, KLen,
     QG, KG, KR, g_qsb, g_ksb, Allow, GK, RS, rs_sb, rs_sn, Tab, tab_sb, tab_sq, tab_sk, Thr,
@@ -174,12 +194,14 @@ def attn_topk_threshold(
     HAS_SUBSET: tl.constexpr, HAS_TABLE: tl.constexpr, ALL_KEYS: tl.constexpr,
     HAS_TOPK: tl.constexpr, HAS_KG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    SORT: tl.constexpr,
 ):
     """KTPP pass 1: each row's k-th largest logit over its base set (``-inf`` if fewer keys).
 
     A running top-``BLOCK_N`` list per row (``BLOCK_N >= k``) sorted descending is merged with
-    each tile sorted ascending: ``max(buf_desc, tile_asc)`` is exactly the ``BLOCK_N`` largest
-    of their union (bitonic half-cleaner), which one more sort orders again.
+    each tile. ``SORT`` (GPU): sort the tile ascending; ``max(buf_desc, tile_asc)`` is exactly the
+    ``BLOCK_N`` largest of their union (bitonic half-cleaner), and one more sort orders it.
+    Otherwise (interpreter, where ``tl.sort`` costs seconds) ``_merge_topk_by_rank``.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -223,8 +245,12 @@ def attn_topk_threshold(
         base, sem = tile_masks(s, s, cls, offs_m, offs_n, row_ok, col_ok, nq, nk, nk_eff, qg, kg, kr,
                                rs_rows, Allow, GK, CAUSAL, HAS_ALLOW, HAS_SUBSET, HAS_TABLE,
                                ALL_KEYS, False, BLOCK_M, BLOCK_N)
-        tile = tl.sort(tl.where(base, s, float("-inf")), descending=False)
-        buf = tl.sort(tl.maximum(buf, tile), descending=True)
+        tile = tl.where(base, s, float("-inf"))
+        if SORT:
+            tile = tl.sort(tile, descending=False)
+            buf = tl.sort(tl.maximum(buf, tile), descending=True)
+        else:
+            buf = _merge_topk_by_rank(buf, tile, BLOCK_N)
     cols = tl.arange(0, BLOCK_N)
     kth = tl.max(tl.where(cols[None, :] == TOPK - 1, buf, float("-inf")), 1)
     tl.store(Thr + aux, kth, mask=row_ok)

@@ -29,6 +29,8 @@ from vlm.kernels import triton_attn_kernels as K
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 BLOCK_M = 64
 BLOCK_N = 64
+#: Top-k merge by ``tl.sort`` (GPU); the interpreter uses an equivalent rank-based merge.
+TOPK_SORT = not INTERPRET
 #: Largest top-k tile (the running top-k list is one key tile wide).
 MAX_TOPK_BLOCK = 256
 
@@ -221,7 +223,7 @@ def prepare(q: Tensor, k: Tensor, v: Tensor, cu_q: Optional[Tensor], cu_k: Optio
     )
     prep = Prepared(q, k, v, varlen, batch, heads, d, max_nq, max_nk, aux_shape, common, flags, bm, bn, seg_q, thr)
     if compute_thr:
-        prep.launch(K.attn_topk_threshold, (triton.cdiv(max_nq, bm), batch * heads), topk)
+        prep.launch(K.attn_topk_threshold, (triton.cdiv(max_nq, bm), batch * heads), topk, SORT=TOPK_SORT)
     return prep
 
 

@@ -10,7 +10,7 @@ from vlm.prompts.base import PromptLearner, TextInputs
 from vlm.prompts.registry import PROMPTS, register
 
 # Importing the method modules registers them.
-from vlm.prompts import coop, vpt  # noqa: E402,F401  isort: skip
+from vlm.prompts import coop, vpt, vfpt, tcpa, ivlp, maple, dpl, ktpp, dapt, disa  # noqa: E402,F401  isort: skip
 
 
 def available() -> list[str]:

@@ -52,5 +52,9 @@ class PromptLearner(TowerHook):
     def on_train_epoch_start(self, epoch: int) -> None:
         """Epoch-dependent schedules (warm-ups, loss switches)."""
 
+    def on_fit_start(self, module: Any) -> None:
+        """Called once before training with the LightningModule (its trainer and datamodule are
+        reachable), e.g. to compute class prototypes from the training shots (DiSa)."""
+
     def extra_repr(self) -> str:
         return f"name={self.name!r}"

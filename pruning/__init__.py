@@ -1,1 +1,32 @@
-"""`vlm.pruning`: visual-token pruners (TowerHooks) and their registry."""
+"""`vlm.pruning`: visual-token pruners (TowerHooks) and their registry.
+
+``available()`` lists the short names (``vtc_cls``, ``flowcut``, ``cls_attention``, ``random``);
+``create(name, **kwargs)`` builds one, and ``create("none")`` returns None (no pruning), so a config
+can switch pruning off by name. Configs may also use ``class_path: <name>`` or a full class path.
+"""
+
+from typing import Any, Optional
+
+from vlm.pruning.base import TokenPruner
+from vlm.pruning.registry import PRUNERS, register
+
+# Importing the method modules registers them.
+from vlm.pruning import baselines, flowcut, vtc_cls  # noqa: E402,F401  isort: skip
+
+#: The name that means "no pruner".
+NONE = "none"
+
+
+def available() -> list[str]:
+    return PRUNERS.available()
+
+
+def create(name: str, **kwargs: Any) -> Optional[TokenPruner]:
+    if name.lower() == NONE:
+        if kwargs:
+            raise ValueError(f"pruner 'none' takes no arguments, got {sorted(kwargs)}.")
+        return None
+    return PRUNERS.create(name, **kwargs)
+
+
+__all__ = ["TokenPruner", "available", "create", "register"]

@@ -60,6 +60,19 @@ class VLMCLI(LightningCLI):
         write_results(self.trainer, self.model, self._config_path(), seed if isinstance(seed, int) else None)
 
 
+class _ParseOnlyCLI(VLMCLI):
+    """Parses and validates configs (class paths, argument names and types) without building."""
+
+    def instantiate_classes(self) -> None:
+        self.model = self.datamodule = self.trainer = None  # type: ignore[assignment]
+
+
+def parse_configs(paths: list[str], overrides: Optional[list[str]] = None) -> Any:
+    """Validate composed config files as ``vlm fit`` would, without instantiating anything."""
+    args = [a for p in paths for a in ("--config", str(p))] + list(overrides or [])
+    return _ParseOnlyCLI(args=args, run=False).config
+
+
 def _portable_trainer(trainer: dict[str, Any]) -> dict[str, Any]:
     """The trainer section without run-specific objects (callbacks/loggers stay as config dicts)."""
     return {k: v for k, v in trainer.items() if v is not None}

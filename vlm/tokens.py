@@ -10,6 +10,14 @@ import torch
 from torch import Tensor
 
 
+#: ``TokenState.scratch`` keys the tower runners own (hooks read them, never write them):
+#: the number of blocks the runner will run in this pass (set by ``run_blocks`` before block 0),
+SCRATCH_NUM_BLOCKS = "runner.num_blocks"
+#: and the last block's attention values ``[B, H, Nk, d]``. A hook asks for them by putting this
+#: key in ``scratch`` (any value, e.g. in ``on_tower_start``); every block then overwrites it.
+SCRATCH_VALUES = "runner.values"
+
+
 class TokenType(IntEnum):
     """What a token is. Stored as int8 per token; new members go at the end (CONTRACTS.md)."""
 

@@ -3,5 +3,6 @@
 from vlm.backbones.base import Backbone
 from vlm.backbones.clip import ClipBackbone
 from vlm.backbones.vit import ViTBackbone
+from vlm.backbones.llava import LlavaBackbone
 
-__all__ = ["Backbone", "ClipBackbone", "ViTBackbone"]
+__all__ = ["Backbone", "ClipBackbone", "LlavaBackbone", "ViTBackbone"]

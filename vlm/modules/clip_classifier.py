@@ -19,7 +19,9 @@ from torchmetrics.classification import MulticlassAccuracy
 from vlm.backbones import ClipBackbone
 from vlm.modules.base import LearnedOnlyModule, accuracy_percent
 from vlm.modules.optim import OptimConfig
+from vlm.hooks import TowerHook
 from vlm.prompts import PromptLearner
+from vlm.pruning import TokenPruner
 
 
 def harmonic_mean(a: float, b: float) -> float:
@@ -39,6 +41,8 @@ class CLIPClassifier(LearnedOnlyModule):
         template: prompt template for frozen text features (zero-shot and vision-only learners).
         optim: optimiser and schedule.
         init_from: an exported directory (``vlm export``) whose learned tensors are loaded.
+        pruner: a visual-token pruner (``vtc_cls``, ``flowcut``, ...) run inside the image tower
+            after the prompt learner, trading accuracy for speed; None keeps every token.
     """
 
     def __init__(
@@ -50,11 +54,13 @@ class CLIPClassifier(LearnedOnlyModule):
         template: str = "a photo of a {}.",
         optim: Optional[OptimConfig] = None,
         init_from: Optional[str] = None,
+        pruner: Optional[TokenPruner] = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["backbone", "prompt_learner", "optim"])
+        self.save_hyperparameters(ignore=["backbone", "prompt_learner", "optim", "pruner"])
         self.backbone = backbone
         self.prompt_learner = prompt_learner
+        self.pruner = pruner
         if prompt_learner is not None:
             prompt_learner.build(backbone)
         self.method_name = prompt_learner.name if prompt_learner is not None else "zeroshot"
@@ -64,6 +70,7 @@ class CLIPClassifier(LearnedOnlyModule):
         self.optim = optim or OptimConfig()
         self.test_acc = nn.ModuleDict()
         self._text_cache: dict[tuple[str, ...], Tensor] = {}
+        self._frozen_text_cache: dict[tuple[str, ...], Tensor] = {}
         self._sync_test_metrics()
         if init_from:
             self.load_exported(init_from)
@@ -83,8 +90,10 @@ class CLIPClassifier(LearnedOnlyModule):
         self.test_acc.to(self.device)
 
     @property
-    def hooks(self) -> list[PromptLearner]:
-        return [self.prompt_learner] if self.prompt_learner is not None else []
+    def hooks(self) -> list[TowerHook]:
+        """Vision/text hooks in order: the prompt learner, then the pruner (which acts on the
+        vision tower only, keeps CLS and prompts, and leaves ``lengths`` right for pooling)."""
+        return [h for h in (self.prompt_learner, self.pruner) if h is not None]
 
     # --- features -----------------------------------------------------------------------------
     def _text_is_frozen(self) -> bool:
@@ -114,9 +123,38 @@ class CLIPClassifier(LearnedOnlyModule):
         logits = self.backbone.logit_scale.exp() * image @ text.t()
         return {"logits": logits, "image_features": image, "text_features": text}
 
+    @torch.no_grad()
+    def frozen_outputs(self, images: Tensor, classnames: Optional[list[str]] = None) -> dict[str, Tensor]:
+        """The zero-shot CLIP pass (no hooks, no grad) for learners with ``needs_frozen_pass``:
+        ``frozen_image_features``, ``frozen_text_features`` (the template prompts),
+        ``frozen_logits`` (computed exactly as the zero-shot classifier computes its logits), and
+        ``frozen_vision_tokens`` ``[B, N, D]`` / ``frozen_vision_types`` ``[B, N]`` (the vision
+        tower's tokens after its last block, before its final norm, e.g. for patch saliency)."""
+        names = classnames if classnames is not None else self.classnames
+        key = tuple(names)
+        if key not in self._frozen_text_cache:
+            tokens = self.backbone.tokenize([self.template.format(c.replace("_", " ")) for c in names])
+            self._frozen_text_cache[key] = self.backbone.encode_text(tokens.to(self.device), [], None, normalize=True)
+        text = self._frozen_text_cache[key]
+        vision = self.backbone.run_vision(images, [])
+        image = F.normalize(vision.pooled, dim=-1)
+        return {
+            "frozen_image_features": image,
+            "frozen_text_features": text,
+            "frozen_logits": self.backbone.logit_scale.exp() * image @ text.t(),
+            "frozen_vision_tokens": vision.state.x,
+            "frozen_vision_types": vision.state.batch_types,
+        }
+
+    def on_fit_start(self) -> None:
+        if self.prompt_learner is not None:
+            self.prompt_learner.on_fit_start(self)
+
     # --- steps --------------------------------------------------------------------------------
     def _loss(self, out: dict[str, Tensor], batch: dict[str, Tensor], stage: str) -> Tensor:
         ce = F.cross_entropy(out["logits"], batch["label"])
+        if stage == "train" and self.prompt_learner is not None and self.prompt_learner.needs_frozen_pass:
+            out = {**out, **self.frozen_outputs(batch["image"])}
         extra = self.prompt_learner.losses(out, batch) if self.prompt_learner else {}
         for name, value in extra.items():
             self.log(f"{stage}/{name}", value)
@@ -145,7 +183,8 @@ class CLIPClassifier(LearnedOnlyModule):
     def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         subset = self.test_subset(dataloader_idx)
         out = self(batch["image"], self.test_classnames[subset])
-        self.test_acc[subset].update(out["logits"], batch["label"])
+        # argmax first: learners may append extra (never-correct) columns, e.g. DAPT's parity option
+        self.test_acc[subset].update(out["logits"].argmax(-1), batch["label"])
 
     def on_test_epoch_end(self) -> None:
         accs = {}

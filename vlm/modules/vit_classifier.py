@@ -11,7 +11,9 @@ from torchmetrics.classification import MulticlassAccuracy
 from vlm.backbones import ClipBackbone, ViTBackbone
 from vlm.modules.base import LearnedOnlyModule, accuracy_percent
 from vlm.modules.optim import OptimConfig
+from vlm.hooks import TowerHook
 from vlm.prompts import PromptLearner
+from vlm.pruning import TokenPruner
 
 
 class ViTClassifier(LearnedOnlyModule):
@@ -23,6 +25,8 @@ class ViTClassifier(LearnedOnlyModule):
         prompt_learner: a vision prompt learner (``vpt``, ``tcpa``, ...) or None (linear probe).
         optim: optimiser and schedule.
         init_from: an exported directory (``vlm export``) whose learned tensors are loaded.
+        pruner: a visual-token pruner (``vtc_cls``, ``flowcut``, ...) run inside the image tower
+            after the prompt learner, trading accuracy for speed; None keeps every token.
     """
 
     def __init__(
@@ -32,11 +36,13 @@ class ViTClassifier(LearnedOnlyModule):
         prompt_learner: Optional[PromptLearner] = None,
         optim: Optional[OptimConfig] = None,
         init_from: Optional[str] = None,
+        pruner: Optional[TokenPruner] = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["backbone", "prompt_learner", "optim"])
+        self.save_hyperparameters(ignore=["backbone", "prompt_learner", "optim", "pruner"])
         self.backbone = backbone
         self.prompt_learner = prompt_learner
+        self.pruner = pruner
         if prompt_learner is not None:
             prompt_learner.build(backbone)
         self.method_name = prompt_learner.name if prompt_learner is not None else "linear"
@@ -58,8 +64,10 @@ class ViTClassifier(LearnedOnlyModule):
             )
 
     @property
-    def hooks(self) -> list[PromptLearner]:
-        return [self.prompt_learner] if self.prompt_learner is not None else []
+    def hooks(self) -> list[TowerHook]:
+        """Vision/text hooks in order: the prompt learner, then the pruner (which acts on the
+        vision tower only, keeps CLS and prompts, and leaves ``lengths`` right for pooling)."""
+        return [h for h in (self.prompt_learner, self.pruner) if h is not None]
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         feats = self.backbone.encode_image(images, self.hooks)

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 from torch import Tensor, nn
 
 from vlm.kernels import AttnOutput, AttnSpec, attention
-from vlm.tokens import TokenState
+from vlm.tokens import SCRATCH_VALUES, TokenState
 
 
 def split_heads(x: Tensor, heads: int) -> Tensor:
@@ -50,6 +50,8 @@ class BlockAdapter:
         if spec.scale is None and self.scale is not None:
             spec = spec.replace(scale=self.scale)
         out = attention(q, k, v, spec)
+        if SCRATCH_VALUES in state.scratch:  # a hook asked for the values (FlowCut)
+            state.scratch[SCRATCH_VALUES] = v
         return self.attn_out(merge_heads(out.out)), out
 
 

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from vlm.hooks import HookList, TowerHook
 from vlm.kernels import AttnSpec
-from vlm.tokens import TokenState, TokenType
+from vlm.tokens import SCRATCH_NUM_BLOCKS, TokenState, TokenType
 from vlm.towers.blocks import BlockAdapter
 
 
@@ -37,6 +37,7 @@ def run_blocks(
 ) -> TokenState:
     """Run ``blocks`` over ``state`` with ``hooks`` (already past ``on_tower_start``)."""
     hl = HookList(hooks, tower)
+    state.scratch[SCRATCH_NUM_BLOCKS] = len(blocks)
     for i, block in enumerate(blocks):
         state = hl.before(i, state)
         spec = AttnSpec(causal=causal, k_lengths=state.lengths)

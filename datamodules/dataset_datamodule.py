@@ -1,0 +1,135 @@
+"""`DatasetDataModule`: any registered dataset, read from its standard layout, through the few-shot protocol.
+
+`dataset` is a registry name (`vlm.datamodules.available_datasets()`): the spec's reader turns
+`root` into split lists, and everything else (K-shot sampling with Dassl's semantics and its
+index files, base/new class subsets, transforms, exact DDP evaluation) is `FewShotDataModule`'s.
+Class names and the prompt template come with the dataset. Test-only datasets (ImageNet-V2/-Sketch/
+-A/-R) serve `vlm test` after training on ImageNet; `train_split` picks VTAB's final-run split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from vlm.datamodules.dataset_specs import DatasetSpec, get_dataset
+from vlm.datamodules.distributed import local_rank_zero
+from vlm.datamodules.fewshot_datamodule import FewShotDataModule, SubsetName
+from vlm.datamodules.image_list import OnCorrupt
+from vlm.datamodules.splits import Datum, label_to_classname
+from vlm.datamodules.transforms import CLIP_MEAN, CLIP_STD, DEFAULT_TRAIN_TRANSFORMS
+
+
+class DatasetDataModule(FewShotDataModule):
+    """A registered dataset under the CoOp few-shot / base-to-new protocol.
+
+    Batches are `{"image", "label", "index"}` dicts; `test_dataloader` returns one loader per
+    `test_subsets` entry. Arguments not listed here are `FewShotDataModule`'s.
+
+    Args:
+        root: the dataset folder in its standard layout (see `prepare.py check --dataset NAME`).
+        dataset: registry name, e.g. "oxford_pets", "imagenet_a", "vtab_cifar", "cub", "hta_svhn".
+        num_shots: K shots per class; < 1 uses the full train split (VTAB, FGVC, HTA).
+        template: prompt template; None uses the dataset's own (CoOp's per-dataset template).
+        train_split: the split key used for training, e.g. "train800val200" for VTAB final runs.
+        download: fetch missing raw files with torchvision before reading (first process of the
+            node only; on clusters prefer `prepare.py check --download` once before the job).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        dataset: str,
+        num_shots: int = 16,
+        seed: int = 1,
+        subsample: SubsetName = "base",
+        test_subsets: Sequence[SubsetName] = ("base", "new"),
+        template: str | None = None,
+        train_split: str = "train",
+        download: bool = False,
+        image_size: int = 224,
+        mean: Sequence[float] = CLIP_MEAN,
+        std: Sequence[float] = CLIP_STD,
+        train_transforms: Sequence[str] = DEFAULT_TRAIN_TRANSFORMS,
+        crop_scale: Sequence[float] = (0.08, 1.0),
+        batch_size: int = 32,
+        eval_batch_size: int = 100,
+        num_workers: int = 0,
+        strict_shots: bool = False,
+        on_corrupt: OnCorrupt = "fail",
+        check_files: bool = True,
+        fewshot_cache_dir: str | None = None,
+        pin_memory: bool = False,
+    ) -> None:
+        self.spec: DatasetSpec = get_dataset(dataset)
+        self.train_split = train_split
+        if download and self.spec.prepare is not None and local_rank_zero():
+            self.spec.prepare(Path(root).expanduser(), self.spec, True)
+        super().__init__(
+            root=root,
+            dataset=dataset,
+            image_dir=".",
+            num_shots=num_shots,
+            seed=seed,
+            subsample=subsample,
+            test_subsets=test_subsets,
+            image_size=image_size,
+            mean=mean,
+            std=std,
+            train_transforms=train_transforms,
+            crop_scale=crop_scale,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            template=template if template is not None else self.spec.template,
+            strict_shots=strict_shots,
+            on_corrupt=on_corrupt,
+            check_files=check_files,
+            fewshot_cache_dir=fewshot_cache_dir or str(self._default_cache_dir(Path(root).expanduser())),
+            pin_memory=pin_memory,
+        )
+        self.save_hyperparameters()  # this class's own arguments, not the parent's
+
+    def _default_cache_dir(self, root: Path) -> Path:
+        """`<root>/split_fewshot` (CoOp's place); per dataset when several share one root (VTAB, HTA)."""
+        return root / "split_fewshot" if self.spec.family in ("coop", "imagenet_ood") else root / "split_fewshot" / self.spec.name
+
+    def _load_split(self) -> dict[str, list[Datum]]:
+        split = self.spec.read(self.root)
+        if self.train_split not in split and not self.spec.test_only:
+            raise ValueError(f"{self.spec.name} has splits {sorted(split)}; train_split={self.train_split!r} is not one.")
+        return {
+            "train": list(split.get(self.train_split, [])),
+            "val": list(split.get("val", [])),
+            "test": list(split.get("test", [])),
+        }
+
+    def _class_items(self) -> list[Datum]:
+        """One item per class 0..K-1 (K: the dataset's class count, else the largest label + 1), named from the splits.
+
+        A class absent from a small train split (VTAB's 800 images of 397 SUN classes) keeps its label.
+        """
+        names = label_to_classname(*self._split.values(), source=self.spec.name)
+        total = int(self.spec.options.get("num_classes", 0)) or (max(names) + 1 if names else 0)  # type: ignore[call-overload]
+        return [Datum("", y, names.get(y, f"class_{y}")) for y in range(total)] if total else []
+
+    def templates(self, ensemble: str) -> list[str]:
+        """A named template ensemble of the dataset (ImageNet family: "imagenet80", "imagenet7")."""
+        if ensemble not in self.spec.ensembles:
+            raise KeyError(f"{self.spec.name} has template ensembles {sorted(self.spec.ensembles)}, not {ensemble!r}.")
+        return list(self.spec.ensembles[ensemble])
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit", "validate") and not self._split["train"]:
+            raise ValueError(
+                f"{self.spec.name} is a test-only dataset (domain generalisation): train on 'imagenet', then run "
+                f"`vlm test` with this dataset's data config and the trained checkpoint."
+            )
+        super().setup(stage)
+
+    def result_extras(self) -> dict[str, object]:
+        """Recorded in results.json: registry name, family, shots, seed and subsets."""
+        return {
+            "registry_name": self.spec.name, "family": self.spec.family, "num_shots": self.num_shots,
+            "seed": self.seed, "subsample": self.subsample, "test_subsets": list(self.test_subsets),
+        }

@@ -1,0 +1,241 @@
+"""Deep vision-language prompts on CLIP: the mechanics IVLP, MaPLe (and DPL, DAPT, DiSa) share.
+
+This module implements *where* prompts go; subclasses say *what* the prompt vectors of each layer
+are by implementing :meth:`DeepVLPrompts.text_prompts` and :meth:`DeepVLPrompts.vision_prompts`.
+The placement follows the MaPLe repository's CLIP (``clip/model.py``, the IVLP and MaPLe blocks),
+which both IVLP and MaPLe (Khattak et al., CVPR 2023, Sec. 3.2-3.3) use:
+
+Text tower (input ``W_0 = [SOS, P_1..P_b, w_1..w_N, EOT, pad]``, MaPLe Eq. 4-5):
+  * layer 0: the prompt text ``"<prefix> <classname>."`` is tokenized and embedded (frozen); the
+    ``b = n_ctx_text`` token embeddings right after SOS (positions ``1..b``) are replaced by the
+    learned context ``text_prompts(0)`` before the positional embedding (``text_inputs``);
+  * layers ``1..depth_text-1``: before block ``i`` the outputs at positions ``1..b`` are discarded
+    and replaced by ``text_prompts(i)`` (Eq. 5: ``[_, W_i] = L_i([P_{i-1}, W_{i-1}])``);
+  * deeper layers process the previous layer's prompt outputs unchanged.
+  The context slots get token type CTX, so attention specs (DPL) can tell them apart.
+
+Vision tower (input ``[CLS, E_1..E_M]`` plus positional embedding, MaPLe Eq. 6-7):
+  * layer 0: ``vision_prompts(0)`` is *appended* after the patch tokens, after the positional
+    embedding and before ``ln_pre`` (``on_tower_start``); the prompts carry no positional embedding;
+  * layers ``1..depth_vision-1``: the last ``n_ctx_vision`` tokens are replaced by
+    ``vision_prompts(i)`` before block ``i``;
+  * pooling reads the CLS token (or the mean of PATCH tokens), never the prompts (type PROMPT).
+
+Prompt-text initialisation (as the MaPLe/IVLP trainers do it): with ``ctx_init`` (e.g.
+``"a photo of a"``) and ``n_ctx_text <= len(tokens(ctx_init))``, the prefix text is the whole
+phrase and the context starts as the embeddings of its first ``n_ctx_text`` tokens; the remaining
+phrase words stay as frozen tokens (MaPLe's 2 learned tokens replace "a photo", and "of a" stays).
+Otherwise the context is N(0, 0.02) and the prefix is ``n_ctx_text`` placeholders ``"X"``.
+
+Public API for subclasses (kept stable for DAPT on MaPLe and DiSa on IVLP):
+  * ``text_prompts(layer) -> Tensor [n_ctx_text, D_text] | None``;
+  * ``vision_prompts(layer) -> Tensor [n_ctx_vision, D_vision] | None`` (``None``: no prompt
+    insertion or replacement at that layer);
+  * ``n_ctx_text``, ``n_ctx_vision``, ``depth_text``, ``depth_vision``, ``prompt_prefix``;
+  * ``text_inputs(classnames, template)`` -> :class:`~vlm.prompts.base.TextInputs`;
+  * a frozen (prompt-free) pass is simply the backbone called without this hook.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from vlm.prompts.base import PromptLearner, TextInputs
+from vlm.tokens import TokenState, TokenType
+
+#: The placeholder word used in the prompt text for randomly initialised context.
+PLACEHOLDER = "X"
+#: Token types that are learned prompts (vision or text); everything else is an "instance".
+PROMPT_TYPES = (TokenType.PROMPT, TokenType.PROMPT_CLS, TokenType.PROMPT_IMG, TokenType.CTX)
+
+
+def backbone_ref(backbone: Any) -> Tensor:
+    """A parameter of the backbone, for the dtype and device of new prompt tensors."""
+    return next(iter(backbone.parameters()))
+
+
+def normal_(shape: tuple[int, ...], ref: Tensor, std: float) -> Tensor:
+    """A new ``N(0, std)`` tensor with ``ref``'s dtype and device (MaPLe/IVLP prompt init)."""
+    return torch.empty(shape, dtype=ref.dtype, device=ref.device).normal_(std=std)
+
+
+def is_prompt(types: Tensor) -> Tensor:
+    """Bool mask of prompt tokens (PROMPT*, CTX) for a ``types`` tensor of any shape."""
+    out = torch.zeros_like(types, dtype=torch.bool)
+    for ty in PROMPT_TYPES:
+        out |= types == int(ty)
+    return out
+
+
+class DeepVLPrompts(PromptLearner):
+    """Base class: text context at layer 0 plus per-layer replacement in both towers.
+
+    Args:
+        n_ctx_text: number b of text context tokens (0 is not allowed: the text tower is always prompted).
+        n_ctx_vision: number of vision prompt tokens (0: no vision prompts).
+        depth_text: layers ``0..depth_text-1`` of the text tower get prompts (>= 1).
+        depth_vision: layers ``0..depth_vision-1`` of the vision tower get prompts (0: none).
+        ctx_init: phrase whose first ``n_ctx_text`` token embeddings initialise the text context.
+        init_std: std of the N(0, std) init of every randomly initialised prompt (0.02 in MaPLe).
+    """
+
+    learns_text = True
+
+    def __init__(
+        self,
+        n_ctx_text: int,
+        n_ctx_vision: int,
+        depth_text: int,
+        depth_vision: int,
+        ctx_init: Optional[str] = "a photo of a",
+        init_std: float = 0.02,
+    ) -> None:
+        super().__init__()
+        if n_ctx_text < 1 or depth_text < 1:
+            raise ValueError(f"{type(self).__name__} needs n_ctx_text >= 1 and depth_text >= 1 (got {n_ctx_text}, {depth_text}).")
+        if n_ctx_vision < 0 or depth_vision < 0 or (n_ctx_vision == 0) != (depth_vision == 0):
+            raise ValueError(
+                f"{type(self).__name__}: n_ctx_vision and depth_vision must both be 0 (no vision prompts) or both >= 1 "
+                f"(got {n_ctx_vision}, {depth_vision})."
+            )
+        self.n_ctx_text, self.n_ctx_vision = n_ctx_text, n_ctx_vision
+        self.depth_text, self.depth_vision = depth_text, depth_vision
+        self.ctx_init = (ctx_init or "").replace("_", " ").strip() or None
+        self.init_std = init_std
+        self.prompt_prefix = ""
+        self.towers = ("vision", "text") if n_ctx_vision > 0 else ("text",)
+        # Per class list: (token ids, frozen token embeddings); plain attribute, never in the state dict.
+        self._cache: dict[tuple[str, ...], tuple[Tensor, Tensor]] = {}
+
+    # --- what subclasses provide ---------------------------------------------------------------
+    def text_prompts(self, layer: int) -> Optional[Tensor]:  # pragma: no cover - abstract
+        """``[n_ctx_text, D]`` prompt vectors entering text block ``layer`` (layer 0: word-embedding
+        space, before the positional embedding), or ``None`` if the layer keeps its tokens."""
+        raise NotImplementedError
+
+    def vision_prompts(self, layer: int) -> Optional[Tensor]:  # pragma: no cover - abstract
+        """``[n_ctx_vision, D]`` prompt vectors entering vision block ``layer`` (layer 0: appended
+        before ``ln_pre``), or ``None`` if the layer keeps its tokens."""
+        raise NotImplementedError
+
+    # --- building ------------------------------------------------------------------------------
+    def _word_ids(self, text: str) -> Tensor:
+        """Ids of the word tokens of ``text`` alone (no start/end/padding), by the tower's types."""
+        ids = self.backbone.tokenize([text])
+        types = self.backbone.text.token_types(ids)[0]
+        return ids[0][types == int(TokenType.TEXT)]
+
+    def check_backbone(self, backbone: Any) -> None:
+        """A CLIP-like backbone with block runners for both towers, deep enough for the depths."""
+        if not hasattr(backbone, "tokenize") or not hasattr(getattr(backbone, "text", None), "token_embedding"):
+            raise TypeError(f"{type(self).__name__} needs a CLIP backbone (tokenize + text.token_embedding).")
+        for tower, depth in (("text", self.depth_text), ("vision", self.depth_vision)):
+            layers = int(getattr(backbone, tower).num_layers)
+            if depth > layers:
+                raise ValueError(f"{type(self).__name__}: {tower} prompt depth {depth} exceeds the tower's {layers} layers.")
+
+    def build_text_context(self, backbone: Any) -> Tensor:
+        """The initial text context ``[n_ctx_text, D]`` and ``self.prompt_prefix`` (see module doc)."""
+        embedding: nn.Module = backbone.text.token_embedding
+        weight = embedding.weight
+        self._cache.clear()
+        if self.ctx_init:
+            ids = self._word_ids(self.ctx_init)
+            if self.n_ctx_text <= len(ids):
+                self.prompt_prefix = self.ctx_init
+                with torch.no_grad():
+                    return embedding(ids[: self.n_ctx_text].to(weight.device)).detach().clone()
+        self.prompt_prefix = " ".join([PLACEHOLDER] * self.n_ctx_text)
+        return normal_((self.n_ctx_text, weight.shape[1]), weight, self.init_std)
+
+    # --- text side -----------------------------------------------------------------------------
+    def prompt_texts(self, classnames: list[str]) -> list[str]:
+        """``prefix + " " + classname + "."`` with underscores as spaces (MaPLe/IVLP/CoOp)."""
+        return [f"{self.prompt_prefix} {name.replace('_', ' ')}." for name in classnames]
+
+    def _prepare(self, classnames: tuple[str, ...]) -> tuple[Tensor, Tensor]:
+        bb, n = self.backbone, self.n_ctx_text
+        tokens = bb.tokenize(self.prompt_texts(list(classnames)))
+        types = bb.text.token_types(tokens)
+        slot_ids = self._word_ids(self.prompt_prefix)[:n].to(tokens.device)
+        ok = len(slot_ids) == n and tokens.shape[1] > n + 1
+        ok = ok and bool((types[:, 0] == int(TokenType.SOS)).all())
+        ok = ok and bool((tokens[:, 1 : 1 + n] == slot_ids).all())
+        ok = ok and bool((types[:, 1 : 1 + n] == int(TokenType.TEXT)).all())
+        if not ok:
+            raise ValueError(
+                f"{type(self).__name__}: the {n} context tokens of {self.prompt_prefix!r} must occupy token positions "
+                f"1..{n}, right after the start token, in every tokenized prompt; this tokenizer does not place them there."
+            )
+        with torch.no_grad():
+            embeds = bb.text.token_embedding(tokens).detach()
+        return tokens, embeds
+
+    def text_inputs(self, classnames: list[str], template: str = "{}") -> TextInputs:
+        """Tokens and embeddings ``[C, L, D]`` of ``[SOS, ctx_1..ctx_b, rest of prefix, CLASS, ".",
+        EOT, pad]``; ``template`` is not used (the learned context replaces it)."""
+        ctx = self.text_prompts(0)
+        if ctx is None:
+            raise RuntimeError(f"{type(self).__name__}.text_inputs called before build(backbone).")
+        key = tuple(classnames)
+        if key not in self._cache:
+            self._cache[key] = self._prepare(key)
+        tokens, embeds = self._cache[key]
+        if embeds.device != ctx.device:
+            tokens, embeds = tokens.to(ctx.device), embeds.to(ctx.device)
+            self._cache[key] = (tokens, embeds)
+        n = self.n_ctx_text
+        ctx = ctx.to(embeds.dtype).unsqueeze(0).expand(len(classnames), -1, -1)
+        return TextInputs(tokens=tokens, embeds=torch.cat([embeds[:, :1], ctx, embeds[:, 1 + n :]], dim=1))
+
+    # --- hooks ---------------------------------------------------------------------------------
+    def on_tower_start(self, tower: str, state: TokenState) -> TokenState:
+        """Text: mark the context slots 1..b as CTX. Vision: append the layer-0 prompts."""
+        if self.text_prompts(0) is None:
+            raise RuntimeError(f"{type(self).__name__} used before build(backbone).")
+        if tower == "text":
+            n = self.n_ctx_text
+            types = state.batch_types.clone()
+            if not bool((types[:, 1 : 1 + n] == int(TokenType.TEXT)).all()):
+                raise ValueError(f"{type(self).__name__}: text positions 1..{n} are not word tokens (use text_inputs()).")
+            types[:, 1 : 1 + n] = int(TokenType.CTX)
+            return state.replace(types=types)
+        prompts = self.vision_prompts(0)
+        if prompts is None:
+            return state
+        if state.lengths is not None:
+            raise ValueError(f"{type(self).__name__}: vision prompts are appended, which needs unpadded vision tokens.")
+        x = state.x
+        return state.insert(x.shape[1], prompts.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1), TokenType.PROMPT)
+
+    def before_block(self, tower: str, layer: int, state: TokenState) -> TokenState:
+        """Layers >= 1: replace the previous layer's prompt outputs by this layer's prompts."""
+        if layer == 0:
+            return state
+        if tower == "text":
+            prompts, start = self.text_prompts(layer), 1
+            if prompts is None:
+                return state
+            end = start + prompts.shape[0]
+            kind = TokenType.CTX
+        else:
+            prompts = self.vision_prompts(layer)
+            if prompts is None:
+                return state
+            end = state.x.shape[1]
+            start = end - prompts.shape[0]
+            kind = TokenType.PROMPT
+        if not bool((state.batch_types[:, start:end] == int(kind)).all()):
+            raise ValueError(f"{type(self).__name__}: the {tower} prompt tokens are no longer at their slots before layer {layer}.")
+        x = state.x
+        new = prompts.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+        return state.replace(x=torch.cat([x[:, :start], new, x[:, end:]], dim=1))
+
+    def extra_repr(self) -> str:
+        return (
+            f"name={self.name!r}, n_ctx_text={self.n_ctx_text}, n_ctx_vision={self.n_ctx_vision}, "
+            f"depth_text={self.depth_text}, depth_vision={self.depth_vision}, ctx_init={self.ctx_init!r}"
+        )

@@ -1,0 +1,121 @@
+"""FlowCut: "Rethinking Redundancy via Information Flow for Efficient Vision-Language Models"
+(Tong et al., NeurIPS 2025, arXiv 2505.19536), the vision-tower stage.
+
+At every block l that runs before the final cut, with N current patches of one image:
+
+    a_j   = (1/H) sum_h A_{h, CLS, j}                          relation: CLS-row attention
+    m_j   = (1/H) sum_h softmax_k(v_{h,CLS} . v_{h,k})_j       semantic: CLS-value similarity
+                                                               (no 1/sqrt(d); softmax over all
+                                                               valid tokens, CLS included)
+    n_j   = || (1/H) sum_h v_{h,j} ||_1                        information density: value L1 norm
+    S^l_j = (a_j / sum_p a_p + m_j / sum_p m_p) * n_j          (sums over patches only)
+    C^l   = ema * C^{l-1} + (1 - ema) * S^l,  C^{first} = S^{first}   cumulative flow score
+
+Progressive, entropy-adaptive cut: with R blocks in the pass, rpl = R - 2 - l; a cut happens when
+rpl is even (every second block), and at rpl = 0 (the block below the last one) the image is cut
+to the target T, so the last block (LLaVA's feature layer) runs on T patches. At a cut with N > T
+patches, let p be a renormalised over the patches and rho = H(p) / log N its normalised entropy:
+
+    P = round((N - T) / sqrt(rpl) * (1 - rho^2))   (rpl > 0),    P = N - T   (rpl = 0)
+
+keep max(N - P, T) patches with the largest C, in raster order; CLS is never pruned.
+
+Fixes against the official code: P is computed per sample (the official code takes the batch
+maximum, so a sample's tokens depended on its neighbours; here the state becomes ragged instead,
+which the attention's ``k_lengths`` handles), any batch size works, and scores come from
+``probe_rows`` and the block's values instead of eager attention in every layer.
+
+Design note (values): the values are not part of ``AttnOutput``. FlowCut asks the block adapters for
+them by putting ``SCRATCH_VALUES`` into ``state.scratch``; every block then leaves its ``v`` there
+(one reference, no copy). This is the one contract extension pruning needed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from vlm.kernels import AttnOutput, AttnSpec
+from vlm.pruning.base import TokenPruner
+from vlm.pruning.registry import register
+from vlm.tokens import SCRATCH_VALUES, TokenState, TokenType
+from vlm.towers.runner import type_mask, valid_mask
+
+
+def entropy_prune_count(attn: Tensor, patch: Tensor, target: int, rpl: int) -> Tensor:
+    """Patches to drop per sample at a cut, from the head-mean CLS attention ``attn [B, N]``."""
+    n = patch.sum(1)
+    excess = (n - target).clamp(min=0)
+    if rpl == 0:
+        return excess
+    p = attn.float() * patch
+    p = p / p.sum(1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
+    ent = -(torch.where(p > 0, p * p.log(), torch.zeros_like(p))).sum(1)
+    rho = ent / n.float().clamp(min=2).log()
+    drop = torch.round(excess.float() / math.sqrt(rpl) * (1 - rho**2)).long()
+    return torch.where(excess > 0, drop, torch.zeros_like(drop))
+
+
+@register("flowcut")
+class FlowCut(TokenPruner):
+    """Information-flow pruning inside the vision tower.
+
+    Args:
+        num_tokens: patch tokens kept per image after the last cut (T).
+        ema: weight of the previous cumulative score (0.5 in the paper's code).
+    """
+
+    def __init__(self, num_tokens: int = 64, ema: float = 0.5) -> None:
+        super().__init__(num_tokens)
+        self.ema = float(ema)
+
+    def on_tower_start(self, tower: str, state: TokenState) -> TokenState:
+        state.scratch[SCRATCH_VALUES] = None  # ask the blocks for their values
+        return state
+
+    def _rpl(self, layer: int, state: TokenState) -> int:
+        return self.num_blocks(state) - 2 - layer
+
+    def attention_spec(self, tower: str, layer: int, state: TokenState, spec: AttnSpec) -> AttnSpec:
+        return self.request_cls_probe(state, spec) if self._rpl(layer, state) >= 0 else spec
+
+    def flow_score(self, state: TokenState, attn: AttnOutput) -> tuple[Tensor, Tensor]:
+        """(S^l ``[B, N]``, zero off patches; head-mean CLS attention ``[B, N]``) for this block."""
+        a = self.cls_attention(state, attn)
+        v = state.scratch[SCRATCH_VALUES]
+        kv = self.scratch(state).get("kv_only")
+        if kv is not None:
+            v = v[:, :, ~kv]
+        v = v.float()  # [B, H, N, d]
+        valid = valid_mask(state)
+        patch = type_mask(state, TokenType.PATCH)
+        cls = self.cls_row(state)
+        sim = torch.einsum("bhd,bhnd->bhn", v[:, :, cls], v).masked_fill(~valid[:, None], float("-inf"))
+        m = sim.softmax(-1).mean(1)
+        density = v.mean(1).abs().sum(-1)
+        a_p, m_p = a * patch, m * patch
+        tiny = torch.finfo(torch.float32).tiny
+        rel = a_p / a_p.sum(1, keepdim=True).clamp_min(tiny)
+        sem = m_p / m_p.sum(1, keepdim=True).clamp_min(tiny)
+        return (rel + sem) * density * patch, a
+
+    def after_block(self, tower: str, layer: int, state: TokenState, attn: AttnOutput) -> TokenState:
+        rpl = self._rpl(layer, state)
+        if rpl < 0:
+            return state
+        sc = self.scratch(state)
+        score, a = self.flow_score(state, attn)
+        cum = score if "cum" not in sc else self.ema * sc["cum"] + (1 - self.ema) * score
+        if rpl % 2 == 0:
+            patch = type_mask(state, TokenType.PATCH)
+            drop = entropy_prune_count(a, patch, self.num_tokens, rpl)
+            count = torch.maximum(patch.sum(1) - drop, torch.full_like(drop, self.num_tokens))
+            state, (cum,) = self.keep_top(state, cum, count, carry=[cum])
+            sc = self.scratch(state)
+        sc["cum"] = cum
+        return state
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, ema={self.ema}"

@@ -1,0 +1,27 @@
+"""Every shipped LLaVA config composes and validates through the CLI parser (nothing is built)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vlm.cli import parse_configs
+
+ROOT = Path(__file__).resolve().parents[2] / "configs" / "llava"
+PRUNERS = sorted((ROOT / "pruner").glob("*.yaml"))
+DATA = sorted((ROOT / "data").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("pruner", PRUNERS, ids=lambda p: p.stem)
+def test_pruner_configs_compose(pruner):
+    cfg = parse_configs([ROOT / "llava15_7b.yaml", pruner, DATA[0]])
+    init = cfg.model.init_args
+    assert init.pruner.init_args.num_tokens == int(pruner.stem.rsplit("_", 1)[1])
+    assert init.backbone.init_args.model == "llava-hf/llava-1.5-7b-hf"
+
+
+@pytest.mark.parametrize("data", DATA, ids=lambda p: p.stem)
+def test_data_configs_compose(data):
+    cfg = parse_configs([ROOT / "llava15_7b.yaml", data])
+    assert cfg.data.init_args.metric in ("vqa", "gqa", "pope", "mc")

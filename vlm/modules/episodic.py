@@ -1,0 +1,161 @@
+"""Episodic few-shot classification (N-way K-shot) with an optional prompt learner (KTPP).
+
+Per episode (a batch from :mod:`vlm.datamodules.episodic`): every image is encoded by the frozen
+ViT with the learner's hooks; the class prototype is the mean of the L2-normalised support
+features; query logits are cosine similarities to the prototypes divided by a temperature
+(0.2, as the SP/SAA family); the loss is the cross-entropy of the queries.
+
+Learners that use class text (KTPP's pyramid prompts) get the text embeddings of the *episode's*
+classes, in episode order, through ``set_class_embeddings``: every image, support or query, sees
+all the episode's classes, so no query label leaks. Text comes from a frozen CLIP text tower
+(``text_encoder``, or the backbone itself when it is a CLIP), prompt ``template``, unit-normalised
+and cached once.
+
+Testing reports the protocol of the papers: the mean accuracy over the (fixed) test episodes and
+the 95 % interval ``1.96 * std / sqrt(n)`` (``std`` the sample standard deviation over episodes),
+logged as ``test/acc`` and ``test/ci95``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vlm.backbones import ClipBackbone, ViTBackbone
+from vlm.modules.base import LearnedOnlyModule
+from vlm.modules.optim import OptimConfig
+from vlm.prompts import PromptLearner
+
+
+def episode_logits(features: Tensor, way: int, shot: int, temperature: float) -> Tensor:
+    """Cosine-prototype logits ``[way * query, way]`` of the query rows of one episode's features."""
+    f = F.normalize(features.float(), dim=-1)
+    support, query = f[: way * shot], f[way * shot :]
+    protos = F.normalize(support.view(way, shot, -1).mean(1), dim=-1)
+    return query @ protos.T / temperature
+
+
+def confidence_interval(accs: Tensor) -> tuple[float, float]:
+    """``(mean, 1.96 * std / sqrt(n))`` over per-episode accuracies (sample std; 0 for one episode)."""
+    n = accs.numel()
+    std = float(accs.std()) if n > 1 else 0.0
+    return float(accs.mean()), 1.96 * std / math.sqrt(max(n, 1))
+
+
+class EpisodicClassifier(LearnedOnlyModule):
+    """Prototype classifier over episodes, with an optional vision prompt learner.
+
+    Args:
+        backbone: the frozen ViT (timm) or CLIP (image tower; its text tower gives the class text).
+        prompt_learner: e.g. ``ktpp``; ``None`` is the frozen-feature prototype baseline.
+        text_encoder: a CLIP whose text tower encodes class names (default: the backbone, if CLIP).
+        template: class-name prompt for the text tower.
+        temperature: cosine-logit temperature.
+        optim: optimiser and schedule.
+    """
+
+    def __init__(
+        self,
+        backbone: Union[ViTBackbone, ClipBackbone],
+        prompt_learner: Optional[PromptLearner] = None,
+        text_encoder: Optional[ClipBackbone] = None,
+        template: str = "a photo of a {}.",
+        temperature: float = 0.2,
+        optim: Optional[OptimConfig] = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["backbone", "prompt_learner", "text_encoder", "optim"])
+        self.backbone = backbone
+        self.text_encoder = text_encoder
+        if text_encoder is not None:
+            text_encoder.requires_grad_(False)
+        self.prompt_learner = prompt_learner
+        if prompt_learner is not None:
+            if getattr(prompt_learner, "text_dim", 0) is None and self._text_model() is not None:
+                prompt_learner.text_dim = self._text_model().embed_dim
+            prompt_learner.build(backbone)
+        self.method_name = prompt_learner.name if prompt_learner is not None else "prototype"
+        self.template, self.temperature = template, temperature
+        self.optim = optim or OptimConfig(name="adamw", lr=1e-3, weight_decay=0.0)
+        self.classnames: list[str] = []
+        self._text: Optional[Tensor] = None
+        self._accs: dict[str, list[Tensor]] = {"val": [], "test": []}
+
+    def _text_model(self) -> Optional[ClipBackbone]:
+        if self.text_encoder is not None:
+            return self.text_encoder
+        return self.backbone if isinstance(self.backbone, ClipBackbone) else None
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        self.classnames = list(getattr(dm, "classnames", None) or self.classnames)
+
+    @property
+    def hooks(self) -> list[PromptLearner]:
+        return [self.prompt_learner] if self.prompt_learner is not None else []
+
+    @torch.no_grad()
+    def class_text(self) -> Tensor:
+        """Unit-norm text embeddings ``[num_classes, E]`` of ``template.format(classname)`` (cached)."""
+        if self._text is None or self._text.device != self.device:
+            model = self._text_model()
+            if model is None:
+                raise ValueError("This prompt learner needs class text: pass a CLIP text_encoder.")
+            if not self.classnames:
+                raise ValueError("No class names: use an episodic datamodule (it provides classnames).")
+            tokens = model.tokenize([self.template.format(c) for c in self.classnames]).to(self.device)
+            self._text = F.normalize(model.encode_text(tokens).float(), dim=-1)
+        return self._text
+
+    def episode_forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Query logits ``[way * query, way]`` and query targets of one episode."""
+        way, shot, _ = (int(v) for v in batch["episode"])
+        if self.prompt_learner is not None and hasattr(self.prompt_learner, "set_class_embeddings"):
+            needs_text = getattr(self.prompt_learner, "pyramid", True)
+            episode_classes = batch["label"][: way * shot : shot]  # one support row per class, in order
+            self.prompt_learner.set_class_embeddings(self.class_text()[episode_classes] if needs_text else None)
+        feats = self.backbone.encode_image(batch["image"], self.hooks)
+        return episode_logits(feats, way, shot, self.temperature), batch["episode_label"][way * shot :]
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        logits, target = self.episode_forward(batch)
+        loss = F.cross_entropy(logits, target)
+        extra = self.prompt_learner.losses({"logits": logits}, batch) if self.prompt_learner else {}
+        for name, value in extra.items():
+            self.log(f"train/{name}", value, batch_size=1)
+        loss = loss + sum(extra.values()) if extra else loss
+        self.log("train/loss", loss, prog_bar=True, batch_size=1)
+        self.log("train/acc", (logits.argmax(-1) == target).float().mean() * 100, prog_bar=True, batch_size=1)
+        return loss
+
+    def _eval_step(self, batch: dict[str, Tensor], stage: str) -> None:
+        logits, target = self.episode_forward(batch)
+        self._accs[stage].append((logits.argmax(-1) == target).float().mean().detach() * 100)
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _report(self, stage: str) -> None:
+        accs = torch.stack(self._accs[stage]) if self._accs[stage] else torch.zeros(0, device=self.device)
+        self._accs[stage] = []
+        if self.trainer is not None and self.trainer.world_size > 1:
+            accs = self.all_gather(accs).reshape(-1)
+        if accs.numel() == 0:
+            return
+        mean, ci = confidence_interval(accs.float().cpu())
+        self.log(f"{stage}/acc", mean, prog_bar=True, sync_dist=False, rank_zero_only=True)
+        self.log(f"{stage}/ci95", ci, sync_dist=False, rank_zero_only=True)
+        self.log(f"{stage}/episodes", float(accs.numel()), sync_dist=False, rank_zero_only=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self._report("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._report("test")

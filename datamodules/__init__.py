@@ -1,8 +1,9 @@
 """`vlm.datamodules`: LightningDataModules and datasets.
 
 CoOp split files and Dassl few-shot sampling (`splits`, `fewshot`), CLIP preprocessing
-(`transforms`), the few-shot / base-to-new DataModule (`fewshot_datamodule`), the offline
-MNIST quickstart data (`mnist`) and hand-written prompt templates (`templates`). The dataset
+(`transforms`), the few-shot / base-to-new DataModule (`fewshot_datamodule`), N-way K-shot
+episodes (`episodic`), the offline MNIST quickstart data (`mnist`) and hand-written prompt
+templates (`templates`). The dataset
 registry (`dataset_specs`, `readers_*`) reads every supported dataset in its standard layout for
 `DatasetDataModule`; `webdataset` trains from shards (`ShardDataModule`).
 """
@@ -11,6 +12,15 @@ registry (`dataset_specs`, `readers_*`) reads every supported dataset in its sta
 from vlm.datamodules import readers_coop, readers_episodic, readers_transfer  # noqa: F401
 from vlm.datamodules.dataset_datamodule import DatasetDataModule
 from vlm.datamodules.dataset_specs import DatasetLayoutError, DatasetSpec, available_datasets, get_dataset
+from vlm.datamodules.episodic import (
+    Episode,
+    EpisodeSampler,
+    EpisodicDataModule,
+    MNISTEpisodicDataModule,
+    load_or_create_episodes,
+    mean_ci95,
+    sample_episodes,
+)
 from vlm.datamodules.fewshot import load_or_create_fewshot, sample_fewshot, subsample_classes
 from vlm.datamodules.fewshot_datamodule import FewShotDataModule
 from vlm.datamodules.image_list import ImageListDataset
@@ -26,8 +36,12 @@ __all__ = [
     "DatasetLayoutError",
     "DatasetSpec",
     "Datum",
+    "Episode",
+    "EpisodeSampler",
+    "EpisodicDataModule",
     "FewShotDataModule",
     "ImageListDataset",
+    "MNISTEpisodicDataModule",
     "MNISTFewShotDataModule",
     "MNISTPretrainDataModule",
     "ShardDataModule",
@@ -35,9 +49,12 @@ __all__ = [
     "build_test_transform",
     "build_train_transform",
     "get_dataset",
+    "load_or_create_episodes",
     "load_or_create_fewshot",
+    "mean_ci95",
     "prepare_mnist",
     "read_split",
+    "sample_episodes",
     "sample_fewshot",
     "subsample_classes",
 ]

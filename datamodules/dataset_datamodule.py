@@ -128,8 +128,9 @@ class DatasetDataModule(FewShotDataModule):
         super().setup(stage)
 
     def result_extras(self) -> dict[str, object]:
-        """Recorded in results.json: registry name, family, shots, seed and subsets."""
+        """Recorded in results.json: skipped images, registry name, family, shots, seed and subsets."""
         return {
+            **super().result_extras(),
             "registry_name": self.spec.name, "family": self.spec.family, "num_shots": self.num_shots,
             "seed": self.seed, "subsample": self.subsample, "test_subsets": list(self.test_subsets),
         }

@@ -244,3 +244,9 @@ class FewShotDataModule(L.LightningDataModule):
         """Corrupt images skipped so far (on_corrupt='skip'), over every dataset built."""
         sets = [self.train_set, self.val_set, *self.test_sets, self.predict_set]
         return [p for ds in sets if ds is not None for p in ds.skipped_paths]
+
+    def result_extras(self) -> dict[str, object]:
+        """Recorded in results.json under `data`: how many corrupt images were skipped (this process's
+        datasets; on_corrupt='skip') and the first 20 of their paths."""
+        skipped = self.skipped_images()
+        return {"on_corrupt": self.on_corrupt, "skipped_images": len(skipped), "skipped_paths": skipped[:20]}

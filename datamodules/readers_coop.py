@@ -29,6 +29,7 @@ from vlm.datamodules.dataset_specs import (
     require_dir,
     require_file,
 )
+from vlm.datamodules.downloads import TorchvisionDownload
 from vlm.datamodules.splits import read_split
 from vlm.datamodules.templates import CUSTOM_TEMPLATES, IMAGENET_TEMPLATES, IMAGENET_TEMPLATES_SELECT
 
@@ -90,19 +91,6 @@ def prepare_download_only(root: Path, spec: DatasetSpec, download: bool) -> list
     return []
 
 
-def torchvision_download(cls_name: str, **kwargs: Any):
-    """A downloader calling `torchvision.datasets.<cls_name>(root, download=True, **kwargs)`."""
-
-    def download(root: Path) -> None:
-        import torchvision.datasets as tvd
-
-        root.mkdir(parents=True, exist_ok=True)
-        getattr(tvd, cls_name)(str(root), download=True, **kwargs)
-
-    download.__name__ = f"download_{cls_name}"
-    return download
-
-
 def _split_layout(split_name: str, image_dirs: tuple[str, ...], extra: str = "") -> str:
     alts = " or ".join(f"<root>/{d}/" if d not in ("", ".") else "<root>/" for d in image_dirs)
     return (
@@ -148,7 +136,7 @@ for _name, _o in _COOP_SPLIT_DATASETS.items():
             template=CUSTOM_TEMPLATES[_o["split_name"]],
             options=_o,
             prepare=prepare_class_folder_split if _folders else prepare_download_only,
-            download=torchvision_download(_tv[0], **_tv[1]) if _tv else None,
+            download=TorchvisionDownload(_tv[0], calls=(_tv[1],)) if _tv else None,
         )
     )
 
@@ -187,7 +175,7 @@ register_dataset(
         ),
         template=CUSTOM_TEMPLATES["FGVCAircraft"],
         prepare=prepare_download_only,
-        download=torchvision_download("FGVCAircraft", annotation_level="variant"),
+        download=TorchvisionDownload("FGVCAircraft", calls=({"annotation_level": "variant"},)),
     )
 )
 

@@ -6,7 +6,7 @@ map to the splits "train", "val", "test". miniImageNet's original release (`imag
 `{train,val,test}.csv` with `filename,label`) is read as well. Classes of the three splits are
 disjoint; labels are global (train classes first), so one label always means one class.
 WNID folders (mini/tiered) are named through `<root>/classnames.txt` (`<wnid> <name>`) if present.
-Deterministic episode lists are built by `vlm.datamodules.episodes`.
+Episodes (sampling, stored index files, the 95 % interval) and the episodic datamodule: `vlm.datamodules.episodic`.
 """
 
 from __future__ import annotations

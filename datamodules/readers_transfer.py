@@ -32,7 +32,8 @@ from vlm.datamodules.dataset_specs import (
     require_dir,
     require_file,
 )
-from vlm.datamodules.readers_coop import torchvision_download
+from vlm.datamodules.downloads import TorchvisionDownload
+from vlm.datamodules.readers_coop import prepare_download_only
 
 HTA_SPLIT_SEED = 3407  # TCPA's default seed, used here for the Food-101 / GTSRB 80/20 shuffles
 VTAB_LISTS = {"train": "train800", "val": "val200", "train800val200": "train800val200", "test": "test"}
@@ -103,7 +104,6 @@ def _fgvc_classname(dataset: str, relpath: str, class_id: int) -> str:
 def read_vpt_json(root: Path, spec: DatasetSpec) -> Split:
     """`{train,val,test}.json` ({relpath: class id}) beside the image folder; one id map for all splits."""
     base = require_dir(spec, root, str(spec.options.get("subdir", ".")))
-    image_root = require_dir(spec, base, str(spec.options["image_dir"]))
     raw: dict[str, dict[str, int]] = {}
     for key in ("train", "val", "test"):
         path = require_file(spec, base, f"{key}.json")
@@ -112,6 +112,7 @@ def read_vpt_json(root: Path, spec: DatasetSpec) -> Split:
             raw[key] = {str(rel): int(cid) for rel, cid in data.items()}
         except (ValueError, AttributeError, TypeError) as e:
             raise spec.layout_error(root, f"'{path}' is not a JSON object {{relpath: class id}} ({e}).") from e
+    image_root = _vpt_image_root(spec, root, base, next(iter(raw["train"]), ""))
     ids = sorted({cid for split in raw.values() for cid in split.values()})
     index = {cid: i for i, cid in enumerate(ids)}
     names_file = base / "classnames.txt"
@@ -127,6 +128,16 @@ def read_vpt_json(root: Path, spec: DatasetSpec) -> Split:
     }
 
 
+def _vpt_image_root(spec: DatasetSpec, root: Path, base: Path, first_rel: str) -> Path:
+    """The image folder: `options["image_dir"]`, or torchvision's folder (`alt_image_dir`) when the images are there."""
+    alt = spec.options.get("alt_image_dir")
+    if alt is not None and first_rel and (base / str(alt)).is_dir():
+        primary = base / str(spec.options["image_dir"])
+        if not (primary / first_rel).is_file() and (base / str(alt) / first_rel).is_file():
+            return base / str(alt)
+    return require_dir(spec, base, str(spec.options["image_dir"]))
+
+
 _FGVC = {  # name: (image folder under the dataset root, kind, HTA sub-folder or None)
     "cub": ("images", "cub", "CUB_200_2011"),
     "nabirds": ("images", "nabirds", "nabirds"),
@@ -137,21 +148,27 @@ _FGVC = {  # name: (image folder under the dataset root, kind, HTA sub-folder or
 _HTA_NAMES = {"cub": "hta_cub", "nabirds": "hta_nabirds", "fgvc_flowers": "hta_flowers", "stanford_dogs": "hta_stanford_dogs"}
 
 for _name, (_img, _kind, _hta) in _FGVC.items():
+    _flowers = _kind == "flowers"  # torchvision's Flowers102 fetches the images (not the VPT JSONs)
     _layout = (
         "  {base}{{train,val,test}}.json   (VPT split files: {{relpath: class id}}); optional classnames.txt\n"
         f"  images at {{base}}{'' if _img == '.' else _img + '/'}<relpath>"
+        + (" or {base}flowers-102/<relpath> (torchvision Flowers102)" if _flowers else "")
     )
+    _options = {"image_dir": _img, "kind": _kind, **({"alt_image_dir": "flowers-102"} if _flowers else {})}
     register_dataset(
         DatasetSpec(
-            name=_name, family="fgvc", reader=read_vpt_json, layout=_layout.format(base="<root>/"),
-            options={"image_dir": _img, "kind": _kind},
+            name=_name, family="fgvc", reader=read_vpt_json, layout=_layout.format(base="<root>/"), options=_options,
+            prepare=prepare_download_only if _flowers else None,
+            download=TorchvisionDownload("Flowers102") if _flowers else None,
         )
     )
     if _hta:
         register_dataset(
             DatasetSpec(
                 name=_HTA_NAMES[_name], family="hta", reader=read_vpt_json, layout=_layout.format(base=f"<root>/{_hta}/"),
-                options={"image_dir": _img, "kind": _kind, "subdir": _hta},
+                options={**_options, "subdir": _hta},
+                prepare=prepare_download_only if _flowers else None,
+                download=TorchvisionDownload("Flowers102", _hta) if _flowers else None,
             )
         )
 
@@ -266,7 +283,7 @@ def prepare_export(root: Path, spec: DatasetSpec, download: bool) -> list[Path]:
 
     sub = root / str(spec.options["subdir"])
     if download and spec.download is not None:
-        spec.download(sub)
+        spec.download(root)
     out = sub / EXPORT_DIR
     if (out / "train.txt").is_file() and (out / "test.txt").is_file():
         return []
@@ -300,18 +317,20 @@ for _name, (_sub, _kind, _k, _tv, _raw) in _HTA_EXPORTED.items():
             layout=f"  <root>/{_sub}/{_raw}   (torchvision's files)\n  <root>/{_sub}/{EXPORT_DIR}/  (PNG export written by prepare)",
             options={"subdir": _sub, "kind": _kind, "num_classes": _k},
             prepare=prepare_export,
-            download=torchvision_download(_tv, **({"split": "train"} if _tv == "SVHN" else {})),
+            download=TorchvisionDownload(_tv, _sub, ({"split": "train"}, {"split": "test"}) if _tv == "SVHN" else ({},)),
         )
     )
 
 register_dataset(DatasetSpec(
     name="hta_dtd", family="hta", reader=read_hta_dtd, template="{} texture.",
     layout="  <root>/DTD/dtd/dtd/images/<class>/*.jpg, <root>/DTD/dtd/dtd/labels/{train,val,test}1.txt",
+    prepare=prepare_download_only, download=TorchvisionDownload("DTD", "DTD"),
 ))
 register_dataset(DatasetSpec(
     name="hta_food101", family="hta", reader=read_hta_food101, template="a photo of {}, a type of food.",
     layout="  <root>/Food101/food-101/images/<class>/<id>.jpg, <root>/Food101/food-101/meta/{train,test}.json",
     options={"seed": HTA_SPLIT_SEED},
+    prepare=prepare_download_only, download=TorchvisionDownload("Food101", "Food101"),
 ))
 register_dataset(DatasetSpec(
     name="hta_gtsrb", family="hta", reader=read_hta_gtsrb,
@@ -320,4 +339,5 @@ register_dataset(DatasetSpec(
         "  <root>/GTSRB/gtsrb/GT-final_test.csv   (torchvision GTSRB(root=<root>/GTSRB) layout)"
     ),
     options={"seed": HTA_SPLIT_SEED},
+    prepare=prepare_download_only, download=TorchvisionDownload("GTSRB", "GTSRB", ({"split": "train"}, {"split": "test"})),
 ))

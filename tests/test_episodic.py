@@ -8,13 +8,15 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from tests.helpers import tiny_clip_cfg
 from vlm.backbones import ClipBackbone
-from vlm.datamodules.episodic import EpisodeSampler, EpisodicDataModule, MNISTEpisodicDataModule
-from vlm.modules.episodic import EpisodicClassifier, confidence_interval, episode_logits
+from vlm.datamodules import EpisodeSampler, EpisodicDataModule, MNISTEpisodicDataModule, mean_ci95
+from vlm.modules import EpisodicClassifier
+from vlm.modules.episodic import episode_logits
 from vlm.modules.optim import OptimConfig
 from vlm.prompts.ktpp import KTPP
 
@@ -41,7 +43,8 @@ def test_sampler_2000_episodes_counts():
 
 def test_confidence_interval_and_prototype_logits():
     accs = torch.tensor([60.0, 80.0, 70.0, 90.0])
-    mean, ci = confidence_interval(accs)
+    mean, ci = mean_ci95(accs)
+    assert mean_ci95(accs.tolist()) == (mean, ci)
     std = math.sqrt(sum((a - 75.0) ** 2 for a in accs.tolist()) / 3)
     assert mean == 75.0 and abs(ci - 1.96 * std / 2) < 1e-6
     feats = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0], [0.0, 1.0], [1.0, 1.2]])  # way 2, shot 2
@@ -74,6 +77,21 @@ def test_imagefolder_layout_batches(tmp_path):
     assert set(next(iter(dm.train_dataloader()))["label"].tolist()) <= {0, 1, 2}
 
 
+def test_stored_episodes_are_replayed(tmp_path):
+    """``episodes_dir``: val/test episodes are written once as index files and replayed (one sampler)."""
+    _image_folder(tmp_path / "data")
+    kw = dict(way=2, shot=1, query=2, train_episodes=3, val_episodes=2, test_episodes=4, image_size=8)
+    plain = EpisodicDataModule(str(tmp_path / "data"), **kw)
+    stored = EpisodicDataModule(str(tmp_path / "data"), episodes_dir=str(tmp_path / "eps"), **kw)
+    plain.setup(), stored.setup()
+    assert len(list((tmp_path / "eps" / "episodes").glob("*.json"))) == 2  # val and test
+    assert list(stored.samplers["test"]) == list(plain.samplers["test"])  # same draws as the sampler
+    again = EpisodicDataModule(str(tmp_path / "data"), episodes_dir=str(tmp_path / "eps"), **kw)
+    again.setup()
+    assert again.samplers["test"].fixed == stored.samplers["test"].fixed
+    assert stored.template == "a photo of a {}."
+
+
 def test_ktpp_fit_and_test_on_mnist_episodes(tmp_path):
     """KTPP through episodes on the offline digits: meta-train on zero..four, test on five..nine."""
     dm = MNISTEpisodicDataModule(shot=1, query=2, train_episodes=3, val_episodes=2, test_episodes=6, image_size=32)
@@ -89,4 +107,7 @@ def test_ktpp_fit_and_test_on_mnist_episodes(tmp_path):
     assert any(not torch.equal(a, p) for a, p in zip(before, model.prompt_learner.parameters()))
     metrics = trainer.test(model, datamodule=dm, verbose=False)[0]
     assert metrics["test/episodes"] == 6.0 and 0.0 <= metrics["test/acc"] <= 100.0 and metrics["test/ci95"] >= 0.0
+    model.cache_eval_features = False  # the eval feature cache is exact: same metrics without it
+    again = trainer.test(model, datamodule=dm, verbose=False)[0]
+    assert again["test/acc"] == pytest.approx(metrics["test/acc"]) and again["test/ci95"] == pytest.approx(metrics["test/ci95"])
     assert set(model.state_dict()) == {n for n, p in model.named_parameters() if p.requires_grad}

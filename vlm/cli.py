@@ -38,17 +38,47 @@ class VLMCLI(LightningCLI):
             **kwargs,
         )
 
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        """jsonargparse's parse, plus the registered short names when a learner or pruner is unknown
+        (jsonargparse itself only says that the name is not an import path)."""
+        import contextlib
+        import io
+
+        captured = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(captured):
+                super().parse_arguments(parser, args)
+        except SystemExit:
+            message = captured.getvalue()
+            sys.stderr.write(message)
+            if "prompt_learner" in message or "pruner" in message:
+                from vlm import prompts, pruning
+
+                sys.stderr.write(
+                    f"Registered prompt learners: {', '.join(prompts.available())}. Registered pruners: "
+                    f"{', '.join(pruning.available())}. Use one of these names or a full class path.\n"
+                )
+            raise
+        sys.stderr.write(captured.getvalue())
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        """The configured Trainer plus vlm's reliability defaults (vlm.preemption.install_defaults):
+        a checkpoint on SIGTERM, generator states in checkpoints, atomic weights-only checkpoint IO."""
+        from vlm.preemption import install_defaults
+
+        return install_defaults(super().instantiate_trainer(**kwargs))
+
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         resolved = cfg.as_dict()
         if hasattr(self.model, "run_config"):
-            self.model.run_config = {
+            self.model.run_config = _plain({
                 "seed_everything": resolved.get("seed_everything"),
                 "model": resolved.get("model"),
                 "data": resolved.get("data"),
                 "trainer": _portable_trainer(resolved.get("trainer", {})),
-            }
+            })
 
     def _config_path(self) -> Optional[str]:
         log_dir = self.trainer.log_dir or self.trainer.default_root_dir
@@ -71,6 +101,19 @@ def parse_configs(paths: list[str], overrides: Optional[list[str]] = None) -> An
     """Validate composed config files as ``vlm fit`` would, without instantiating anything."""
     args = [a for p in paths for a in ("--config", str(p))] + list(overrides or [])
     return _ParseOnlyCLI(args=args, run=False).config
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with every leaf a str/int/float/bool/None (others, e.g. a DDP ``timeout`` timedelta,
+    become their string form, which jsonargparse parses back), so checkpoints that hold the run
+    config load with ``torch.load(weights_only=True)`` and export to YAML."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
 
 
 def _portable_trainer(trainer: dict[str, Any]) -> dict[str, Any]:

@@ -9,7 +9,7 @@
     python scripts/data/prepare.py shards --dataset imagenet --root ~/data/imagenet --out ~/shards/imagenet \\
         --split train [--shots 16 --seed 1] [--shard-size 1000]
 
-    python scripts/data/prepare.py list            # every registered dataset and its layout
+    python scripts/data/prepare.py list            # every registered dataset, its layout and download support
 
 Shards land in `<out>/<split>[-<K>shot-seed<S>]/`; point `ShardDataModule.train_shards` there.
 """
@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from vlm.datamodules import available_datasets, get_dataset
+from vlm.datamodules.downloads import download_support
 from vlm.datamodules.fewshot import load_or_create_fewshot
 from vlm.datamodules.shards import write_shards
 from vlm.datamodules.splits import Datum, check_images_exist
@@ -94,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.cmd == "list":
         for name in available_datasets():
-            print(f"{name} [{get_dataset(name).family}]\n{get_dataset(name).layout}")
+            spec = get_dataset(name)
+            print(f"{name} [{spec.family}]\n{spec.layout}\n  download: {download_support(spec)}")
         return 0
     if a.cmd == "check":
         check(a.dataset, a.root.expanduser(), a.download, a.shots, a.seed)

@@ -3,7 +3,8 @@
 
     python scripts/reproduce/aggregate.py runs/sweep [--metric test/acc_all]
 
-Per (method, dataset): mean ± 95 % CI over seeds (Student-t, n-1 dof) of base, new and HM.
+Per (method, dataset): mean ± 95 % CI over seeds of base, new and HM, with the CoOp family's
+convention (Dassl's parse_test_res.py): 1.96 · sample std / sqrt(n).
 The "Average" row averages base and new over datasets and takes HM of those averages (the
 papers' convention, which reproduces their headline numbers), not the mean of per-dataset HMs.
 """
@@ -19,15 +20,13 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from scipy.stats import t as student_t
-
 
 def mean_ci95(values: list[float]) -> tuple[float, float]:
-    """Mean and 95 % CI half-width (t distribution with n-1 dof; 0 for a single value)."""
+    """Mean and 95 % CI half-width 1.96 · std / sqrt(n) (sample std; 0 for a single value)."""
     m = statistics.fmean(values)
     if len(values) < 2:
         return m, 0.0
-    return m, float(student_t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))
+    return m, 1.96 * statistics.stdev(values) / math.sqrt(len(values))
 
 
 def harmonic_mean(a: float, b: float) -> float:

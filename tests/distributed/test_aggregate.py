@@ -28,10 +28,10 @@ def test_papers_convention(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
         (d / "results.json").write_text(json.dumps({"metrics": metrics, "seed": seed, "method": "coop", "dataset": ds}))
     table = agg.aggregate(agg.load([tmp_path]))["coop"]
     mean, ci, n = table["datasets"]["pets"]["base"]
-    assert (mean, n) == (92.0, 3) and ci == pytest.approx(4.303 * 2.0 / 3**0.5, rel=1e-3)  # t(0.975, 2) = 4.303
+    assert (mean, n) == (92.0, 3) and ci == pytest.approx(1.96 * 2.0 / 3**0.5, rel=1e-9)  # Dassl: 1.96 std / sqrt(n)
     assert table["datasets"]["sat"]["base"] == (60.0, 0.0, 1)
     assert table["average"]["base"] == 76.0 and table["average"]["new"] == 56.0
     assert table["average"]["hm"] == pytest.approx(2 * 76 * 56 / 132)  # HM of the averages
     assert table["average"]["hm"] != pytest.approx((table["datasets"]["pets"]["hm"][0] + table["datasets"]["sat"]["hm"][0]) / 2)
     agg.main([str(tmp_path)])
-    assert "92.00 ± 4.97 (n=3)" in capsys.readouterr().out
+    assert "92.00 ± 2.26 (n=3)" in capsys.readouterr().out

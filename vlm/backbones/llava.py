@@ -30,6 +30,9 @@ class LlavaBackbone(Backbone):
     """
 
     family = "llava"
+    #: transformers classes (model, config) and our runner; LLaVA-NeXT's subclass swaps them.
+    model_class, config_class = "LlavaForConditionalGeneration", "LlavaConfig"
+    runner_class: type[LlavaRunner] = LlavaRunner
 
     def __init__(
         self,
@@ -42,32 +45,35 @@ class LlavaBackbone(Backbone):
         freeze: bool = True,
     ) -> None:
         super().__init__(freeze=freeze)
-        from transformers import AutoProcessor, LlavaConfig, LlavaForConditionalGeneration
+        import transformers
+        from transformers import AutoProcessor
 
+        model_cls, config_cls = getattr(transformers, self.model_class), getattr(transformers, self.config_class)
         if (model is None) == (config is None):
-            raise ValueError("LlavaBackbone needs exactly one of `model` (hub id or path) and `config`.")
+            raise ValueError(f"{type(self).__name__} needs exactly one of `model` (hub id or path) and `config`.")
         self.model_name, self.dtype_name = model or "random", dtype
         if model is not None:
-            self.model = LlavaForConditionalGeneration.from_pretrained(
+            self.model = model_cls.from_pretrained(
                 model, dtype=_DTYPES[dtype], attn_implementation=attn_implementation
             )
         else:
-            cfg = LlavaConfig(**config)
+            cfg = config_cls(**config)
             cfg._attn_implementation = attn_implementation
-            self.model = LlavaForConditionalGeneration(cfg).to(_DTYPES[dtype])
+            self.model = model_cls(cfg).to(_DTYPES[dtype])
         source = processor or model
         self.processor = AutoProcessor.from_pretrained(source) if source is not None else None
         if self.processor is not None:
             self.processor.tokenizer.padding_side = "left"  # generation pads on the left
-        self.runner = LlavaRunner(self.model, position_policy=position_policy)
+        self.runner = self.runner_class(self.model, position_policy=position_policy)
         self._apply_freeze()
 
     def identity(self) -> dict[str, Any]:
         return {"family": self.family, "model": self.model_name, "dtype": self.dtype_name}
 
     def encode(self, prompts: list[str], images: list[Any]) -> dict[str, Tensor]:
-        """``input_ids``, ``attention_mask`` and ``pixel_values`` from the model's processor."""
+        """``input_ids``, ``attention_mask`` and ``pixel_values`` (and LLaVA-NeXT's ``image_sizes``)
+        from the model's processor."""
         if self.processor is None:
             raise RuntimeError("This LlavaBackbone has no processor (built from a config); pass one or a model path.")
         enc = self.processor(images=images, text=prompts, return_tensors="pt", padding=True)
-        return {k: enc[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+        return {k: enc[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_sizes") if k in enc}

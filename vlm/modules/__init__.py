@@ -2,7 +2,15 @@
 
 from vlm.modules.base import CheckpointMismatchError, LearnedOnlyModule
 from vlm.modules.clip_classifier import CLIPClassifier
+from vlm.modules.episodic import EpisodicClassifier
 from vlm.modules.optim import OptimConfig
 from vlm.modules.vit_classifier import ViTClassifier
 
-__all__ = ["CheckpointMismatchError", "CLIPClassifier", "LearnedOnlyModule", "OptimConfig", "ViTClassifier"]
+__all__ = [
+    "CheckpointMismatchError",
+    "CLIPClassifier",
+    "EpisodicClassifier",
+    "LearnedOnlyModule",
+    "OptimConfig",
+    "ViTClassifier",
+]

@@ -16,6 +16,7 @@ import lightning as L
 from torch import Tensor, nn
 
 from vlm.modules.optim import build_optimizer, warmup_cosine
+from vlm.reliability import check_finite_losses
 
 CHECKPOINT_KEY = "vlm"
 FORMAT_VERSION = 1
@@ -56,6 +57,11 @@ class LearnedOnlyModule(L.LightningModule):
                 "Load it into the same method and prompt settings that produced it."
             )
         return super().load_state_dict(state_dict, strict=False, assign=assign)
+
+    # --- numerical guard ----------------------------------------------------------------------
+    def check_finite(self, terms: Mapping[str, Tensor], stage: str) -> None:
+        """Stop the run with an error naming the step and the term if a loss term is NaN or inf."""
+        check_finite_losses(terms, self.global_step, stage, self.current_epoch)
 
     # --- optimisation -------------------------------------------------------------------------
     def on_train_epoch_start(self) -> None:

@@ -22,6 +22,7 @@ from vlm.modules.optim import OptimConfig
 from vlm.hooks import TowerHook
 from vlm.prompts import PromptLearner
 from vlm.pruning import TokenPruner
+from vlm.reliability import check_hooks
 
 
 def harmonic_mean(a: float, b: float) -> float:
@@ -63,6 +64,7 @@ class CLIPClassifier(LearnedOnlyModule):
         self.pruner = pruner
         if prompt_learner is not None:
             prompt_learner.build(backbone)
+        check_hooks(backbone, prompt_learner, pruner)
         self.method_name = prompt_learner.name if prompt_learner is not None else "zeroshot"
         self.classnames = list(classnames or [])
         self.test_classnames = dict(test_classnames or {})
@@ -156,6 +158,7 @@ class CLIPClassifier(LearnedOnlyModule):
         if stage == "train" and self.prompt_learner is not None and self.prompt_learner.needs_frozen_pass:
             out = {**out, **self.frozen_outputs(batch["image"])}
         extra = self.prompt_learner.losses(out, batch) if self.prompt_learner else {}
+        self.check_finite({"ce": ce, **extra}, stage)
         for name, value in extra.items():
             self.log(f"{stage}/{name}", value)
         loss = ce + sum(extra.values()) if extra else ce

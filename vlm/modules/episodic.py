@@ -12,13 +12,12 @@ all the episode's classes, so no query label leaks. Text comes from a frozen CLI
 and cached once.
 
 Testing reports the protocol of the papers: the mean accuracy over the (fixed) test episodes and
-the 95 % interval ``1.96 * std / sqrt(n)`` (``std`` the sample standard deviation over episodes),
-logged as ``test/acc`` and ``test/ci95``.
+the 95 % interval ``1.96 * std / sqrt(n)`` (``std`` the sample standard deviation over episodes;
+:func:`vlm.datamodules.episodic.mean_ci95`), logged as ``test/acc`` and ``test/ci95``.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Union
 
 import torch
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlm.backbones import ClipBackbone, ViTBackbone
+from vlm.datamodules.episodic import mean_ci95
 from vlm.modules.base import LearnedOnlyModule
 from vlm.modules.optim import OptimConfig
 from vlm.prompts import PromptLearner
@@ -39,13 +39,6 @@ def episode_logits(features: Tensor, way: int, shot: int, temperature: float) ->
     return query @ protos.T / temperature
 
 
-def confidence_interval(accs: Tensor) -> tuple[float, float]:
-    """``(mean, 1.96 * std / sqrt(n))`` over per-episode accuracies (sample std; 0 for one episode)."""
-    n = accs.numel()
-    std = float(accs.std()) if n > 1 else 0.0
-    return float(accs.mean()), 1.96 * std / math.sqrt(max(n, 1))
-
-
 class EpisodicClassifier(LearnedOnlyModule):
     """Prototype classifier over episodes, with an optional vision prompt learner.
 
@@ -53,9 +46,12 @@ class EpisodicClassifier(LearnedOnlyModule):
         backbone: the frozen ViT (timm) or CLIP (image tower; its text tower gives the class text).
         prompt_learner: e.g. ``ktpp``; ``None`` is the frozen-feature prototype baseline.
         text_encoder: a CLIP whose text tower encodes class names (default: the backbone, if CLIP).
-        template: class-name prompt for the text tower.
+        template: class-name prompt for the text tower; ``None`` takes the datamodule's ``template``
+            (else "a photo of a {}.").
         temperature: cosine-logit temperature.
         optim: optimiser and schedule.
+        cache_eval_features: during validation/test, encode each image once per episode class set
+            (exact; see ``_cached_features``) instead of once per episode.
     """
 
     def __init__(
@@ -63,12 +59,14 @@ class EpisodicClassifier(LearnedOnlyModule):
         backbone: Union[ViTBackbone, ClipBackbone],
         prompt_learner: Optional[PromptLearner] = None,
         text_encoder: Optional[ClipBackbone] = None,
-        template: str = "a photo of a {}.",
+        template: Optional[str] = None,
         temperature: float = 0.2,
         optim: Optional[OptimConfig] = None,
+        cache_eval_features: bool = True,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["backbone", "prompt_learner", "text_encoder", "optim"])
+        # template is left out: the episodic datamodule logs its own (Lightning refuses differing duplicates)
+        self.save_hyperparameters(ignore=["backbone", "prompt_learner", "text_encoder", "optim", "template"])
         self.backbone = backbone
         self.text_encoder = text_encoder
         if text_encoder is not None:
@@ -84,6 +82,8 @@ class EpisodicClassifier(LearnedOnlyModule):
         self.classnames: list[str] = []
         self._text: Optional[Tensor] = None
         self._accs: dict[str, list[Tensor]] = {"val": [], "test": []}
+        self.cache_eval_features = cache_eval_features
+        self._feature_cache: dict[tuple[int, ...], dict[int, Tensor]] = {}
 
     def _text_model(self) -> Optional[ClipBackbone]:
         if self.text_encoder is not None:
@@ -93,6 +93,8 @@ class EpisodicClassifier(LearnedOnlyModule):
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None)
         self.classnames = list(getattr(dm, "classnames", None) or self.classnames)
+        if self.template is None:
+            self.template = getattr(dm, "template", None) or "a photo of a {}."
 
     @property
     def hooks(self) -> list[PromptLearner]:
@@ -107,7 +109,7 @@ class EpisodicClassifier(LearnedOnlyModule):
                 raise ValueError("This prompt learner needs class text: pass a CLIP text_encoder.")
             if not self.classnames:
                 raise ValueError("No class names: use an episodic datamodule (it provides classnames).")
-            tokens = model.tokenize([self.template.format(c) for c in self.classnames]).to(self.device)
+            tokens = model.tokenize([(self.template or "a photo of a {}.").format(c) for c in self.classnames]).to(self.device)
             self._text = F.normalize(model.encode_text(tokens).float(), dim=-1)
         return self._text
 
@@ -118,13 +120,37 @@ class EpisodicClassifier(LearnedOnlyModule):
             needs_text = getattr(self.prompt_learner, "pyramid", True)
             episode_classes = batch["label"][: way * shot : shot]  # one support row per class, in order
             self.prompt_learner.set_class_embeddings(self.class_text()[episode_classes] if needs_text else None)
-        feats = self.backbone.encode_image(batch["image"], self.hooks)
+        if self.training or not self.cache_eval_features or "index" not in batch:
+            feats = self.backbone.encode_image(batch["image"], self.hooks)
+        else:
+            feats = self._cached_features(batch, way, shot)
         return episode_logits(feats, way, shot, self.temperature), batch["episode_label"][way * shot :]
+
+    def _cached_features(self, batch: dict[str, Tensor], way: int, shot: int) -> Tensor:
+        """Evaluation features, each image encoded once per episode class *set*.
+
+        Exact: in eval mode an image's feature depends only on the image and, through the class
+        prompts, on the set of the episode's classes (the prompts are key/value tokens, so their
+        order does not matter). Saves the re-encoding of images shared by many test episodes.
+        """
+        classes = tuple(sorted(int(c) for c in batch["label"][: way * shot : shot]))
+        learner = self.prompt_learner
+        uses_text = learner is not None and hasattr(learner, "set_class_embeddings") and getattr(learner, "pyramid", True)
+        key = classes if uses_text else ()
+        cache = self._feature_cache.setdefault(key, {})
+        index = [int(i) for i in batch["index"]]
+        todo = sorted({i for i in index if i not in cache})
+        if todo:
+            pos = {i: index.index(i) for i in todo}
+            feats = self.backbone.encode_image(batch["image"][[pos[i] for i in todo]], self.hooks)
+            cache.update(zip(todo, feats.detach()))
+        return torch.stack([cache[i] for i in index])
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         logits, target = self.episode_forward(batch)
         loss = F.cross_entropy(logits, target)
         extra = self.prompt_learner.losses({"logits": logits}, batch) if self.prompt_learner else {}
+        self.check_finite({"ce": loss, **extra}, "train")
         for name, value in extra.items():
             self.log(f"train/{name}", value, batch_size=1)
         loss = loss + sum(extra.values()) if extra else loss
@@ -149,13 +175,21 @@ class EpisodicClassifier(LearnedOnlyModule):
             accs = self.all_gather(accs).reshape(-1)
         if accs.numel() == 0:
             return
-        mean, ci = confidence_interval(accs.float().cpu())
+        mean, ci = mean_ci95(accs.float().cpu())
         self.log(f"{stage}/acc", mean, prog_bar=True, sync_dist=False, rank_zero_only=True)
         self.log(f"{stage}/ci95", ci, sync_dist=False, rank_zero_only=True)
         self.log(f"{stage}/episodes", float(accs.numel()), sync_dist=False, rank_zero_only=True)
 
+    def on_validation_epoch_start(self) -> None:
+        self._feature_cache = {}  # the learned prompts change between validations
+
+    def on_test_epoch_start(self) -> None:
+        self._feature_cache = {}
+
     def on_validation_epoch_end(self) -> None:
         self._report("val")
+        self._feature_cache = {}
 
     def on_test_epoch_end(self) -> None:
         self._report("test")
+        self._feature_cache = {}

@@ -28,7 +28,7 @@ VICUNA_V1 = (
 
 class LlavaEval(L.LightningModule):
     """Args:
-    backbone: the LLaVA model (hub id or path) and its processor.
+    backbone: the LLaVA (or LLaVA-NeXT) model (hub id or path) and its processor.
     pruner: a visual-token pruner (``vtc_cls``, ``flowcut``, ``cls_attention``, ``random``) or None.
     metric: ``vqa``, ``gqa``, ``pope`` or ``mc``; None takes the datamodule's ``metric``.
     max_new_tokens: greedy decoding length (LLaVA uses 128 for short-answer sets).
@@ -75,6 +75,7 @@ class LlavaEval(L.LightningModule):
         gen = self.backbone.runner.generate(
             enc["input_ids"], enc["pixel_values"], enc["attention_mask"], self.hooks,
             max_new_tokens=self.max_new_tokens, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id or 0,
+            image_sizes=enc.get("image_sizes"),
         )
         texts = [t.strip() for t in tok.batch_decode(gen.tokens, skip_special_tokens=True)]
         return texts, gen

@@ -14,6 +14,7 @@ from vlm.modules.optim import OptimConfig
 from vlm.hooks import TowerHook
 from vlm.prompts import PromptLearner
 from vlm.pruning import TokenPruner
+from vlm.reliability import check_hooks
 
 
 class ViTClassifier(LearnedOnlyModule):
@@ -45,6 +46,7 @@ class ViTClassifier(LearnedOnlyModule):
         self.pruner = pruner
         if prompt_learner is not None:
             prompt_learner.build(backbone)
+        check_hooks(backbone, prompt_learner, pruner)
         self.method_name = prompt_learner.name if prompt_learner is not None else "linear"
         dim = backbone.num_features if isinstance(backbone, ViTBackbone) else backbone.embed_dim
         self.num_classes = num_classes
@@ -85,6 +87,7 @@ class ViTClassifier(LearnedOnlyModule):
         out = self(batch["image"])
         ce = F.cross_entropy(out["logits"], batch["label"])
         extra = self.prompt_learner.losses(out, batch) if self.prompt_learner else {}
+        self.check_finite({"ce": ce, **extra}, stage)
         loss = ce + sum(extra.values()) if extra else ce
         bs = batch["label"].shape[0]
         for name, value in extra.items():

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -40,12 +40,17 @@ POSITION_POLICIES = ("compact", "original")
 class VisualTokens:
     """Projected kept tokens of each image: ``features [I, K, D]`` (valid first), ``counts [I]``,
     ``positions [I, K]`` (patch index in the image grid; -1 for CLS when it is kept), and
-    ``full_count`` (tokens per image without pruning)."""
+    ``full_count`` (tokens per image without pruning: an int, or long ``[I]`` when images differ,
+    as LLaVA-NeXT's anyres images do)."""
 
     features: Tensor
     counts: Tensor
     positions: Tensor
-    full_count: int
+    full_count: Union[int, Tensor]
+
+    def full(self, image: int) -> int:
+        """Tokens image ``image`` has without pruning."""
+        return self.full_count if isinstance(self.full_count, int) else int(self.full_count[image])
 
 
 @dataclass
@@ -106,8 +111,9 @@ class LlavaRunner:
         self.position_policy = position_policy
 
     # --- vision -------------------------------------------------------------------------------
-    def encode_images(self, pixel_values: Tensor, hooks: Optional[Iterable[TowerHook]] = None) -> VisualTokens:
-        """Vision tower to the feature layer (hooks may prune), select, project the kept tokens."""
+    def project_kept(self, pixel_values: Tensor, hooks: Optional[Iterable[TowerHook]] = None) -> VisualTokens:
+        """Vision tower to the feature layer (hooks may prune), select, project the kept tokens:
+        one row per ``pixel_values`` entry (an image for LLaVA-1.5, a crop for LLaVA-NeXT)."""
         state = self.vision.hidden_state(pixel_values, self.feature_layer, hooks)
         keep = valid_mask(state)
         if self.drop_cls:
@@ -120,6 +126,15 @@ class LlavaRunner:
         if not self.drop_cls:
             positions = positions + 1
         return VisualTokens(self.projector(x), counts, positions, full)
+
+    def encode_images(
+        self, pixel_values: Tensor, hooks: Optional[Iterable[TowerHook]] = None, image_sizes: Optional[Tensor] = None
+    ) -> VisualTokens:
+        """LLaVA-1.5: one 336-px view per image, so the kept tokens of each view are the image's.
+        ``image_sizes`` is LLaVA-NeXT's (see ``vlm.towers.llava_next``) and must be None here."""
+        if image_sizes is not None:
+            raise ValueError("LLaVA-1.5 takes no image_sizes; use LlavaNextRunner for anyres models.")
+        return self.project_kept(pixel_values, hooks)
 
     # --- LLM inputs ---------------------------------------------------------------------------
     def build_inputs(
@@ -151,7 +166,7 @@ class LlavaRunner:
                 pieces.append(visual.features[image, :k])
                 if self.position_policy == "original":
                     pos_pieces.append(pos + visual.positions[image, :k].cpu())
-                    pos += visual.full_count
+                    pos += visual.full(image)
                 else:
                     pos_pieces.append(torch.arange(pos, pos + k))
                     pos += k
@@ -187,8 +202,10 @@ class LlavaRunner:
         attention_mask: Optional[Tensor] = None,
         hooks: Optional[Iterable[TowerHook]] = None,
         padding_side: str = "right",
+        image_sizes: Optional[Tensor] = None,
     ) -> LlmInputs:
-        return self.build_inputs(input_ids, self.encode_images(pixel_values, hooks), attention_mask, padding_side)
+        visual = self.encode_images(pixel_values, hooks, image_sizes)
+        return self.build_inputs(input_ids, visual, attention_mask, padding_side)
 
     # --- language model -----------------------------------------------------------------------
     def forward(
@@ -198,9 +215,10 @@ class LlavaRunner:
         attention_mask: Optional[Tensor] = None,
         hooks: Optional[Iterable[TowerHook]] = None,
         padding_side: str = "right",
+        image_sizes: Optional[Tensor] = None,
     ) -> tuple[Tensor, LlmInputs]:
         """Logits ``[B, L, V]`` over the assembled sequence, and the inputs (for masks/positions)."""
-        inputs = self.prepare(input_ids, pixel_values, attention_mask, hooks, padding_side)
+        inputs = self.prepare(input_ids, pixel_values, attention_mask, hooks, padding_side, image_sizes)
         h = self.lm(
             inputs_embeds=inputs.embeds,
             attention_mask=inputs.attention_mask,
@@ -221,6 +239,7 @@ class LlavaRunner:
         max_new_tokens: int = 16,
         eos_token_id: Optional[int] = None,
         pad_token_id: int = 0,
+        image_sizes: Optional[Tensor] = None,
     ) -> Generation:
         """Greedy decoding with the LLM's KV cache; stops early when every sample hit EOS."""
         from transformers import DynamicCache
@@ -228,7 +247,7 @@ class LlavaRunner:
         device = pixel_values.device
         _sync(device)
         t0 = time.perf_counter()
-        inputs = self.prepare(input_ids, pixel_values, attention_mask, hooks, padding_side="left")
+        inputs = self.prepare(input_ids, pixel_values, attention_mask, hooks, "left", image_sizes)
         cache = DynamicCache(config=self.lm.config)
         mask, pos = inputs.attention_mask, inputs.position_ids[:, -1:]
         h = self.lm(inputs_embeds=inputs.embeds, attention_mask=mask, position_ids=inputs.position_ids, cache=cache, use_cache=True)

@@ -1,0 +1,74 @@
+"""Issue 6 on the offline quickstart: the visual prompt learners against their no-prompt baselines on
+the shipped quickstart CLIP's pretrained image tower, run through the CLI (``vlm fit`` + ``vlm test``).
+
+* TCPA through :class:`~vlm.modules.ViTClassifier` vs the linear probe (same frozen tower, data and
+  schedule): 16-shot MNIST over all ten digits, tested on the quickstart's held-out test split.
+* KTPP through :class:`~vlm.modules.EpisodicClassifier` vs the cosine-prototype baseline on the
+  frozen features: meta-trained on zero..four, tested on 5-way episodes of five..nine.
+
+The settings and the measured numbers are in the configs' headers (configs/quickstart/vit/,
+configs/quickstart/fsl/).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import pytest
+
+from vlm.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+VIT = ROOT / "configs/quickstart/vit"
+FSL = ROOT / "configs/quickstart/fsl"
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("mnist")
+
+
+def fit_and_test(config: Path, run: Path, overrides: Optional[list[str]] = None, fit: bool = True) -> dict:
+    """``vlm fit`` then ``vlm test`` on the last checkpoint (or ``vlm test`` alone); the test metrics."""
+    overrides = list(overrides or [])
+    ckpt = []
+    if fit:
+        main(["fit", "--config", str(config), "--trainer.default_root_dir", str(run / "fit"), *QUIET, *overrides])
+        ckpts = sorted((run / "fit").rglob("*.ckpt"))
+        assert ckpts, "fit must write a checkpoint"
+        ckpt = ["--ckpt_path", str(ckpts[-1])]
+    main(["test", "--config", str(config), "--trainer.default_root_dir", str(run / "test"), *QUIET, *overrides, *ckpt])
+    results = list((run / "test").rglob("results.json"))
+    assert len(results) == 1
+    return json.loads(results[0].read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="measured on CPU: TCPA 48.4 % vs linear probe 50.7 % (and VPT-deep 49.8 %) at these settings; "
+    "no setting tried made a prompt learner beat the probe on this frozen tower (configs/quickstart/vit/tcpa.yaml)",
+)
+def test_tcpa_beats_the_linear_probe(data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLM_DATA", str(data_root))
+    probe = fit_and_test(VIT / "linear_probe.yaml", tmp_path / "probe")
+    tcpa = fit_and_test(VIT / "tcpa.yaml", tmp_path / "tcpa")
+    assert probe["method"] == "linear" and tcpa["method"] == "tcpa"
+    p, t = probe["metrics"]["test/acc_all"], tcpa["metrics"]["test/acc_all"]
+    assert 10.0 < p < 100.0, "the probe on the pretrained tower must be far above 10 % chance"
+    assert t > p, f"TCPA {t:.2f} % vs linear probe {p:.2f} % on the held-out digits"
+
+
+@pytest.mark.slow
+def test_ktpp_beats_the_prototype_baseline(data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLM_DATA", str(data_root))
+    base = fit_and_test(FSL / "prototype.yaml", tmp_path / "prototype", fit=False)  # nothing to train
+    ktpp = fit_and_test(FSL / "ktpp.yaml", tmp_path / "ktpp")
+    assert base["method"] == "prototype" and ktpp["method"] == "ktpp"
+    b, k = base["metrics"], ktpp["metrics"]
+    assert b["test/episodes"] == k["test/episodes"] == 300.0  # the same fixed test episodes
+    assert 20.0 < b["test/acc"] < 100.0, "the frozen features must be far above 20 % (5-way chance)"
+    assert k["test/acc"] > b["test/acc"], f"KTPP {k['test/acc']:.2f} +- {k['test/ci95']:.2f} vs prototypes {b['test/acc']:.2f} +- {b['test/ci95']:.2f}"

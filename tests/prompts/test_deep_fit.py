@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from tests.datamodules.toydata import make_dataset
-from tests.helpers import tiny_clip_cfg
-from vlm.backbones import ClipBackbone
+from tests.helpers import short_text_clip
 from vlm.datamodules import FewShotDataModule
 from vlm.modules import CLIPClassifier
 from vlm.modules.optim import OptimConfig
@@ -31,9 +30,7 @@ def toy(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("name", list(LEARNERS))
 def test_fit_then_test_base_and_new(name, toy, tmp_path):
     L.seed_everything(0)
-    cfg = tiny_clip_cfg()
-    cfg["text_cfg"]["context_length"] = 24  # short text context keeps the test fast
-    backbone = ClipBackbone("tiny", model_cfg=cfg)
+    backbone = short_text_clip(seed=0)
     learner = create(name, **LEARNERS[name])
     model = CLIPClassifier(backbone, learner, optim=OptimConfig(lr=0.05))
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}

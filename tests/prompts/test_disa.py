@@ -10,7 +10,7 @@ import torch
 from torch.nn import functional as F
 
 from tests.datamodules.toydata import make_dataset
-from tests.helpers import tiny_clip_cfg
+from tests.helpers import short_text_clip
 from vlm.backbones import ClipBackbone
 from vlm.datamodules import FewShotDataModule
 from vlm.datamodules.transforms import build_test_transform
@@ -24,10 +24,7 @@ TOL = dict(atol=1e-5, rtol=1e-5)
 
 @pytest.fixture(scope="module")
 def clip() -> ClipBackbone:
-    cfg = tiny_clip_cfg()
-    cfg["text_cfg"]["context_length"] = 24
-    torch.manual_seed(0)
-    return ClipBackbone("tiny", model_cfg=cfg)
+    return short_text_clip()
 
 
 def model(clip: ClipBackbone, **kwargs) -> CLIPClassifier:

@@ -105,7 +105,9 @@ class ViTClassifier(LearnedOnlyModule):
     def _subset_name(self, dataloader_idx: int) -> str:
         dm = getattr(self.trainer, "datamodule", None)
         names = list(getattr(dm, "test_subsets", None) or ["all"])
-        return names[dataloader_idx] if dataloader_idx < len(names) else f"set{dataloader_idx}"
+        if dataloader_idx >= len(names):
+            raise ValueError(f"Test dataloader {dataloader_idx} has no name: the datamodule's test_subsets are {names}.")
+        return names[dataloader_idx]
 
     def on_test_epoch_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)

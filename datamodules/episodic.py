@@ -49,6 +49,7 @@ from vlm.datamodules.dataset_specs import DatasetSpec, available_datasets, get_d
 from vlm.datamodules.image_list import ImageListDataset
 from vlm.datamodules.mnist import MNIST_TRAIN_TRANSFORMS, prepare_mnist
 from vlm.datamodules.readers_episodic import read_episodic
+from vlm.datamodules.resumable import PassLoader, ResumableLoader, SeededDataset, SeededIndex, sample_seed
 from vlm.datamodules.splits import Datum, label_to_classname, read_split
 from vlm.datamodules.templates import DEFAULT_TEMPLATE
 from vlm.datamodules.transforms import CLIP_MEAN, CLIP_STD, build_test_transform, build_train_transform
@@ -97,12 +98,29 @@ class EpisodeSampler(Sampler[list[int]]):
         self.way, self.shot, self.query, self.episodes, self.seed = way, shot, query, episodes, seed
         self.fixed = list(fixed) if fixed is not None else None
         self.epoch = 0
+        self.num_replicas = 1
+        self._skip = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return self.episodes
+
+    @property
+    def num_samples(self) -> int:
+        """Episodes per pass (the unit :class:`~vlm.datamodules.resumable.ResumableLoader` counts)."""
+        return self.episodes
+
+    @property
+    def epoch_seed(self) -> int:
+        return self.seed + self.epoch
+
+    def resume(self, epoch_seed: int, skip: int) -> None:
+        """Replay this epoch's episodes from episode ``skip`` on the next pass."""
+        if epoch_seed != self.epoch_seed:
+            raise ValueError(f"episode seed {epoch_seed} is not this sampler's {self.epoch_seed} (seed + epoch).")
+        self._skip = int(skip)
 
     def draw(self) -> list[Episode]:
         """This pass's episodes: the fixed ones, or ``episodes`` draws from ``RandomState(seed + epoch)``."""
@@ -119,9 +137,11 @@ class EpisodeSampler(Sampler[list[int]]):
             out.append(Episode(tuple(int(c) for c in chosen), support, query))
         return out
 
-    def __iter__(self) -> Iterator[list[int]]:
-        for e in self.draw():
-            yield list(e.support) + list(e.query)
+    def __iter__(self) -> Iterator[list[SeededIndex]]:
+        """Support then query indices, each with its own augmentation seed (episode, slot)."""
+        skip, self._skip = self._skip, 0
+        for n, e in enumerate(self.draw()[skip:], start=skip):
+            yield [SeededIndex(i, sample_seed(self.epoch_seed, n, j)) for j, i in enumerate(e.support + e.query)]
 
 
 def sample_episodes(items: Sequence[Datum], n_way: int, n_shot: int, n_query: int, episodes: int, seed: int) -> list[Episode]:
@@ -310,13 +330,13 @@ class EpisodicDataModule(L.LightningDataModule):
     def _loader(self, key: str) -> DataLoader:
         if key not in self.sets:
             raise RuntimeError("Call setup() before asking for a dataloader.")
-        return DataLoader(
-            self.sets[key],
-            batch_sampler=self.samplers[key],
-            num_workers=self.num_workers,
-            collate_fn=EpisodeCollate(self.way, self.shot, self.query),
-            persistent_workers=self.num_workers > 0,
-        )
+        kwargs: dict = dict(
+            batch_sampler=self.samplers[key], num_workers=self.num_workers,
+            collate_fn=EpisodeCollate(self.way, self.shot, self.query), persistent_workers=self.num_workers > 0,
+        )  # fmt: skip
+        if key == "train":  # resumable mid-epoch (episodes are a function of seed + epoch)
+            return ResumableLoader(SeededDataset(self.sets[key]), **kwargs)
+        return PassLoader(SeededDataset(self.sets[key]), **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         """Fresh episodes each epoch (the sampler is reseeded by ``seed + epoch``)."""

@@ -17,6 +17,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from vlm.datamodules.distributed import exact_eval_sampler
+from vlm.datamodules.resumable import PassLoader, resumable_loader
 from vlm.datamodules.fewshot import load_or_create_fewshot, subsample_classes
 from vlm.datamodules.image_list import CollateSkipCorrupt, ImageListDataset, OnCorrupt
 from vlm.datamodules.splits import Datum, check_images_exist, label_to_classname, read_split, split_file_path
@@ -210,16 +211,15 @@ class FewShotDataModule(L.LightningDataModule):
     def _loader(self, ds: ImageListDataset | None, batch_size: int, shuffle: bool, stage: str) -> DataLoader:
         if ds is None:
             raise RuntimeError(f"Call setup('{stage}') before asking for its dataloader.")
-        return DataLoader(
-            ds,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            sampler=None if shuffle else exact_eval_sampler(ds),
+        kwargs: dict = dict(
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
             collate_fn=CollateSkipCorrupt((3, self.image_size, self.image_size)),
         )
+        if shuffle:  # training: resumable mid-epoch, per-sample seeded augmentation
+            return resumable_loader(ds, batch_size, **kwargs)
+        return PassLoader(ds, batch_size=batch_size, sampler=exact_eval_sampler(ds), **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled few-shot train set of the training subset."""

@@ -38,6 +38,7 @@ from torchvision.transforms import functional as TF
 
 from vlm.datamodules.fewshot_datamodule import FewShotDataModule
 from vlm.datamodules.image_list import CollateSkipCorrupt, ImageListDataset, OnCorrupt
+from vlm.datamodules.resumable import PassLoader, resumable_loader
 from vlm.datamodules.splits import Datum
 from vlm.datamodules.transforms import (
     AVAILABLE_TRAIN_TRANSFORMS,
@@ -266,7 +267,10 @@ class MaskedFewShotDataModule(FewShotDataModule):
     def _loader(self, ds: ImageListDataset | None, batch_size: int, shuffle: bool, stage: str) -> DataLoader:
         if not isinstance(ds, MaskedImageListDataset):
             return super()._loader(ds, batch_size, shuffle, stage)
-        return DataLoader(
-            ds, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers, pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0, collate_fn=CollateMasked((3, self.image_size, self.image_size)),
+        kwargs: dict = dict(
+            num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
+            collate_fn=CollateMasked((3, self.image_size, self.image_size)),
         )  # fmt: skip
+        if shuffle:
+            return resumable_loader(ds, batch_size, **kwargs)
+        return PassLoader(ds, batch_size=batch_size, **kwargs)

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from vlm.datamodules.fewshot_datamodule import FewShotDataModule, SubsetName
 from vlm.datamodules.image_list import CollateSkipCorrupt, ImageListDataset, OnCorrupt
+from vlm.datamodules.resumable import PassLoader, resumable_loader
 from vlm.datamodules.splits import read_split
 from vlm.datamodules.transforms import CLIP_MEAN, CLIP_STD, build_test_transform, build_train_transform
 
@@ -240,11 +241,13 @@ class MNISTPretrainDataModule(L.LightningDataModule):
     def _loader(self, key: str, batch_size: int, shuffle: bool) -> DataLoader:
         if key not in self.sets:
             raise RuntimeError("Call setup() before asking for a dataloader.")
-        return DataLoader(
-            self.sets[key], batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+        kwargs: dict = dict(
+            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
             collate_fn=CollateSkipCorrupt((3, self.image_size, self.image_size)),
         )  # fmt: skip
+        if shuffle:
+            return resumable_loader(self.sets[key], batch_size, **kwargs)
+        return PassLoader(self.sets[key], batch_size=batch_size, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled "pretrain" split (2,500 digits)."""

@@ -33,7 +33,9 @@ class InterruptAt(L.Callback):
             raise Interrupted(f"interrupted before step {self.step}")
 
 
-def _run(root: Path, data: Path, interrupt: Optional[int] = None, ckpt_path: Optional[str] = None) -> tuple[torch.Tensor, dict[str, float]]:
+def _run(
+    root: Path, data: Path, interrupt: Optional[int] = None, ckpt_path: Optional[str] = None, num_workers: int = 0
+) -> tuple[torch.Tensor, dict[str, float]]:
     L.seed_everything(0, workers=True)
     module = coop_module()
     checkpoint = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=1, save_last=True, save_top_k=0)
@@ -41,7 +43,7 @@ def _run(root: Path, data: Path, interrupt: Optional[int] = None, ckpt_path: Opt
     if interrupt is not None:
         callbacks.append(InterruptAt(interrupt))
     t = trainer(root, callbacks=callbacks, max_epochs=MAX_EPOCHS, deterministic=True, plugins=[SafeCheckpointIO()], limit_val_batches=1)
-    dm = toy_datamodule(data)
+    dm = toy_datamodule(data, num_workers=num_workers)  # default train transforms: random crop + flip
     if interrupt is not None:
         with pytest.raises(Interrupted):
             t.fit(module, datamodule=dm, ckpt_path=ckpt_path)
@@ -61,15 +63,27 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.Ten
     return data, ctx, metrics
 
 
-# Epoch boundaries only: Lightning resumes a mid-epoch checkpoint with a fresh train iterator (another
-# shuffle, the epoch's first batches again) and its one-batch prefetch has already drawn the next
-# batch's augmentation when the checkpoint is written, so mid-epoch resume is not exact (see report).
-@pytest.mark.parametrize("step", [3, 6])
+# Steps 1, 4 and 8 stop inside an epoch (3 steps per epoch), 3 and 6 at its end. Mid-epoch, the training
+# loader's state (epoch seed, batches done) comes back with the checkpoint and the resumed epoch skips
+# the batches already trained on; augmentation is seeded per sample (datamodules/resumable.py).
+@pytest.mark.parametrize("step", [1, 3, 4, 6, 8])
 def test_interrupt_and_resume_is_bitwise_exact(step: int, reference: tuple, tmp_path: Path) -> None:
     data, ref_ctx, ref_metrics = reference
     _run(tmp_path, data, interrupt=step)
     last = tmp_path / "ckpt" / "last.ckpt"
-    assert torch.load(last, weights_only=True)["global_step"] == step
+    saved = torch.load(last, weights_only=True)
+    assert saved["global_step"] == step
+    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["batches"] == (step - 1) % 3 + 1
     ctx, metrics = _run(tmp_path, data, ckpt_path=str(last))
     assert torch.equal(ctx, ref_ctx), f"resumed after step {step}: max diff {(ctx - ref_ctx).abs().max().item()}"
+    assert metrics == ref_metrics
+
+
+def test_resume_with_workers_equals_the_single_process_run(reference: tuple, tmp_path: Path) -> None:
+    """Per-sample seeds make the data independent of ``num_workers``: two loader workers, interrupted
+    mid-epoch and resumed, end on the uninterrupted ``num_workers=0`` tensors."""
+    data, ref_ctx, ref_metrics = reference
+    _run(tmp_path, data, interrupt=5, num_workers=2)
+    ctx, metrics = _run(tmp_path, data, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), num_workers=2)
+    assert torch.equal(ctx, ref_ctx)
     assert metrics == ref_metrics

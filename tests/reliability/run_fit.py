@@ -4,12 +4,13 @@
 
 ``sigterm`` sends SIGTERM to this process after step N (a preemption outside SLURM);
 ``kill_rank1`` makes DDP rank 1 die abruptly (``os._exit``) after step N. Rank 0 writes ``--out``
-(start step, final step) when fit returns normally.
+(start step, final step, sha256 of the learned tensors) when fit returns normally.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import signal
@@ -54,7 +55,10 @@ def main(argv: list[str]) -> None:
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=own.ckpt_path)
     if cli.trainer.is_global_zero:
         with open(own.out, "w") as f:
-            json.dump({"start_step": fault.start_step, "global_step": cli.trainer.global_step}, f)
+            learned = hashlib.sha256()
+            for name, value in sorted(cli.model.state_dict().items()):  # trainable tensors only
+                learned.update(name.encode() + value.detach().cpu().contiguous().numpy().tobytes())
+            json.dump({"start_step": fault.start_step, "global_step": cli.trainer.global_step, "learned": learned.hexdigest()}, f)
 
 
 if __name__ == "__main__":

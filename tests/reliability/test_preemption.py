@@ -23,7 +23,7 @@ def _fit(out: Path, args: list[str], extra: list[str], timeout: int = 150) -> su
 def test_sigterm_saves_checkpoint_exits_and_resumes(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "toy")
     cfg = write_cli_config(tmp_path, data, tmp_path / "job")
-    args = ["--config", str(cfg), "--trainer.max_epochs", "3"]
+    args = ["--config", str(cfg), "--trainer.max_epochs", "3", "--trainer.deterministic", "true"]
     first = _fit(tmp_path / "first.json", args, ["--fault", "sigterm", "--at", "4"])
     assert first.returncode == 0, first.stderr[-3000:]
     assert not (tmp_path / "first.json").exists(), "fit must stop at the signal, not finish"
@@ -33,7 +33,11 @@ def test_sigterm_saves_checkpoint_exits_and_resumes(tmp_path: Path) -> None:
     second = _fit(tmp_path / "second.json", args, ["--ckpt_path", "hpc"])
     assert second.returncode == 0, second.stderr[-3000:]
     result = json.loads((tmp_path / "second.json").read_text())
-    assert result == {"start_step": 4, "global_step": 9}
+    assert {k: result[k] for k in ("start_step", "global_step")} == {"start_step": 4, "global_step": 9}
+    # Step 4 is inside the second epoch (3 steps each): the requeued run ends on the uninterrupted tensors.
+    whole = _fit(tmp_path / "whole.json", [*args, "--trainer.default_root_dir", str(tmp_path / "whole")], [])
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    assert json.loads((tmp_path / "whole.json").read_text())["learned"] == result["learned"]
 
 
 def test_killed_ddp_worker_fails_promptly_and_keeps_last_checkpoint(tmp_path: Path) -> None:

@@ -11,9 +11,18 @@ copy for CPUs. Budgets are fractions 192/576, 128/576, 64/576 of the patches. Re
 * end-to-end prefill (vision + projector + LLM) before and after.
 
 FLOPs count multiply-adds x 2 of the decoder's linear layers and attention (QK^T and PV) at
-sequence length L; norms, activations and rotary embeddings are ignored.
+sequence length L (per layer, so an LLM-stage cut counts the layers after it at the cut length);
+norms, activations and rotary embeddings are ignored.
+
+``--anyres``: LLaVA-NeXT instead (the same tower sizes, one 672x672 image per sample = base view +
+2x2 crops, 576 patches each, 2928 visual tokens with the row newlines) with FlowCut's two-stage
+anyres recipe (``flowcut_llm``: T/2 patches per crop in the vision tower, then T visual tokens
+after LLM layer 1) at T = 640/320/160. Its overhead columns are the LLM stage's: the scoring alone
+(probe re-projection + scores + top-T, timed on its own) and the whole cut machinery (a run that
+scores but keeps every token, minus the plain ``self.lm`` prefill), as % of the unpruned LLM prefill.
 
 Usage: python benchmarks/prefill.py --size small --pruner vtc_cls --repeats 5
+       python benchmarks/prefill.py --size small --anyres --repeats 3
 """
 
 from __future__ import annotations
@@ -26,7 +35,9 @@ from typing import Any, Callable
 import torch
 
 from vlm import pruning
+from vlm.towers.language_model import LayerGroup
 from vlm.towers.llava import LlavaRunner
+from vlm.towers.llava_next import LlavaNextRunner
 
 SIZES: dict[str, dict[str, Any]] = {
     "real": dict(vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -39,31 +50,46 @@ SIZES: dict[str, dict[str, Any]] = {
                             num_key_value_heads=8, vocab_size=1000), text_tokens=64),
 }
 IMAGE_TOKEN = 3
+ANYRES_BUDGETS = (640, 320, 160)
 
 
-def build(size: str, dtype: torch.dtype, device: str):
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
+def build(size: str, dtype: torch.dtype, device: str, anyres: bool = False):
+    import transformers
 
     s = SIZES[size]
-    cfg = LlavaConfig(
+    kwargs: dict[str, Any] = dict(
         vision_config=dict(model_type="clip_vision_model", projection_dim=s["vision"]["hidden_size"], **s["vision"]),
         text_config=dict(model_type="llama", max_position_embeddings=4096, pad_token_id=0, **s["text"]),
         image_token_index=IMAGE_TOKEN, vision_feature_layer=-2, vision_feature_select_strategy="default",
-        image_seq_length=(s["vision"]["image_size"] // s["vision"]["patch_size"]) ** 2,
     )
+    side = s["vision"]["image_size"]
+    if anyres:
+        kwargs["image_grid_pinpoints"] = [[side, 2 * side], [2 * side, side], [2 * side, 2 * side]]
+        cfg, model_cls = transformers.LlavaNextConfig(**kwargs), transformers.LlavaNextForConditionalGeneration
+    else:
+        kwargs["image_seq_length"] = (side // s["vision"]["patch_size"]) ** 2
+        cfg, model_cls = transformers.LlavaConfig(**kwargs), transformers.LlavaForConditionalGeneration
     cfg._attn_implementation = "sdpa"
     with torch.device(device):
-        model = LlavaForConditionalGeneration(cfg).to(dtype).eval()
+        model = model_cls(cfg).to(dtype).eval()
     return model, cfg
 
 
-def llm_flops(cfg, length: int) -> float:
+def llm_flops(cfg, length: int, cut: tuple[int, int] | None = None) -> float:
+    """Prefill FLOPs at ``length`` tokens; ``cut = (layer, cut_length)``: layers after ``layer`` run
+    on ``cut_length`` tokens."""
     t = cfg.text_config
     d, f, layers = t.hidden_size, t.intermediate_size, t.num_hidden_layers
     kv = d * t.num_key_value_heads // t.num_attention_heads
-    linear = 2 * length * (2 * d * d + 2 * d * kv + 3 * d * f)
-    attention = 2 * 2 * length * length * d / 2  # causal: half of QK^T and PV
-    return layers * (linear + attention) + 2 * length * d * t.vocab_size / length  # lm_head on the last token
+
+    def layer_flops(n: int) -> float:
+        linear = 2 * n * (2 * d * d + 2 * d * kv + 3 * d * f)
+        attention = 2 * 2 * n * n * d / 2  # causal: half of QK^T and PV
+        return linear + attention
+
+    before = layers if cut is None else cut[0] + 1
+    after = 0.0 if cut is None else (layers - before) * layer_flops(cut[1])
+    return before * layer_flops(length) + after + 2 * d * t.vocab_size  # lm_head on the last token
 
 
 def timed(fn: Callable[[], Any], repeats: int, device: str) -> float:
@@ -80,16 +106,81 @@ def timed(fn: Callable[[], Any], repeats: int, device: str) -> float:
     return statistics.median(times)
 
 
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+
+
+@torch.no_grad()
+def anyres(args, device: str, dtype: torch.dtype) -> None:
+    """FlowCut's two-stage anyres cut on a LLaVA-NeXT-shaped model (module docstring)."""
+    model, cfg = build(args.size, dtype, device, anyres=True)
+    runner = LlavaNextRunner(model)
+    side = cfg.vision_config.image_size
+    sizes = torch.tensor([[2 * side, 2 * side]] * args.batch, device=device)
+    pix = torch.randn(args.batch, 5, 3, side, side, device=device, dtype=dtype)
+    n_visual = int(runner.encode_images(pix[:1], image_sizes=sizes[:1]).counts[0])
+    text = SIZES[args.size]["text_tokens"]
+    ids = torch.randint(10, 900, (args.batch, text + n_visual - 1), device=device)
+    ids[:, 8 : 8 + n_visual] = IMAGE_TOKEN  # the processor's expanded placeholder run
+
+    def lm(inputs, hooks=None):
+        decoder = runner.decoder(hooks)
+        return lambda: runner.prefill(inputs, decoder, "right")
+
+    full = runner.prepare(ids, pix, image_sizes=sizes)
+    length = full.embeds.shape[1]
+    t_llm_full = timed(lm(full), args.repeats, device)
+    t_e2e_full = timed(lambda: lm(runner.prepare(ids, pix, image_sizes=sizes))(), args.repeats, device)
+    keep_all = [pruning.create("flowcut_llm", num_tokens=n_visual)]
+    t_keep_all = timed(lm(full, keep_all), args.repeats, device)
+    print(f"device: {device_name(device)}; size={args.size}; LLaVA-NeXT anyres, 5 crops x {cfg.vision_config.image_size}px; "
+          f"batch={args.batch}; {n_visual} visual tokens; LLM sequence {length}; dtype {dtype}")
+    print("| T (crop T/2) | visual after vision / LLM cut | LLM prefill ms | speed-up | FLOP ideal | ratio | "
+          "LLM TFLOPs | e2e prefill ms | scoring % | cut overhead % |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| none | {n_visual} / {n_visual} | {1e3 * t_llm_full:.1f} | 1.00 | 1.00 | - | "
+          f"{llm_flops(cfg, length) / 1e12:.3f} | {1e3 * t_e2e_full:.1f} | - | - |")
+    cut_overhead = 100.0 * max(t_keep_all - t_llm_full, 0.0) / t_llm_full
+    for budget in ANYRES_BUDGETS:
+        pruner = pruning.create("flowcut_llm", num_tokens=budget, crop_tokens=budget // 2)
+        inputs = runner.prepare(ids, pix, hooks=[pruner], image_sizes=sizes)
+        t_llm = timed(lm(inputs, [pruner]), args.repeats, device)
+        t_e2e = timed(lambda: lm(runner.prepare(ids, pix, hooks=[pruner], image_sizes=sizes), [pruner])(),
+                      args.repeats, device)
+        _, after = lm(inputs, [pruner])()
+        cut = (pruner.layer, after.cut.index.shape[1])
+        decoder = runner.decoder([pruner])
+        group = LayerGroup(range(0, pruner.layer + 1), inputs.attention_mask, inputs.position_ids)
+        _, rope = decoder.context(group, inputs.embeds, None)
+
+        def score() -> None:  # on the embeddings: the same shapes and work as on layer 1's input
+            probe, _ = decoder.probe(inputs.embeds, rope, inputs.visual_mask, inputs.probe_index)
+            pruner.keep(probe)
+
+        t_score = timed(score, args.repeats, device)
+        n0 = inputs.embeds.shape[1]
+        ideal = llm_flops(cfg, length) / llm_flops(cfg, n0, cut)
+        speed = t_llm_full / t_llm
+        print(f"| {budget} ({budget // 2}) | {int(inputs.visual_counts[0])} / {int(after.cut.visual_counts[0])} | "
+              f"{1e3 * t_llm:.1f} | {speed:.2f} | {ideal:.2f} | {speed / ideal:.2f} | "
+              f"{llm_flops(cfg, n0, cut) / 1e12:.3f} | {1e3 * t_e2e:.1f} | {100.0 * t_score / t_llm_full:.2f} | "
+              f"{cut_overhead:.2f} |")
+
+
 @torch.no_grad()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", choices=list(SIZES), default="small")
     ap.add_argument("--pruner", default="vtc_cls", choices=pruning.available())
+    ap.add_argument("--anyres", action="store_true", help="LLaVA-NeXT with FlowCut's two-stage cut (--pruner unused)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
+    if args.anyres:
+        anyres(args, device, dtype)
+        return
     model, cfg = build(args.size, dtype, device)
     runner = LlavaRunner(model)
     n_patch = cfg.image_seq_length
@@ -107,8 +198,7 @@ def main() -> None:
     t_vis_full = timed(lambda: runner.encode_images(pix), args.repeats, device)
     t_e2e_full = timed(lambda: lm(runner.prepare(ids, pix))(), args.repeats, device)
     len_full = full_inputs.embeds.shape[1]
-    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"device: {name}; size={args.size}; pruner={args.pruner}; batch={args.batch}; {n_patch} patches; "
+    print(f"device: {device_name(device)}; size={args.size}; pruner={args.pruner}; batch={args.batch}; {n_patch} patches; "
           f"LLM sequence {len_full}; dtype {dtype}")
     print("| budget | LLM prefill ms | speed-up | FLOP ideal | ratio | LLM TFLOPs | e2e prefill ms | overhead % |")
     print("|---|---|---|---|---|---|---|---|")

@@ -1,6 +1,7 @@
 """`vlm.pruning`: visual-token pruners (TowerHooks) and their registry.
 
-``available()`` lists the short names (``vtc_cls``, ``flowcut``, ``cls_attention``, ``random``);
+``available()`` lists the short names: the vision-tower pruners ``vtc_cls``, ``flowcut``,
+``cls_attention``, ``random``, and the LLM-stage ``flowcut_llm`` (an :class:`LlmTokenPruner`);
 ``create(name, **kwargs)`` builds one, and ``create("none")`` returns None (no pruning), so a config
 can switch pruning off by name. Configs may also use ``class_path: <name>`` or a full class path.
 """
@@ -8,10 +9,11 @@ can switch pruning off by name. Configs may also use ``class_path: <name>`` or a
 from typing import Any, Optional
 
 from vlm.pruning.base import TokenPruner
+from vlm.pruning.llm import LlmProbe, LlmTokenPruner
 from vlm.pruning.registry import PRUNERS, register
 
 # Importing the method modules registers them.
-from vlm.pruning import baselines, flowcut, vtc_cls  # noqa: E402,F401  isort: skip
+from vlm.pruning import baselines, flowcut, flowcut_llm, vtc_cls  # noqa: E402,F401  isort: skip
 
 #: The name that means "no pruner".
 NONE = "none"
@@ -29,4 +31,4 @@ def create(name: str, **kwargs: Any) -> Optional[TokenPruner]:
     return PRUNERS.create(name, **kwargs)
 
 
-__all__ = ["TokenPruner", "available", "create", "register"]
+__all__ = ["LlmProbe", "LlmTokenPruner", "TokenPruner", "available", "create", "register"]

@@ -112,6 +112,12 @@ def check_hooks(backbone: Any, prompt_learner: Any = None, pruner: Any = None) -
     """Raise a clear error if ``pruner`` cannot run on ``backbone`` beside ``prompt_learner``."""
     if pruner is None:
         return
+    if "vision" not in getattr(pruner, "towers", ("vision",)):
+        raise IncompatibleHooksError(
+            f"Pruner {pruner.name!r} cuts tokens inside a language model (towers={tuple(pruner.towers)}); "
+            f"a {type(backbone).__name__} classifier has none. Use it with LlavaEval on a LLaVA backbone, "
+            "or pick a vision-tower pruner (vtc_cls, flowcut, cls_attention, random)."
+        )
     available = num_patch_tokens(backbone)
     if available is not None and pruner.num_tokens > available:
         raise TokenBudgetError(

@@ -53,11 +53,12 @@ def pope_dir(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("pruner", [None, "flowcut"])
+@pytest.mark.parametrize("pruner", [None, "flowcut", "flowcut_llm"])
 def test_llava_eval_reports_metrics_tokens_and_latency(pope_dir, pruner):
     torch.manual_seed(0)
     backbone = LlavaBackbone(config=TINY_LLAVA_CONFIG, processor=str(pope_dir / "processor"))
-    p = pruning.create(pruner, num_tokens=4) if pruner else None
+    kwargs = {"layer": 0, "crop_tokens": 8} if pruner == "flowcut_llm" else {}  # 16 -> 8 in the ViT, 4 after LLM layer 0
+    p = pruning.create(pruner, num_tokens=4, **kwargs) if pruner else None
     module = LlavaEval(backbone, pruner=p, max_new_tokens=3, prompt_template="<image> {question}")
     dm = VQADataModule(str(pope_dir / "q.jsonl"), str(pope_dir), metric="pope", dataset="pope", batch_size=2)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False)

@@ -24,9 +24,10 @@ SIZES = torch.tensor([[40, 90], [100, 30], [50, 50]])  # (H, W): 1x2 grid, 2x1 g
 TEXT = [([1, 7, 8], [9, 10, 11]), ([1, 12], [13, 14, 15, 16, 17, 18]), ([1], [19])]
 
 
-def next_config(image_size: int = 32, patch_size: int = 8, vision_layers: int = 4) -> dict:
-    """A ``LlavaNextConfig`` dict: CLIP vision (hidden 32, 4 heads) + Llama (hidden 32, 2 layers,
-    vocab 64), grid pinpoints of 1x2, 2x1 and 2x2 crops."""
+def next_config(image_size: int = 32, patch_size: int = 8, vision_layers: int = 4, text_layers: int = 2) -> dict:
+    """A ``LlavaNextConfig`` dict: CLIP vision (hidden 32, 4 heads) + Llama (hidden 32,
+    ``text_layers`` layers, 4 query / 2 key-value heads, vocab 64), grid pinpoints of 1x2, 2x1 and
+    2x2 crops."""
     s = image_size
     return dict(
         vision_config=dict(
@@ -34,7 +35,7 @@ def next_config(image_size: int = 32, patch_size: int = 8, vision_layers: int = 
             num_attention_heads=4, image_size=s, patch_size=patch_size, projection_dim=32,
         ),
         text_config=dict(
-            model_type="llama", hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            model_type="llama", hidden_size=32, intermediate_size=48, num_hidden_layers=text_layers, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=64, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=1,
             max_position_embeddings=512,
         ),

@@ -70,9 +70,9 @@ def test_flowcut_prunes_progressively_and_per_sample(setup):
 
 
 def test_registry_names_and_none():
-    assert pruning.available() == ["cls_attention", "flowcut", "random", "vtc_cls"]
+    assert pruning.available() == ["cls_attention", "flowcut", "flowcut_llm", "random", "vtc_cls"]
     assert pruning.create("none") is None
-    with pytest.raises(KeyError, match="Available: cls_attention, flowcut, random, vtc_cls"):
+    with pytest.raises(KeyError, match="Available: cls_attention, flowcut, flowcut_llm, random, vtc_cls"):
         pruning.create("fastv")
 
 

@@ -150,6 +150,11 @@ def test_deep_vl_prompts_with_per_sample_pruning_is_rejected(tiny_clip: ClipBack
         CLIPClassifier(tiny_clip, create("ivlp", n_ctx_vision=2, depth_vision=2, depth_text=1), pruner=pruning.create("flowcut", num_tokens=4))
 
 
+def test_llm_stage_pruner_on_a_classifier_is_rejected(tiny_clip: ClipBackbone) -> None:
+    with pytest.raises(IncompatibleHooksError, match=r"'flowcut_llm' cuts tokens inside a language model.*LlavaEval"):
+        CLIPClassifier(tiny_clip, create("coop", n_ctx=2), pruner=pruning.create("flowcut_llm", num_tokens=4))
+
+
 @pytest.mark.parametrize(
     "learner,pruner",
     [

@@ -2,8 +2,8 @@
 
 ``test`` logs, under ``test/``: the metric(s) of the data's kind (``vqa_acc``, ``gqa_acc``,
 ``pope_acc/precision/recall/f1/yes_ratio``, ``mc_acc``, in percent), ``visual_tokens`` (mean
-visual tokens per sample entering the LLM), ``prefill_ms`` (vision + projector + LLM prefill per
-batch) and ``decode_ms_per_token``. POPE metrics are also logged per ``category``. Evaluate on one
+visual tokens per sample entering the LLM, or after the cut with an LLM-stage pruner), ``prefill_ms``
+(vision + projector + LLM prefill per batch) and ``decode_ms_per_token``. POPE metrics are also logged per ``category``. Evaluate on one
 device: records are not gathered across processes (and DDP samplers would pad with duplicates).
 """
 
@@ -29,7 +29,8 @@ VICUNA_V1 = (
 class LlavaEval(L.LightningModule):
     """Args:
     backbone: the LLaVA (or LLaVA-NeXT) model (hub id or path) and its processor.
-    pruner: a visual-token pruner (``vtc_cls``, ``flowcut``, ``cls_attention``, ``random``) or None.
+    pruner: a visual-token pruner (``vtc_cls``, ``flowcut``, ``cls_attention``, ``random``; the LLM-stage
+        ``flowcut_llm``) or None.
     metric: ``vqa``, ``gqa``, ``pope`` or ``mc``; None takes the datamodule's ``metric``.
     max_new_tokens: greedy decoding length (LLaVA uses 128 for short-answer sets).
     prompt_template: the conversation, with ``{question}``.
@@ -88,7 +89,8 @@ class LlavaEval(L.LightningModule):
             self.records["all"].append(record)
             if self.metric == "pope":
                 self.records[cat].append(record)
-        self.visual_tokens += gen.inputs.visual_counts.tolist()
+        cut = gen.inputs.cut  # an LLM-stage pruner: count what the layers after its cut see
+        self.visual_tokens += (gen.inputs.visual_counts if cut is None else cut.visual_counts).tolist()
         self.prefill_s.append(gen.prefill_s)
         self.decode_s += gen.decode_s
         self.decode_tokens += max(gen.tokens.shape[1] - 1, 0)

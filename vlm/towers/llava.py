@@ -5,6 +5,13 @@ projector on the kept tokens only -> LLM inputs built here (text embeddings with
 placeholder run replaced by that image's kept tokens, attention mask, position ids) -> the HF
 language model's own forward (its attention implementation, SDPA or flash, is untouched) -> lm_head.
 
+With an LLM-stage pruner among the hooks (:class:`~vlm.pruning.llm.LlmTokenPruner`, e.g.
+``flowcut_llm``) its vision stage joins the vision hooks, and the language model runs layer by layer
+through :class:`~vlm.towers.language_model.CutDecoder`, which cuts the visual tokens after the
+pruner's layer (masks, positions and the per-layer KV cache are described there); the logits then
+cover the cut sequence, laid out by ``LlmInputs.cut``. Without one, the path is the plain
+``self.lm(...)`` call.
+
 Parity contract: with no hooks, :meth:`LlavaRunner.forward` logits equal transformers' forward
 and :meth:`LlavaRunner.generate` equals ``model.generate(do_sample=False)`` (tests, fp32).
 
@@ -22,7 +29,7 @@ Position policies for the LLM's position ids (rotary embedding):
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Optional, Union
 
 import torch
@@ -31,6 +38,7 @@ from torch import Tensor, nn
 from vlm.hooks import TowerHook
 from vlm.tokens import TokenType
 from vlm.towers.hf_clip_vision import HFClipVisionRunner
+from vlm.towers.language_model import CutDecoder, LayerGroup, LlmInputs, llm_stage, vision_hooks
 from vlm.towers.runner import valid_mask
 
 POSITION_POLICIES = ("compact", "original")
@@ -54,20 +62,10 @@ class VisualTokens:
 
 
 @dataclass
-class LlmInputs:
-    """``embeds [B, L, D]``, ``attention_mask [B, L]`` (1 = token), ``position_ids [B, L]``, and
-    ``visual_counts [B]`` (visual tokens each sample carries)."""
-
-    embeds: Tensor
-    attention_mask: Tensor
-    position_ids: Tensor
-    visual_counts: Tensor
-
-
-@dataclass
 class Generation:
-    """Greedy output ``tokens [B, T]`` (``pad_token_id`` after EOS), the LLM inputs, and wall
-    times of the vision+prefill step and of the decode steps (seconds)."""
+    """Greedy output ``tokens [B, T]`` (``pad_token_id`` after EOS), the LLM inputs (with the
+    LLM-stage cut's layout in ``inputs.cut`` when one ran), and wall times of the vision+prefill
+    step and of the decode steps (seconds)."""
 
     tokens: Tensor
     inputs: LlmInputs
@@ -113,8 +111,9 @@ class LlavaRunner:
     # --- vision -------------------------------------------------------------------------------
     def project_kept(self, pixel_values: Tensor, hooks: Optional[Iterable[TowerHook]] = None) -> VisualTokens:
         """Vision tower to the feature layer (hooks may prune), select, project the kept tokens:
-        one row per ``pixel_values`` entry (an image for LLaVA-1.5, a crop for LLaVA-NeXT)."""
-        state = self.vision.hidden_state(pixel_values, self.feature_layer, hooks)
+        one row per ``pixel_values`` entry (an image for LLaVA-1.5, a crop for LLaVA-NeXT). An LLM-stage
+        pruner among ``hooks`` contributes its vision stage here."""
+        state = self.vision.hidden_state(pixel_values, self.feature_layer, vision_hooks(hooks))
         keep = valid_mask(state)
         if self.drop_cls:
             keep = keep & (state.batch_types != int(TokenType.CLS))
@@ -150,12 +149,12 @@ class LlavaRunner:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         dtype = visual.features.dtype
-        seqs, poss, vis_counts = [], [], []
+        seqs, poss, visuals = [], [], []
         image = 0
         for b in range(input_ids.shape[0]):
             ids = input_ids[b][attention_mask[b].bool()]
             text = self.embed_tokens(ids).to(dtype)
-            pieces, pos_pieces, cursor, pos, nvis = [], [], 0, 0, 0
+            pieces, pos_pieces, vis_pieces, cursor, pos = [], [], [], 0, 0
             for start, end in image_runs(ids, self.image_token_id):
                 if image >= visual.features.shape[0]:
                     raise ValueError("More image placeholder runs in input_ids than images in pixel_values.")
@@ -164,36 +163,40 @@ class LlavaRunner:
                 pos += start - cursor
                 k = int(visual.counts[image])
                 pieces.append(visual.features[image, :k])
+                vis_pieces += [torch.zeros(start - cursor, dtype=torch.bool), torch.ones(k, dtype=torch.bool)]
                 if self.position_policy == "original":
                     pos_pieces.append(pos + visual.positions[image, :k].cpu())
                     pos += visual.full(image)
                 else:
                     pos_pieces.append(torch.arange(pos, pos + k))
                     pos += k
-                nvis += k
                 cursor = end
                 image += 1
             pieces.append(text[cursor:])
             pos_pieces.append(torch.arange(pos, pos + len(ids) - cursor))
+            vis_pieces.append(torch.zeros(len(ids) - cursor, dtype=torch.bool))
             seqs.append(torch.cat(pieces))
             poss.append(torch.cat(pos_pieces))
-            vis_counts.append(nvis)
+            visuals.append(torch.cat(vis_pieces))
         if image != visual.features.shape[0]:
             raise ValueError(f"{visual.features.shape[0]} images but {image} image placeholder runs in input_ids.")
-        return self._pad(seqs, poss, vis_counts, padding_side)
+        return self._pad(seqs, poss, visuals, padding_side)
 
     @staticmethod
-    def _pad(seqs: list[Tensor], poss: list[Tensor], vis_counts: list[int], side: str) -> LlmInputs:
+    def _pad(seqs: list[Tensor], poss: list[Tensor], visuals: list[Tensor], side: str) -> LlmInputs:
         b, length = len(seqs), max(s.shape[0] for s in seqs)
         ref = seqs[0]
         embeds = ref.new_zeros(b, length, ref.shape[-1])
         mask = torch.zeros(b, length, dtype=torch.long, device=ref.device)
         pos = torch.ones(b, length, dtype=torch.long, device=ref.device)  # pads at 1, as transformers does
-        for i, (s, p) in enumerate(zip(seqs, poss)):
+        is_visual = torch.zeros(b, length, dtype=torch.bool, device=ref.device)
+        probe = torch.zeros(b, dtype=torch.long, device=ref.device)
+        for i, (s, p, v) in enumerate(zip(seqs, poss, visuals)):
             n = s.shape[0]
             sl = slice(length - n, length) if side == "left" else slice(0, n)
-            embeds[i, sl], mask[i, sl], pos[i, sl] = s, 1, p.to(ref.device)
-        return LlmInputs(embeds, mask, pos, torch.tensor(vis_counts, device=ref.device))
+            embeds[i, sl], mask[i, sl], pos[i, sl], is_visual[i, sl] = s, 1, p.to(ref.device), v.to(ref.device)
+            probe[i] = sl.stop - 1
+        return LlmInputs(embeds, mask, pos, is_visual.sum(1), is_visual, probe)
 
     def prepare(
         self,
@@ -208,6 +211,35 @@ class LlavaRunner:
         return self.build_inputs(input_ids, visual, attention_mask, padding_side)
 
     # --- language model -----------------------------------------------------------------------
+    def decoder(self, hooks: Optional[Iterable[TowerHook]] = None) -> Optional[CutDecoder]:
+        """The layer-by-layer decoder for the LLM-stage pruner among ``hooks``; None without one."""
+        pruner = llm_stage(hooks)
+        return None if pruner is None else CutDecoder(self.lm, pruner, self.position_policy)
+
+    def prefill(self, inputs: LlmInputs, decoder: Optional[CutDecoder], side: str, cache=None) -> tuple[Tensor, LlmInputs]:
+        """Final-norm hidden states of the LLM over ``inputs`` (padded on ``side``), filling ``cache``
+        if given: ``self.lm``'s own forward, or ``decoder``'s cut (the inputs then get ``cut``)."""
+        if decoder is None:
+            h = self.lm(
+                inputs_embeds=inputs.embeds,
+                attention_mask=inputs.attention_mask,
+                position_ids=inputs.position_ids,
+                cache=cache,
+                use_cache=cache is not None,
+            ).last_hidden_state
+            return h, inputs
+        h, cut = decoder.prefill(inputs, side, cache)
+        return h, replace(inputs, cut=cut)
+
+    def language_model(
+        self, inputs: LlmInputs, hooks: Optional[Iterable[TowerHook]] = None, padding_side: str = "right"
+    ) -> tuple[Tensor, LlmInputs]:
+        """Logits of the LLM over ``inputs`` (padded on ``padding_side``), no cache. With an
+        LLM-stage pruner among ``hooks`` they cover the cut sequence, laid out by the returned
+        inputs' ``cut``."""
+        h, inputs = self.prefill(inputs, self.decoder(hooks), padding_side, None)
+        return self.lm_head(h), inputs
+
     def forward(
         self,
         input_ids: Tensor,
@@ -217,15 +249,10 @@ class LlavaRunner:
         padding_side: str = "right",
         image_sizes: Optional[Tensor] = None,
     ) -> tuple[Tensor, LlmInputs]:
-        """Logits ``[B, L, V]`` over the assembled sequence, and the inputs (for masks/positions)."""
+        """Logits ``[B, L, V]`` over the assembled sequence (over the cut one, ``inputs.cut``, with an
+        LLM-stage pruner), and the inputs (for masks/positions)."""
         inputs = self.prepare(input_ids, pixel_values, attention_mask, hooks, padding_side, image_sizes)
-        h = self.lm(
-            inputs_embeds=inputs.embeds,
-            attention_mask=inputs.attention_mask,
-            position_ids=inputs.position_ids,
-            use_cache=False,
-        ).last_hidden_state
-        return self.lm_head(h), inputs
+        return self.language_model(inputs, hooks, padding_side)
 
     __call__ = forward
 
@@ -241,26 +268,36 @@ class LlavaRunner:
         pad_token_id: int = 0,
         image_sizes: Optional[Tensor] = None,
     ) -> Generation:
-        """Greedy decoding with the LLM's KV cache; stops early when every sample hit EOS."""
+        """Greedy decoding with the LLM's KV cache; stops early when every sample hit EOS. With an
+        LLM-stage pruner the layers before and after its cut hold caches of different lengths."""
         from transformers import DynamicCache
 
         device = pixel_values.device
         _sync(device)
         t0 = time.perf_counter()
+        decoder = self.decoder(hooks)
         inputs = self.prepare(input_ids, pixel_values, attention_mask, hooks, "left", image_sizes)
         cache = DynamicCache(config=self.lm.config)
-        mask, pos = inputs.attention_mask, inputs.position_ids[:, -1:]
-        h = self.lm(inputs_embeds=inputs.embeds, attention_mask=mask, position_ids=inputs.position_ids, cache=cache, use_cache=True)
-        nxt = self.lm_head(h.last_hidden_state[:, -1]).argmax(-1)
+        h, inputs = self.prefill(inputs, decoder, "left", cache)
+        nxt = self.lm_head(h[:, -1]).argmax(-1)
+        if inputs.cut is None:
+            groups = [LayerGroup(range(len(self.lm.layers)), inputs.attention_mask, inputs.position_ids)]
+        else:
+            groups = inputs.cut.groups
         _sync(device)
         t1 = time.perf_counter()
         out = [nxt]
         done = torch.zeros_like(nxt, dtype=torch.bool) if eos_token_id is None else nxt == eos_token_id
         while len(out) < max_new_tokens and not bool(done.all()):
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-            pos = pos + 1
-            h = self.lm(inputs_embeds=self.embed_tokens(nxt[:, None]), attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
-            nxt = self.lm_head(h.last_hidden_state[:, -1]).argmax(-1)
+            groups = [g.next_token() for g in groups]
+            x = self.embed_tokens(nxt[:, None])
+            if decoder is None:
+                g = groups[0]
+                h = self.lm(inputs_embeds=x, attention_mask=g.attention_mask, position_ids=g.position_ids, cache=cache,
+                            use_cache=True).last_hidden_state
+            else:
+                h = decoder.decode(x, groups, cache)
+            nxt = self.lm_head(h[:, -1]).argmax(-1)
             nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
             out.append(nxt)
             if eos_token_id is not None:

@@ -1,0 +1,94 @@
+"""The LLM-stage pruner interface: cut the visual tokens inside the language model, once, after one
+decoder layer, with scores conditioned on the text.
+
+A vision pruner (:class:`~vlm.pruning.base.TokenPruner`) acts in the vision tower through the
+block-loop hooks. An :class:`LlmTokenPruner` acts in the LLM prefill, which the runner drives layer
+by layer (``vlm.towers.language_model.CutDecoder``, used by ``LlavaRunner`` whenever such a pruner
+is among the hooks). At decoder layer ``layer`` the runner recomputes, from that layer's input
+hidden states with the layer's own input norm, q/k/v projections and RoPE, the query and value of
+one probe row per sample (the last prompt token) and the keys and values of the sample's visual
+tokens, and passes them as an :class:`LlmProbe` to :meth:`LlmTokenPruner.keep`. After the layer,
+each sample keeps all its text tokens and the kept visual tokens, in their original order; layers
+``layer + 1`` onwards run on the shorter sequence. Positions, masks and the KV-cache split belong to
+the runner, so a pruner here is only a score.
+
+An LLM-stage pruner may bring a vision stage (``vision_stage``, a vision :class:`TokenPruner`) that
+the runner adds to the vision tower's hooks: one config object then describes a two-stage method
+(FlowCut's anyres recipe). It is a :class:`TokenPruner` (``towers = ("llm",)``), so it goes wherever
+a pruner goes (registry, configs, ``LlavaEval(pruner=...)``); the vision block loop skips it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from vlm.pruning.base import TokenPruner
+
+
+@dataclass
+class LlmProbe:
+    """One decoder layer's attention inputs, per sample, for the probe row and the visual tokens.
+
+    ``query [B, H, d]``: post-RoPE query of the probe token; ``query_value [B, Hkv, d]`` its value;
+    ``keys, values [B, Hkv, N, d]``: post-RoPE keys and values of the sample's visual tokens in
+    sequence order, padded to the batch maximum N; ``counts [B]`` visual tokens per sample (slots
+    at or after the count are padding). ``H = Hkv * G`` with grouped-query attention: query head
+    ``h`` reads key/value head ``h // G``, as the model's attention does.
+    """
+
+    query: Tensor
+    query_value: Tensor
+    keys: Tensor
+    values: Tensor
+    counts: Tensor
+
+    @property
+    def valid(self) -> Tensor:
+        """``[B, N]`` bool: the slots that hold a visual token."""
+        n = self.keys.shape[2]
+        return torch.arange(n, device=self.counts.device)[None] < self.counts[:, None]
+
+
+class LlmTokenPruner(TokenPruner, ABC):
+    """Base class of LLM-stage pruners. Subclasses implement :meth:`score`.
+
+    Args:
+        num_tokens: visual tokens each sample keeps after the cut (all of them when it has fewer,
+            as the vision pruners do).
+        layer: the decoder layer (0-based) whose attention inputs are scored and after which the
+            cut happens; it must leave at least one layer after it (checked against the model).
+        vision_stage: a vision pruner run in the vision tower before this stage, or None.
+    """
+
+    towers = ("llm",)
+
+    def __init__(self, num_tokens: int = 64, layer: int = 1, vision_stage: Optional[TokenPruner] = None) -> None:
+        super().__init__(num_tokens)
+        if layer < 0:
+            raise ValueError(f"{type(self).__name__}: layer must be >= 0 (a decoder layer index), got {layer}.")
+        if isinstance(vision_stage, LlmTokenPruner):
+            raise TypeError(f"{type(self).__name__}: vision_stage must be a vision pruner, got an LLM-stage one.")
+        self.layer = int(layer)
+        self.vision_stage = vision_stage
+
+    @abstractmethod
+    def score(self, probe: LlmProbe) -> Tensor:
+        """``[B, N]`` scores of the visual slots (higher is kept first; padding slots are ignored)."""
+
+    def keep(self, probe: LlmProbe) -> Tensor:
+        """``[B, N]`` bool: the ``min(num_tokens, count)`` best-scored visual tokens of each sample;
+        ties keep the earlier token."""
+        valid = probe.valid
+        b, n = valid.shape
+        scores = self.score(probe).float().masked_fill(~valid, float("-inf"))
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=order.device).expand(b, n))
+        return valid & (rank < probe.counts.clamp(max=self.num_tokens)[:, None])
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, layer={self.layer}"

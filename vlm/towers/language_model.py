@@ -1,0 +1,227 @@
+"""The LLM side of the LLaVA runners: the assembled inputs, and a Hugging Face decoder run layer by
+layer with an LLM-stage token cut (:class:`~vlm.pruning.llm.LlmTokenPruner`, e.g. FlowCut's).
+
+:class:`CutDecoder` drives a ``LlamaModel``-like decoder (``layers``, ``rotary_emb``, ``norm``) with
+the model's own modules, so its attention implementation (sdpa, eager, flash) is untouched:
+
+* layers ``0..k`` (``k = pruner.layer``) run on the assembled sequence. At layer ``k`` the probe
+  row (each sample's last prompt token) and the sample's visual tokens are re-projected from the
+  layer's input hidden states with its ``input_layernorm``, ``q/k/v_proj`` and RoPE (one query row
+  and N keys/values per sample: no attention matrix), and the pruner picks the visual tokens kept;
+* after layer ``k`` each sample keeps its text tokens and the kept visual tokens, in order,
+  re-padded on the input's padding side; layers ``k+1..`` run on that shorter sequence.
+
+Masks: transformers' ``create_causal_mask`` per layer group, from the group's 2-D padding mask, with
+the ``layer_idx`` of the group's first layer so that the group's KV cache sizes it.
+Positions: layers ``0..k`` use the assembled sequence's position ids. After the cut the
+``compact`` policy renumbers each sample 0..L'-1 (FlowCut's choice), ``original`` keeps every kept
+token's own id. RoPE tables come from ``lm.rotary_emb`` per group.
+KV cache: one ``DynamicCache``; layers ``0..k`` hold the full-length keys/values with the original
+positions, layers ``> k`` the cut ones with the group's positions, so per-layer cache lengths
+differ. Each decoding step appends one token to every group: its mask grows by one and the new
+token takes the position after the group's last one (:meth:`LayerGroup.next_token`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from vlm.hooks import TowerHook
+from vlm.pruning.llm import LlmProbe, LlmTokenPruner
+
+
+@dataclass
+class LayerGroup:
+    """Consecutive decoder ``layers`` that hold the same tokens: ``attention_mask [B, K]`` (1 = token)
+    over every token they hold (cached and current), ``position_ids [B, Q]`` of the current ones."""
+
+    layers: range
+    attention_mask: Tensor
+    position_ids: Tensor
+
+    def next_token(self) -> "LayerGroup":
+        """The group for one appended token per sample: the mask grows by a valid column, and the
+        token's position follows the sample's last valid one (either padding side)."""
+        mask = self.attention_mask
+        current = mask[:, -self.position_ids.shape[1] :].bool()
+        last = self.position_ids.masked_fill(~current, -1).amax(1, keepdim=True)
+        return LayerGroup(self.layers, torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1), last + 1)
+
+
+@dataclass
+class LlmCut:
+    """The sequence after an LLM-stage cut after decoder layer ``layer``: ``index [B, L']`` (the row
+    of the assembled sequence each row came from; -1 for padding), ``attention_mask [B, L']``,
+    ``position_ids [B, L']``, ``visual_counts [B]`` (visual tokens kept per sample), and the layer
+    groups (before, after) at the end of the prefill, from which decoding continues."""
+
+    layer: int
+    index: Tensor
+    attention_mask: Tensor
+    position_ids: Tensor
+    visual_counts: Tensor
+    groups: list[LayerGroup]
+
+
+@dataclass
+class LlmInputs:
+    """``embeds [B, L, D]``, ``attention_mask [B, L]`` (1 = token), ``position_ids [B, L]``,
+    ``visual_counts [B]`` (visual tokens each sample carries), ``visual_mask [B, L]`` (the visual
+    tokens), ``probe_index [B]`` (each sample's last prompt token: the query an LLM-stage pruner
+    scores with), and ``cut``: set when an LLM-stage pruner cut the sequence (the runner's logits
+    then follow ``cut``'s layout, not this one)."""
+
+    embeds: Tensor
+    attention_mask: Tensor
+    position_ids: Tensor
+    visual_counts: Tensor
+    visual_mask: Tensor
+    probe_index: Tensor
+    cut: Optional[LlmCut] = None
+
+
+def llm_stage(hooks: Optional[Iterable[TowerHook]]) -> Optional[LlmTokenPruner]:
+    """The LLM-stage pruner among ``hooks`` (at most one), or None."""
+    found = [h for h in (hooks or ()) if isinstance(h, LlmTokenPruner)]
+    if len(found) > 1:
+        raise ValueError(f"At most one LLM-stage pruner per pass, got {[type(h).__name__ for h in found]}.")
+    return found[0] if found else None
+
+
+def vision_hooks(hooks: Optional[Iterable[TowerHook]]) -> list[TowerHook]:
+    """``hooks`` with each LLM-stage pruner replaced by its vision stage (if any), in order."""
+    out: list[TowerHook] = []
+    for h in hooks or ():
+        if not isinstance(h, LlmTokenPruner):
+            out.append(h)
+        elif h.vision_stage is not None:
+            out.append(h.vision_stage)
+    return out
+
+
+def rows(x: Tensor, index: Tensor) -> Tensor:
+    """``x [B, L, ...]`` gathered along dim 1 at ``index [B, M]``."""
+    return torch.gather(x, 1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:]))
+
+
+def repack(keep: Tensor, side: str) -> tuple[Tensor, Tensor, Tensor]:
+    """The rows ``keep [B, L]`` marks, in order, padded on ``side`` to the batch maximum L'.
+    Returns ``index [B, L']`` (source row), ``valid [B, L']`` (False on padding) and ``rank [B, L']``
+    (0-based place of the row among its sample's kept rows); index and rank mean nothing on padding."""
+    counts = keep.sum(1)
+    width = int(counts.max())
+    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :width]
+    rank = torch.arange(width, device=keep.device)[None].expand(keep.shape[0], width)
+    if side == "left":
+        rank = rank - (width - counts)[:, None]
+    valid = (rank >= 0) & (rank < counts[:, None])
+    rank = rank.clamp(min=0)
+    return torch.gather(order, 1, rank), valid, rank
+
+
+class CutDecoder:
+    """A transformers decoder with one LLM-stage pruner (module docstring). Owns no parameters."""
+
+    def __init__(self, lm: nn.Module, pruner: LlmTokenPruner, position_policy: str = "compact") -> None:
+        n = int(lm.config.num_hidden_layers)
+        if not 0 <= pruner.layer <= n - 2:
+            raise ValueError(
+                f"{type(pruner).__name__}: layer {pruner.layer} is out of range for a language model with {n} decoder "
+                f"layers: the cut runs after layer `layer` and needs a layer after it, so set layer to 0..{n - 2}."
+            )
+        layer_types = getattr(lm.config, "layer_types", None) or ["full_attention"]
+        if any(t != "full_attention" for t in layer_types):
+            raise NotImplementedError("An LLM-stage cut needs full-attention layers only (no sliding-window or linear layers).")
+        attn = lm.layers[pruner.layer].self_attn
+        if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
+            raise NotImplementedError(f"{type(attn).__name__} normalises q/k; the probe re-projection does not model that.")
+        self.lm = lm
+        self.pruner = pruner
+        self.position_policy = position_policy
+        self.apply_rope: Callable = importlib.import_module(type(attn).__module__).apply_rotary_pos_emb
+
+    # --- layers -------------------------------------------------------------------------------
+    def context(self, group: LayerGroup, h: Tensor, cache) -> tuple[Optional[Tensor], tuple[Tensor, Tensor]]:
+        """The group's attention mask (in the attention implementation's format) and RoPE tables."""
+        from transformers.masking_utils import create_causal_mask
+
+        mask = create_causal_mask(
+            config=self.lm.config, inputs_embeds=h, attention_mask=group.attention_mask, cache=cache,
+            position_ids=group.position_ids, layer_idx=group.layers.start,
+        )
+        return mask, self.lm.rotary_emb(h, position_ids=group.position_ids)
+
+    def run(self, layers: range, h: Tensor, mask, rope: tuple[Tensor, Tensor], position_ids: Tensor, cache) -> Tensor:
+        for i in layers:
+            h = self.lm.layers[i](h, attention_mask=mask, position_ids=position_ids, cache=cache,
+                                  use_cache=cache is not None, position_embeddings=rope)
+        return h
+
+    # --- the probe ----------------------------------------------------------------------------
+    def probe(self, h: Tensor, rope: tuple[Tensor, Tensor], visual: Tensor, probe_index: Tensor) -> tuple[LlmProbe, Tensor]:
+        """Re-project the probe row and the visual tokens from layer ``k``'s input ``h [B, L, D]``.
+        Returns the probe and ``visual_index [B, N]`` (sequence row of each visual slot)."""
+        layer = self.lm.layers[self.pruner.layer]
+        attn = layer.self_attn
+        b, d = h.shape[0], attn.head_dim
+        heads, kv_heads = attn.q_proj.out_features // d, attn.k_proj.out_features // d
+        counts = visual.sum(1)
+        n = int(counts.max())
+        visual_index = torch.sort((~visual).to(torch.int8), dim=1, stable=True).indices[:, :n]
+        index = torch.cat([probe_index[:, None], visual_index], 1)
+        x = layer.input_layernorm(rows(h, index))
+        cos, sin = (rows(t, index) for t in rope)
+        q = attn.q_proj(x[:, :1]).view(b, 1, heads, d).transpose(1, 2)
+        k = attn.k_proj(x[:, 1:]).view(b, n, kv_heads, d).transpose(1, 2)
+        v = attn.v_proj(x).view(b, n + 1, kv_heads, d).transpose(1, 2)
+        q = self.apply_rope(q, q, cos[:, :1], sin[:, :1])[0]
+        k = self.apply_rope(k, k, cos[:, 1:], sin[:, 1:])[0]
+        return LlmProbe(q[:, :, 0], v[:, :, 0], k, v[:, :, 1:], counts), visual_index
+
+    # --- prefill and decoding -----------------------------------------------------------------
+    def prefill(self, inputs: LlmInputs, padding_side: str, cache=None) -> tuple[Tensor, LlmCut]:
+        """Final-norm hidden states ``[B, L', D]`` of the cut sequence, and its layout."""
+        k, n_layers = self.pruner.layer, int(self.lm.config.num_hidden_layers)
+        valid, visual = inputs.attention_mask.bool(), inputs.visual_mask & inputs.attention_mask.bool()
+        probe_index = inputs.probe_index
+        if bool(visual.gather(1, probe_index[:, None]).any()):
+            raise ValueError("The LLM-stage cut scores with each sample's last prompt token; it must be text, not an image token.")
+        before = LayerGroup(range(0, k + 1), inputs.attention_mask, inputs.position_ids)
+        mask, rope = self.context(before, inputs.embeds, cache)
+        h = self.run(range(0, k), inputs.embeds, mask, rope, before.position_ids, cache)
+        probe, visual_index = self.probe(h, rope, visual, probe_index)
+        h = self.run(range(k, k + 1), h, mask, rope, before.position_ids, cache)
+
+        length = h.shape[1]
+        slot = torch.where(probe.valid, visual_index, length)  # padding slots land on a dropped column
+        keep = torch.cat([valid & ~visual, valid.new_zeros(valid.shape[0], 1)], 1)
+        keep = keep.scatter(1, slot, self.pruner.keep(probe) & probe.valid)[:, :length]
+        index, kept, rank = repack(keep, padding_side)
+        h = rows(h, index).masked_fill(~kept[..., None], 0.0)
+        if self.position_policy == "original":
+            positions = torch.gather(inputs.position_ids, 1, index)
+        else:
+            positions = rank
+        positions = positions.masked_fill(~kept, 1)  # pads at 1, as transformers does
+        after = LayerGroup(range(k + 1, n_layers), kept.to(inputs.attention_mask.dtype), positions)
+        mask, rope = self.context(after, h, cache)
+        h = self.run(after.layers, h, mask, rope, positions, cache)
+        cut = LlmCut(
+            layer=k, index=index.masked_fill(~kept, -1), attention_mask=after.attention_mask, position_ids=positions,
+            visual_counts=(torch.gather(visual, 1, index) & kept).sum(1), groups=[before, after],
+        )
+        return self.lm.norm(h), cut
+
+    def decode(self, embeds: Tensor, groups: list[LayerGroup], cache) -> Tensor:
+        """Final-norm hidden states of the new tokens ``embeds [B, Q, D]``, with each group's mask
+        and positions already advanced to them (:meth:`LayerGroup.next_token`)."""
+        h = embeds
+        for group in groups:
+            mask, rope = self.context(group, h, cache)
+            h = self.run(group.layers, h, mask, rope, group.position_ids, cache)
+        return self.lm.norm(h)

@@ -18,8 +18,12 @@ norms, activations and rotary embeddings are ignored.
 2x2 crops, 576 patches each, 2928 visual tokens with the row newlines) with FlowCut's two-stage
 anyres recipe (``flowcut_llm``: T/2 patches per crop in the vision tower, then T visual tokens
 after LLM layer 1) at T = 640/320/160. Its overhead columns are the LLM stage's: the scoring alone
-(probe re-projection + scores + top-T, timed on its own) and the whole cut machinery (a run that
+(probe query re-projection, gathers from layer 1's keys/values, scores, top-T; timed on its own) and the whole cut machinery (a run that
 scores but keeps every token, minus the plain ``self.lm`` prefill), as % of the unpruned LLM prefill.
+
+Times are medians over ``--repeats``. Every speed-up and every overhead compares two runs timed
+alternately (:func:`timed_pair`), so that drift in the machine's speed hits both sides alike. On a
+shared CPU pass ``--threads 1``: a multi-threaded op stalls whenever another process holds a core.
 
 Usage: python benchmarks/prefill.py --size small --pruner vtc_cls --repeats 5
        python benchmarks/prefill.py --size small --anyres --repeats 3
@@ -106,6 +110,16 @@ def timed(fn: Callable[[], Any], repeats: int, device: str) -> float:
     return statistics.median(times)
 
 
+def timed_pair(a: Callable[[], Any], b: Callable[[], Any], repeats: int, device: str) -> tuple[float, float]:
+    """Median times of ``a`` and ``b`` run alternately, so that drift in the machine's speed (other
+    jobs, clock changes) hits both alike: for overheads, which are small differences."""
+    ta, tb = [], []
+    for _ in range(repeats):
+        ta.append(timed(a, 1, device))
+        tb.append(timed(b, 1, device))
+    return statistics.median(ta), statistics.median(tb)
+
+
 def device_name(device: str) -> str:
     return torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
 
@@ -129,10 +143,9 @@ def anyres(args, device: str, dtype: torch.dtype) -> None:
 
     full = runner.prepare(ids, pix, image_sizes=sizes)
     length = full.embeds.shape[1]
-    t_llm_full = timed(lm(full), args.repeats, device)
     t_e2e_full = timed(lambda: lm(runner.prepare(ids, pix, image_sizes=sizes))(), args.repeats, device)
     keep_all = [pruning.create("flowcut_llm", num_tokens=n_visual)]
-    t_keep_all = timed(lm(full, keep_all), args.repeats, device)
+    t_llm_full, t_keep_all = timed_pair(lm(full), lm(full, keep_all), args.repeats, device)
     print(f"device: {device_name(device)}; size={args.size}; LLaVA-NeXT anyres, 5 crops x {cfg.vision_config.image_size}px; "
           f"batch={args.batch}; {n_visual} visual tokens; LLM sequence {length}; dtype {dtype}")
     print("| T (crop T/2) | visual after vision / LLM cut | LLM prefill ms | speed-up | FLOP ideal | ratio | "
@@ -144,7 +157,7 @@ def anyres(args, device: str, dtype: torch.dtype) -> None:
     for budget in ANYRES_BUDGETS:
         pruner = pruning.create("flowcut_llm", num_tokens=budget, crop_tokens=budget // 2)
         inputs = runner.prepare(ids, pix, hooks=[pruner], image_sizes=sizes)
-        t_llm = timed(lm(inputs, [pruner]), args.repeats, device)
+        t_base, t_llm = timed_pair(lm(full), lm(inputs, [pruner]), args.repeats, device)  # speed-up from one pair
         t_e2e = timed(lambda: lm(runner.prepare(ids, pix, hooks=[pruner], image_sizes=sizes), [pruner])(),
                       args.repeats, device)
         _, after = lm(inputs, [pruner])()
@@ -152,15 +165,18 @@ def anyres(args, device: str, dtype: torch.dtype) -> None:
         decoder = runner.decoder([pruner])
         group = LayerGroup(range(0, pruner.layer + 1), inputs.attention_mask, inputs.position_ids)
         _, rope = decoder.context(group, inputs.embeds, None)
+        tc, n0 = model.config.text_config, inputs.embeds.shape[1]
+        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+        kv_shape = (args.batch, tc.num_key_value_heads, n0, head_dim)
+        keys, values = torch.randn(kv_shape, device=device, dtype=dtype), torch.randn(kv_shape, device=device, dtype=dtype)
 
-        def score() -> None:  # on the embeddings: the same shapes and work as on layer 1's input
-            probe, _ = decoder.probe(inputs.embeds, rope, inputs.visual_mask, inputs.probe_index)
+        def score() -> None:  # on the embeddings and stand-in keys/values: the same shapes and work as at layer 1
+            probe, _ = decoder.probe(inputs.embeds, rope, keys, values, inputs.visual_mask, inputs.probe_index)
             pruner.keep(probe)
 
         t_score = timed(score, args.repeats, device)
-        n0 = inputs.embeds.shape[1]
         ideal = llm_flops(cfg, length) / llm_flops(cfg, n0, cut)
-        speed = t_llm_full / t_llm
+        speed = t_base / t_llm
         print(f"| {budget} ({budget // 2}) | {int(inputs.visual_counts[0])} / {int(after.cut.visual_counts[0])} | "
               f"{1e3 * t_llm:.1f} | {speed:.2f} | {ideal:.2f} | {speed / ideal:.2f} | "
               f"{llm_flops(cfg, n0, cut) / 1e12:.3f} | {1e3 * t_e2e:.1f} | {100.0 * t_score / t_llm_full:.2f} | "
@@ -175,7 +191,12 @@ def main() -> None:
     ap.add_argument("--anyres", action="store_true", help="LLaVA-NeXT with FlowCut's two-stage cut (--pruner unused)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads (default: torch's). On a shared machine use 1: a multi-threaded op stalls "
+                         "whenever another process holds one of its cores")
     args = ap.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
     if args.anyres:
@@ -195,7 +216,6 @@ def main() -> None:
 
     full_inputs = runner.prepare(ids, pix)
     t_llm_full = timed(lm(full_inputs), args.repeats, device)
-    t_vis_full = timed(lambda: runner.encode_images(pix), args.repeats, device)
     t_e2e_full = timed(lambda: lm(runner.prepare(ids, pix))(), args.repeats, device)
     len_full = full_inputs.embeds.shape[1]
     print(f"device: {device_name(device)}; size={args.size}; pruner={args.pruner}; batch={args.batch}; {n_patch} patches; "
@@ -205,16 +225,17 @@ def main() -> None:
     print(f"| {n_patch} (none) | {1e3 * t_llm_full:.1f} | 1.00 | 1.00 | - | {llm_flops(cfg, len_full) / 1e12:.3f} | "
           f"{1e3 * t_e2e_full:.1f} | - |")
     score_only = [pruning.create(args.pruner, num_tokens=n_patch)]
-    t_vis_score = timed(lambda: runner.encode_images(pix, score_only), args.repeats, device)
+    t_vis_full, t_vis_score = timed_pair(lambda: runner.encode_images(pix), lambda: runner.encode_images(pix, score_only),
+                                         args.repeats, device)
     overhead = 100.0 * max(t_vis_score - t_vis_full, 0.0) / t_e2e_full
     for budget in (n_patch * 192 // 576, n_patch * 128 // 576, n_patch * 64 // 576):
         hooks = [pruning.create(args.pruner, num_tokens=budget)]
         inputs = runner.prepare(ids, pix, hooks=hooks)
-        t_llm = timed(lm(inputs), args.repeats, device)
+        t_base, t_llm = timed_pair(lm(full_inputs), lm(inputs), args.repeats, device)  # speed-up from one pair
         t_e2e = timed(lambda: lm(runner.prepare(ids, pix, hooks=hooks))(), args.repeats, device)
         length = inputs.embeds.shape[1]
         ideal = llm_flops(cfg, len_full) / llm_flops(cfg, length)
-        speed = t_llm_full / t_llm
+        speed = t_base / t_llm
         print(f"| {budget} | {1e3 * t_llm:.1f} | {speed:.2f} | {ideal:.2f} | {speed / ideal:.2f} | "
               f"{llm_flops(cfg, length) / 1e12:.3f} | {1e3 * t_e2e:.1f} | {overhead:.2f} |")
 

@@ -85,7 +85,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--methods", nargs="+", default=list(learners()))
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     a = p.parse_args()
+    if a.threads is not None:
+        torch.set_num_threads(a.threads)
     device = torch.device("cpu" if a.cpu or not torch.cuda.is_available() else "cuda")
     torch.manual_seed(0)
     backbone = ViTBackbone("vit_base_patch16_224", pretrained=False).to(device)

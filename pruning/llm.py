@@ -4,10 +4,10 @@ decoder layer, with scores conditioned on the text.
 A vision pruner (:class:`~vlm.pruning.base.TokenPruner`) acts in the vision tower through the
 block-loop hooks. An :class:`LlmTokenPruner` acts in the LLM prefill, which the runner drives layer
 by layer (``vlm.towers.language_model.CutDecoder``, used by ``LlavaRunner`` whenever such a pruner
-is among the hooks). At decoder layer ``layer`` the runner recomputes, from that layer's input
-hidden states with the layer's own input norm, q/k/v projections and RoPE, the query and value of
-one probe row per sample (the last prompt token) and the keys and values of the sample's visual
-tokens, and passes them as an :class:`LlmProbe` to :meth:`LlmTokenPruner.keep`. After the layer,
+is among the hooks). At decoder layer ``layer`` the runner takes the layer's own post-RoPE keys and
+values (from its KV cache) of the sample's visual tokens and of one probe row per sample (the last
+prompt token), re-projects the probe row's query from the layer's input with the layer's input
+norm, ``q_proj`` and RoPE, and passes them as an :class:`LlmProbe` to :meth:`LlmTokenPruner.keep`. After the layer,
 each sample keeps all its text tokens and the kept visual tokens, in their original order; layers
 ``layer + 1`` onwards run on the shorter sequence. Positions, masks and the KV-cache split belong to
 the runner, so a pruner here is only a score.

@@ -4,10 +4,11 @@ layer with an LLM-stage token cut (:class:`~vlm.pruning.llm.LlmTokenPruner`, e.g
 :class:`CutDecoder` drives a ``LlamaModel``-like decoder (``layers``, ``rotary_emb``, ``norm``) with
 the model's own modules, so its attention implementation (sdpa, eager, flash) is untouched:
 
-* layers ``0..k`` (``k = pruner.layer``) run on the assembled sequence. At layer ``k`` the probe
-  row (each sample's last prompt token) and the sample's visual tokens are re-projected from the
-  layer's input hidden states with its ``input_layernorm``, ``q/k/v_proj`` and RoPE (one query row
-  and N keys/values per sample: no attention matrix), and the pruner picks the visual tokens kept;
+* layers ``0..k`` (``k = pruner.layer``) run on the assembled sequence and always fill a KV cache
+  (the caller's, or a scratch one). The pruner scores with layer ``k``'s own post-RoPE keys and
+  values from that cache, and the probe row's query (each sample's last prompt token) re-projected
+  from the layer's input with its ``input_layernorm``, ``q_proj`` and RoPE: one query row per
+  sample, no attention matrix and no recomputed keys; then it picks the visual tokens kept;
 * after layer ``k`` each sample keeps its text tokens and the kept visual tokens, in order,
   re-padded on the input's padding side; layers ``k+1..`` run on that shorter sequence.
 
@@ -139,7 +140,7 @@ class CutDecoder:
             raise NotImplementedError("An LLM-stage cut needs full-attention layers only (no sliding-window or linear layers).")
         attn = lm.layers[pruner.layer].self_attn
         if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
-            raise NotImplementedError(f"{type(attn).__name__} normalises q/k; the probe re-projection does not model that.")
+            raise NotImplementedError(f"{type(attn).__name__} normalises q/k; the probe query re-projection does not model that.")
         self.lm = lm
         self.pruner = pruner
         self.position_policy = position_policy
@@ -163,25 +164,31 @@ class CutDecoder:
         return h
 
     # --- the probe ----------------------------------------------------------------------------
-    def probe(self, h: Tensor, rope: tuple[Tensor, Tensor], visual: Tensor, probe_index: Tensor) -> tuple[LlmProbe, Tensor]:
-        """Re-project the probe row and the visual tokens from layer ``k``'s input ``h [B, L, D]``.
-        Returns the probe and ``visual_index [B, N]`` (sequence row of each visual slot)."""
+    def probe(
+        self, h: Tensor, rope: tuple[Tensor, Tensor], keys: Tensor, values: Tensor, visual: Tensor, probe_index: Tensor
+    ) -> tuple[LlmProbe, Tensor]:
+        """The pruner's view of layer ``k``: the probe row's query, re-projected from the layer's input
+        ``h [B, L, D]`` (its input norm, ``q_proj`` and RoPE: one row per sample), and the layer's own
+        post-RoPE ``keys`` / ``values [B, Hkv, L, d]`` (from its KV cache) at the probe row and the
+        visual tokens. Returns the probe and ``visual_index [B, N]`` (sequence row of each visual slot)."""
         layer = self.lm.layers[self.pruner.layer]
         attn = layer.self_attn
         b, d = h.shape[0], attn.head_dim
-        heads, kv_heads = attn.q_proj.out_features // d, attn.k_proj.out_features // d
+        heads = attn.q_proj.out_features // d
         counts = visual.sum(1)
         n = int(counts.max())
         visual_index = torch.sort((~visual).to(torch.int8), dim=1, stable=True).indices[:, :n]
-        index = torch.cat([probe_index[:, None], visual_index], 1)
-        x = layer.input_layernorm(rows(h, index))
-        cos, sin = (rows(t, index) for t in rope)
-        q = attn.q_proj(x[:, :1]).view(b, 1, heads, d).transpose(1, 2)
-        k = attn.k_proj(x[:, 1:]).view(b, n, kv_heads, d).transpose(1, 2)
-        v = attn.v_proj(x).view(b, n + 1, kv_heads, d).transpose(1, 2)
-        q = self.apply_rope(q, q, cos[:, :1], sin[:, :1])[0]
-        k = self.apply_rope(k, k, cos[:, 1:], sin[:, 1:])[0]
-        return LlmProbe(q[:, :, 0], v[:, :, 0], k, v[:, :, 1:], counts), visual_index
+        x = layer.input_layernorm(rows(h, probe_index[:, None]))
+        cos, sin = (rows(t, probe_index[:, None]) for t in rope)
+        q = attn.q_proj(x).view(b, 1, heads, d).transpose(1, 2)
+        q = self.apply_rope(q, q, cos, sin)[0]
+
+        def at(t: Tensor, index: Tensor) -> Tensor:  # [B, Hkv, L, d] at sequence rows index [B, M]
+            return torch.gather(t, 2, index[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))
+
+        probe = LlmProbe(q[:, :, 0], at(values, probe_index[:, None])[:, :, 0], at(keys, visual_index),
+                         at(values, visual_index), counts)  # fmt: skip
+        return probe, visual_index
 
     # --- prefill and decoding -----------------------------------------------------------------
     def prefill(self, inputs: LlmInputs, padding_side: str, cache=None) -> tuple[Tensor, LlmCut]:
@@ -192,10 +199,15 @@ class CutDecoder:
         if bool(visual.gather(1, probe_index[:, None]).any()):
             raise ValueError("The LLM-stage cut scores with each sample's last prompt token; it must be text, not an image token.")
         before = LayerGroup(range(0, k + 1), inputs.attention_mask, inputs.position_ids)
-        mask, rope = self.context(before, inputs.embeds, cache)
-        h = self.run(range(0, k), inputs.embeds, mask, rope, before.position_ids, cache)
-        probe, visual_index = self.probe(h, rope, visual, probe_index)
-        h = self.run(range(k, k + 1), h, mask, rope, before.position_ids, cache)
+        from transformers import DynamicCache
+
+        # Layers 0..k always fill a cache: layer k's keys and values are the scores' inputs.
+        early = cache if cache is not None else DynamicCache(config=self.lm.config)
+        mask, rope = self.context(before, inputs.embeds, early)
+        h_in = self.run(range(0, k), inputs.embeds, mask, rope, before.position_ids, early)
+        h = self.run(range(k, k + 1), h_in, mask, rope, before.position_ids, early)
+        kv = early.layers[k]
+        probe, visual_index = self.probe(h_in, rope, kv.keys, kv.values, visual, probe_index)
 
         length = h.shape[1]
         slot = torch.where(probe.valid, visual_index, length)  # padding slots land on a dropped column

@@ -120,6 +120,8 @@ class TokenPruner(TowerHook):
         order = torch.sort(masked, dim=1, descending=True, stable=True).indices
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=scores.device).expand(b, n))
         keep = (valid & ~patch) | (patch & (rank < count_t[:, None]))
+        if bool((keep == valid).all()):  # nothing to drop (e.g. an entropy cut of 0): no gather
+            return state, list(carry or [])
         kept = keep.sum(1)
         index = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, : int(kept.max())]
         new = state.select(index)

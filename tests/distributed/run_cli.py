@@ -1,6 +1,7 @@
 """Subprocess driver for the distributed tests: `vlm` configs -> fit, then test, in one process group.
 
-    python -m tests.distributed.run_cli --out result.json [--signal-at-step N] [--no-test] -- <vlm fit args>
+    python -m tests.distributed.run_cli --out result.json [--signal-at-step N | --stop-at-step N] [--ckpt_path P]
+        [--no-test] -- <vlm fit args>
 
 Lightning's DDP launcher re-runs this same command for the other local ranks, so it must not run
 inside pytest. Rank 0 writes `--out`: the learned prompt tensors, the test metrics, every test
@@ -28,8 +29,9 @@ from vlm.cli import VLMCLI
 class Record(L.Callback):
     """Records the start step and, per test dataloader, the `index` of every evaluated sample."""
 
-    def __init__(self, signal_at_step: int | None) -> None:
+    def __init__(self, signal_at_step: int | None, stop_at_step: int | None = None) -> None:
         self.signal_at_step = signal_at_step
+        self.stop_at_step = stop_at_step
         self.start_step: int | None = None
         self.indices: dict[int, list[int]] = {}
 
@@ -40,6 +42,8 @@ class Record(L.Callback):
         if self.signal_at_step is not None and trainer.global_step == self.signal_at_step:
             os.kill(os.getpid(), signal.SIGUSR1)  # Lightning's SLURM handler saves hpc_ckpt_N and requeues
             trainer.should_stop = True
+        if self.stop_at_step is not None and trainer.global_step == self.stop_at_step:
+            trainer.should_stop = True  # every rank stops after the same step (an interruption)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # type: ignore[no-untyped-def]
         self.indices.setdefault(dataloader_idx, []).extend(batch["index"].tolist())
@@ -50,13 +54,15 @@ def main(argv: list[str]) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--signal-at-step", type=int, default=None)
     p.add_argument("--no-test", action="store_true")
+    p.add_argument("--stop-at-step", type=int, default=None, help="stop every rank after step N (no signal)")
+    p.add_argument("--ckpt_path", default=None, help="resume fit from this checkpoint")
     own, rest = p.parse_known_args(argv)
     if rest and rest[0] == "--":
         rest = rest[1:]
     cli = VLMCLI(args=rest, run=False)
-    record = Record(own.signal_at_step)
+    record = Record(own.signal_at_step, own.stop_at_step)
     cli.trainer.callbacks.append(record)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=own.ckpt_path)
     metrics: dict[str, float] = {}
     per_rank: list[dict[int, list[int]]] = [record.indices]
     if not own.no_test:

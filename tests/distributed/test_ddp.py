@@ -57,3 +57,26 @@ def test_evaluation_counts_every_sample_once(runs: dict[int, dict]) -> None:
         for loader, n in expected.items():
             counted = Counter(i for rank in per_rank for i in rank.get(loader, []))
             assert sorted(counted) == list(range(n)) and set(counted.values()) == {1}
+
+
+def test_two_processes_resume_mid_epoch_bitwise(tmp_path: Path) -> None:
+    """2 ranks x batch 1 over 6 shots (3 steps an epoch, 2 epochs) with random crop + flip: stopped
+    after step 4 (inside epoch 2) and resumed from last.ckpt, they end on the uninterrupted prompts."""
+    data = toy_data(tmp_path / "toy")
+    cfg = write_config(tmp_path, data, batch_size=1)
+    every_step = ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.every_n_train_steps=1",
+                  "--trainer.callbacks.save_last=true", "--trainer.deterministic=true",
+                  "--data.init_args.train_transforms=[random_resized_crop, random_flip, normalize]"]  # fmt: skip
+
+    def fit(name: str, extra: list[str]) -> dict:
+        run = tmp_path / name
+        args = ["--config", str(cfg), "--trainer.devices", "2", "--trainer.default_root_dir", str(run),
+                *every_step, "--trainer.callbacks.dirpath", str(run / "ckpt")]  # fmt: skip
+        return run_cli(run.with_suffix(".json"), args, base_env(), timeout=180, extra=["--no-test", *extra])
+
+    whole = fit("whole", [])
+    stopped = fit("stopped", ["--stop-at-step", "4"])
+    assert stopped["global_step"] == 4 and whole["global_step"] == 6
+    resumed = fit("resumed", ["--ckpt_path", str(tmp_path / "stopped" / "ckpt" / "last.ckpt")])
+    assert resumed["start_step"] == 4 and resumed["global_step"] == 6
+    assert resumed["learned"] == whole["learned"]

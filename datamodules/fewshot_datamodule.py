@@ -9,9 +9,9 @@ Class names are read at `__init__` so LightningCLI links (`data.classnames -> mo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 from torch.utils.data import DataLoader
@@ -208,6 +208,10 @@ class FewShotDataModule(L.LightningDataModule):
             self._check(test=test)
             self.predict_set = self._dataset(test, False, "test[all]")
 
+    def _collate(self, ds: ImageListDataset) -> Callable[[list], Any]:
+        """The batch collation of ``ds`` (subclasses with other sample layouts override it)."""
+        return CollateSkipCorrupt((3, self.image_size, self.image_size))
+
     def _loader(self, ds: ImageListDataset | None, batch_size: int, shuffle: bool, stage: str) -> DataLoader:
         if ds is None:
             raise RuntimeError(f"Call setup('{stage}') before asking for its dataloader.")
@@ -215,7 +219,7 @@ class FewShotDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
-            collate_fn=CollateSkipCorrupt((3, self.image_size, self.image_size)),
+            collate_fn=self._collate(ds),
         )
         if shuffle:  # training: resumable mid-epoch, per-sample seeded augmentation
             return resumable_loader(ds, batch_size, **kwargs)

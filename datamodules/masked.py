@@ -24,7 +24,7 @@ is close to, not identical with, that order.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -32,13 +32,11 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
 from vlm.datamodules.fewshot_datamodule import FewShotDataModule
 from vlm.datamodules.image_list import CollateSkipCorrupt, ImageListDataset, OnCorrupt
-from vlm.datamodules.resumable import PassLoader, resumable_loader
 from vlm.datamodules.splits import Datum
 from vlm.datamodules.transforms import (
     AVAILABLE_TRAIN_TRANSFORMS,
@@ -264,13 +262,7 @@ class MaskedFewShotDataModule(FewShotDataModule):
             on_corrupt=self.on_corrupt, name=f"{self.dataset}/{name}",
         )  # fmt: skip
 
-    def _loader(self, ds: ImageListDataset | None, batch_size: int, shuffle: bool, stage: str) -> DataLoader:
-        if not isinstance(ds, MaskedImageListDataset):
-            return super()._loader(ds, batch_size, shuffle, stage)
-        kwargs: dict = dict(
-            num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
-            collate_fn=CollateMasked((3, self.image_size, self.image_size)),
-        )  # fmt: skip
-        if shuffle:
-            return resumable_loader(ds, batch_size, **kwargs)
-        return PassLoader(ds, batch_size=batch_size, **kwargs)
+    def _collate(self, ds: ImageListDataset) -> Callable[[list], Any]:
+        if isinstance(ds, MaskedImageListDataset):
+            return CollateMasked((3, self.image_size, self.image_size))
+        return super()._collate(ds)

@@ -136,12 +136,29 @@ def export_main(argv: list[str]) -> None:
     print(f"exported to {out}; evaluate with: vlm test --config {out / 'config.yaml'}")
 
 
+def release_process_group() -> None:
+    """Tear down the default process group, if any, before the interpreter exits.
+
+    Lightning keeps the group alive after ``fit``/``test`` so that a later stage can reuse it.
+    Left to interpreter shutdown, gloo's worker threads and the TCP store's daemon are destroyed
+    in arbitrary order, which aborts the process ("terminate called without an active exception",
+    exit -6) after a successful run, and SLURM then reports the job as failed. Releasing it here,
+    after every rank has finished its last collective, makes a clean exit deterministic.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "export":
         export_main(argv[1:])
         return
     VLMCLI(args=argv)
+    release_process_group()
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 
-from vlm.cli import VLMCLI
+from vlm.cli import VLMCLI, release_process_group
 
 
 class Record(L.Callback):
@@ -84,6 +84,7 @@ def main(argv: list[str]) -> None:
         }
         with open(own.out, "w") as f:
             json.dump(out, f)
+    release_process_group()  # a clean exit code: see its docstring
 
 
 if __name__ == "__main__":

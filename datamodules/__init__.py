@@ -2,7 +2,8 @@
 
 CoOp split files and Dassl few-shot sampling (`splits`, `fewshot`), CLIP preprocessing
 (`transforms`), the few-shot / base-to-new DataModule (`fewshot_datamodule`), N-way K-shot
-episodes (`episodic`), the offline MNIST quickstart data (`mnist`) and hand-written prompt
+episodes (`episodic`), the offline MNIST quickstart data (`mnist`, and its quadrant task
+`mnist_location`) and hand-written prompt
 templates (`templates`). The dataset
 registry (`dataset_specs`, `readers_*`) reads every supported dataset in its standard layout for
 `DatasetDataModule`; `webdataset` trains from shards (`ShardDataModule`).
@@ -25,6 +26,7 @@ from vlm.datamodules.fewshot import load_or_create_fewshot, sample_fewshot, subs
 from vlm.datamodules.fewshot_datamodule import FewShotDataModule
 from vlm.datamodules.image_list import ImageListDataset
 from vlm.datamodules.mnist import MNISTFewShotDataModule, MNISTPretrainDataModule, prepare_mnist
+from vlm.datamodules.mnist_location import MNISTLocationDataModule, prepare_mnist_location
 from vlm.datamodules.splits import Datum, read_split
 from vlm.datamodules.webdataset import ShardDataModule
 from vlm.datamodules.transforms import CLIP_MEAN, CLIP_STD, build_test_transform, build_train_transform
@@ -43,6 +45,7 @@ __all__ = [
     "ImageListDataset",
     "MNISTEpisodicDataModule",
     "MNISTFewShotDataModule",
+    "MNISTLocationDataModule",
     "MNISTPretrainDataModule",
     "ShardDataModule",
     "available_datasets",
@@ -53,6 +56,7 @@ __all__ = [
     "load_or_create_fewshot",
     "mean_ci95",
     "prepare_mnist",
+    "prepare_mnist_location",
     "read_split",
     "sample_episodes",
     "sample_fewshot",

@@ -85,6 +85,13 @@ def _write_png(array: np.ndarray, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def write_split_atomic(split: dict[str, list[list[object]]], split_file: Path) -> None:
+    """Write a split file last and atomically: its presence marks a complete dataset."""
+    tmp = split_file.with_name(f".{split_file.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(split), encoding="utf-8")
+    os.replace(tmp, split_file)
+
+
 def prepare_mnist(root: str | os.PathLike[str] | None = None) -> Path:
     """Materialise the MNIST quickstart dataset under `<root>/mnist5k` (idempotent); return that folder.
 
@@ -110,9 +117,7 @@ def prepare_mnist(root: str | os.PathLike[str] | None = None) -> Path:
                     _write_png(images[row], class_dir / f"{row:04d}.png")
                 split[key].append([relpath, label, name])
             start += n
-    tmp = split_file.with_name(f".{split_file.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(split), encoding="utf-8")
-    os.replace(tmp, split_file)  # written last: its presence marks a complete dataset
+    write_split_atomic(split, split_file)
     return data_dir
 
 

@@ -20,6 +20,7 @@ from typing import Optional
 import pytest
 
 from vlm.cli import main
+from vlm.datamodules.episodic import mean_ci95
 
 ROOT = Path(__file__).resolve().parents[1]
 VIT = ROOT / "configs/quickstart/vit"
@@ -72,3 +73,10 @@ def test_ktpp_beats_the_prototype_baseline(data_root: Path, tmp_path: Path, monk
     assert b["test/episodes"] == k["test/episodes"] == 300.0  # the same fixed test episodes
     assert 20.0 < b["test/acc"] < 100.0, "the frozen features must be far above 20 % (5-way chance)"
     assert k["test/acc"] > b["test/acc"], f"KTPP {k['test/acc']:.2f} +- {k['test/ci95']:.2f} vs prototypes {b['test/acc']:.2f} +- {b['test/ci95']:.2f}"
+    # Paired over the same episodes (results.json keeps each episode's accuracy, in test order).
+    eb, ek = base["model"]["episode_acc"], ktpp["model"]["episode_acc"]
+    assert len(eb) == len(ek) == 300
+    assert abs(sum(eb) / 300 - b["test/acc"]) < 1e-3 and abs(sum(ek) / 300 - k["test/acc"]) < 1e-3
+    gain, ci = mean_ci95([x - y for x, y in zip(ek, eb)])
+    print(f"KTPP - prototypes, paired over 300 episodes: {gain:+.2f} +- {ci:.2f}")
+    assert gain - ci > 0.0, "the paired 95 % interval of KTPP's gain must exclude zero"

@@ -17,6 +17,7 @@ def collect_results(trainer: L.Trainer, model: L.LightningModule, config_path: O
     dm = getattr(trainer, "datamodule", None)
     backbone = getattr(model, "backbone", None)
     extra = getattr(dm, "result_extras", None)
+    model_extra = getattr(model, "result_extras", None)
     return {
         "metrics": metrics,
         "seed": seed if seed is not None else _env_seed(),
@@ -26,6 +27,7 @@ def collect_results(trainer: L.Trainer, model: L.LightningModule, config_path: O
         "config": config_path,
         "versions": package_versions(),
         **({"data": extra() if callable(extra) else extra} if extra else {}),
+        **({"model": model_extra()} if callable(model_extra) else {}),
     }
 
 

@@ -82,6 +82,7 @@ class EpisodicClassifier(LearnedOnlyModule):
         self.classnames: list[str] = []
         self._text: Optional[Tensor] = None
         self._accs: dict[str, list[Tensor]] = {"val": [], "test": []}
+        self.episode_accuracies: dict[str, list[float]] = {}  # last report per stage, for results.json
         self.cache_eval_features = cache_eval_features
         self._feature_cache: dict[tuple[int, ...], dict[int, Tensor]] = {}
 
@@ -175,10 +176,16 @@ class EpisodicClassifier(LearnedOnlyModule):
             accs = self.all_gather(accs).reshape(-1)
         if accs.numel() == 0:
             return
+        self.episode_accuracies[stage] = accs.float().cpu().tolist()
         mean, ci = mean_ci95(accs.float().cpu())
         self.log(f"{stage}/acc", mean, prog_bar=True, sync_dist=False, rank_zero_only=True)
         self.log(f"{stage}/ci95", ci, sync_dist=False, rank_zero_only=True)
         self.log(f"{stage}/episodes", float(accs.numel()), sync_dist=False, rank_zero_only=True)
+
+    def result_extras(self) -> dict[str, list[float]]:
+        """Per-episode test accuracies (%) for ``results.json``, in test order (rank-major under
+        DDP): two methods tested on the same fixed episodes can then be compared paired."""
+        return {"episode_acc": self.episode_accuracies.get("test", [])}
 
     def on_validation_epoch_start(self) -> None:
         self._feature_cache = {}  # the learned prompts change between validations

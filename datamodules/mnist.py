@@ -65,15 +65,15 @@ def load_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
     return raw[:, :-1].reshape(-1, 28, 28), raw[:, -1].astype(np.int64)
 
 
-def _split_ok(split_file: Path, image_root: Path) -> bool:
-    """True if the split file has the expected per-class counts and every image exists."""
+def split_ok(split_file: Path, image_root: Path, counts: dict[str, list[int]]) -> bool:
+    """True if the split file holds exactly `counts[key][label]` items per split and label and
+    every image exists (a complete, current dataset: preparation can be skipped)."""
     try:
-        split = read_split(split_file, image_root, required=tuple(SPLIT_SIZES))
+        split = read_split(split_file, image_root, required=tuple(counts))
     except (OSError, ValueError):
         return False
-    for key, per_class in SPLIT_SIZES.items():
-        counts = np.bincount([d.label for d in split[key]], minlength=10)
-        if len(counts) != 10 or not (counts == per_class).all():
+    for key, expected in counts.items():
+        if np.bincount([d.label for d in split[key]], minlength=len(expected)).tolist() != expected:
             return False
     return all(os.path.isfile(d.impath) for items in split.values() for d in items)
 
@@ -101,7 +101,7 @@ def prepare_mnist(root: str | os.PathLike[str] | None = None) -> Path:
     data_dir = (Path(root).expanduser() if root is not None else default_data_root()) / DATASET_DIR
     image_root = data_dir / "images"
     split_file = data_dir / "split_zhou_MNIST.json"
-    if _split_ok(split_file, image_root):
+    if split_ok(split_file, image_root, {k: [n] * 10 for k, n in SPLIT_SIZES.items()}):
         return data_dir
     images, labels = load_mnist_5k()
     rs = np.random.RandomState(0)

@@ -31,6 +31,7 @@ from vlm.datamodules.mnist import (
     default_data_root,
     load_mnist_5k,
     prepare_mnist,
+    split_ok,
     write_split_atomic,
 )
 from vlm.datamodules.splits import read_split
@@ -58,17 +59,10 @@ def place_in_quadrant(digit: np.ndarray, quadrant: int) -> np.ndarray:
     return canvas
 
 
-def _location_ok(split_file: Path, image_root: Path) -> bool:
-    """True if each split holds its digits' count in four balanced quadrants and every image exists."""
-    try:
-        split = read_split(split_file, image_root, required=tuple(LOCATION_SPLITS))
-    except (OSError, ValueError):
-        return False
-    for key, per_digit in LOCATION_SPLITS.items():
-        counts = np.bincount([d.label for d in split[key]], minlength=4)
-        if len(counts) != 4 or counts.sum() != 10 * per_digit or counts.max() - counts.min() > 10:
-            return False
-    return all(os.path.isfile(d.impath) for items in split.values() for d in items)
+def _quadrant_counts(per_digit: int) -> list[int]:
+    """Images per quadrant in a split with `per_digit` images of each of the 10 digits: each digit
+    spreads `arange(per_digit) % 4` over the quadrants, so the first `per_digit % 4` get one more."""
+    return [10 * (per_digit // 4 + (q < per_digit % 4)) for q in range(4)]
 
 
 def prepare_mnist_location(root: str | os.PathLike[str] | None = None) -> Path:
@@ -82,7 +76,7 @@ def prepare_mnist_location(root: str | os.PathLike[str] | None = None) -> Path:
     data_dir = base / LOCATION_DIR
     image_root = data_dir / "images"
     split_file = data_dir / f"split_zhou_{LOCATION_DATASET}.json"
-    if _location_ok(split_file, image_root):
+    if split_ok(split_file, image_root, {k: _quadrant_counts(n) for k, n in LOCATION_SPLITS.items()}):
         return data_dir
     images, _ = load_mnist_5k()
     rs = np.random.RandomState(1)

@@ -176,8 +176,9 @@ class EpisodicClassifier(LearnedOnlyModule):
             accs = self.all_gather(accs).reshape(-1)
         if accs.numel() == 0:
             return
-        self.episode_accuracies[stage] = accs.float().cpu().tolist()
-        mean, ci = mean_ci95(accs.float().cpu())
+        accs = accs.float().cpu()
+        self.episode_accuracies[stage] = accs.tolist()
+        mean, ci = mean_ci95(accs)
         self.log(f"{stage}/acc", mean, prog_bar=True, sync_dist=False, rank_zero_only=True)
         self.log(f"{stage}/ci95", ci, sync_dist=False, rank_zero_only=True)
         self.log(f"{stage}/episodes", float(accs.numel()), sync_dist=False, rank_zero_only=True)

@@ -19,7 +19,6 @@ from vlm.datamodules.episodic import (
     EpisodicDataModule,
     MNISTEpisodicDataModule,
     load_or_create_episodes,
-    mean_ci95,
     sample_episodes,
 )
 from vlm.datamodules.fewshot import load_or_create_fewshot, sample_fewshot, subsample_classes
@@ -54,7 +53,6 @@ __all__ = [
     "get_dataset",
     "load_or_create_episodes",
     "load_or_create_fewshot",
-    "mean_ci95",
     "prepare_mnist",
     "prepare_mnist_location",
     "read_split",

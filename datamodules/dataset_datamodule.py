@@ -29,7 +29,7 @@ class DatasetDataModule(FewShotDataModule):
     Args:
         root: the dataset folder in its standard layout (see `prepare.py check --dataset NAME`).
         dataset: registry name, e.g. "oxford_pets", "imagenet_a", "vtab_cifar", "cub", "hta_svhn".
-        num_shots: K shots per class; < 1 uses the full train split (VTAB, FGVC, HTA).
+        num_shots: K shots per class; 0 uses the full train split (VTAB, FGVC, HTA); negative is an error.
         template: prompt template; None uses the dataset's own (CoOp's per-dataset template).
         train_split: the split key used for training, e.g. "train800val200" for VTAB final runs.
         download: fetch missing raw files with torchvision before reading (first process of the
@@ -110,7 +110,9 @@ class DatasetDataModule(FewShotDataModule):
         A class absent from a small train split (VTAB's 800 images of 397 SUN classes) keeps its label.
         """
         names = label_to_classname(*self._split.values(), source=self.spec.name)
-        total = int(self.spec.options.get("num_classes", 0)) or (max(names) + 1 if names else 0)  # type: ignore[call-overload]
+        declared = int(self.spec.options.get("num_classes", 0))  # type: ignore[call-overload]
+        total = declared or (max(names) + 1 if names else 0)
+        check_label_range(names, declared, f"{self.spec.name} under {self.root}")
         return [Datum("", y, names.get(y, f"class_{y}")) for y in range(total)] if total else []
 
     def templates(self, ensemble: str) -> list[str]:
@@ -134,3 +136,27 @@ class DatasetDataModule(FewShotDataModule):
             "registry_name": self.spec.name, "family": self.spec.family, "num_shots": self.num_shots,
             "seed": self.seed, "subsample": self.subsample, "test_subsets": list(self.test_subsets),
         }
+
+
+def check_label_range(names: dict[int, str], declared: int, source: str) -> None:
+    """Labels must be 0..K-1: K is the dataset's declared class count, else the labels must have no
+    gap (a gap would become an imageless class "class_<y>" in the prompts and the accuracy). Raise a
+    ``ValueError`` naming the missing or out-of-range labels otherwise."""
+    labels = sorted(names)
+    if not labels:
+        return
+    if labels[0] < 0 or (declared and labels[-1] >= declared):
+        bad = [y for y in labels if y < 0 or (declared and y >= declared)]
+        raise ValueError(
+            f"{source}: labels {bad[:10]} are outside 0..{(declared or labels[-1] + 1) - 1}; the split's labels must "
+            "count classes from 0."
+        )
+    if declared:
+        return
+    missing = sorted(set(range(labels[-1] + 1)) - set(labels))
+    if missing:
+        raise ValueError(
+            f"{source}: the labels are not contiguous: {len(missing)} of 0..{labels[-1]} never occur ({missing[:10]}"
+            f"{' ...' if len(missing) > 10 else ''}), in any split. Labels must be 0..n-1 without gaps: renumber the "
+            "split file's labels (keeping their order), or remove the classes' entries consistently."
+        )

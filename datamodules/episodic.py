@@ -2,7 +2,7 @@
 
 The one implementation of the episodic protocol in vlm: episode sampling (:class:`EpisodeSampler`,
 also behind :func:`sample_episodes` and the stored index files of :func:`load_or_create_episodes`),
-the 95 % interval (:func:`mean_ci95`) and the datamodules.
+the 95 % interval (:func:`vlm.metrics.mean_ci95`) and the datamodules.
 
 An episode draws ``way`` classes of one class split, then ``shot + query`` distinct images of each;
 the batch lists the support images class by class (``shot`` each), then the query images class by
@@ -33,7 +33,6 @@ from there. The training sampler is reseeded with ``seed + epoch`` each epoch (`
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -182,16 +181,6 @@ def load_or_create_episodes(
     tmp.write_text(json.dumps({"format": "vlm-episodes-v1", "seed": seed, "episodes": payload}))
     os.replace(tmp, path)
     return eps
-
-
-def mean_ci95(values: Sequence[float] | torch.Tensor) -> tuple[float, float]:
-    """``(mean, 1.96 * std / sqrt(n))`` over per-episode accuracies, ``std`` the sample standard
-    deviation (ddof 1); the half-width is 0 for a single episode."""
-    arr = np.asarray(values.detach().cpu() if isinstance(values, torch.Tensor) else values, dtype=np.float64).reshape(-1)
-    if arr.size == 0:
-        raise ValueError("mean_ci95 needs at least one value.")
-    std = float(arr.std(ddof=1)) if arr.size > 1 else 0.0
-    return float(arr.mean()), 1.96 * std / math.sqrt(arr.size)
 
 
 class EpisodeCollate:

@@ -51,9 +51,11 @@ def generate_fewshot(
 ) -> list[Datum]:
     """K examples per label drawn from `rng`, as `generate_fewshot_dataset(..., repeat=False)`.
 
-    `num_shots < 1` returns all items unchanged (Dassl's convention).
+    `num_shots == 0` returns all items unchanged (Dassl's convention for K < 1); negative is an error.
     """
-    if num_shots < 1:
+    if num_shots < 0:
+        raise ValueError(f"num_shots must be >= 0 (0 = every image), got {num_shots}.")
+    if num_shots == 0:
         return list(items)
     if strict:
         check_shots(items, num_shots, split)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from vlm.datamodules.distributed import exact_eval_sampler
@@ -44,7 +45,9 @@ class FewShotDataModule(L.LightningDataModule):
         dataset: the split file's name part, e.g. "OxfordPets" for `split_zhou_OxfordPets.json`.
         image_dir: image root relative to `root` that the split's relpaths start from ("images";
             "" or "." when the relpaths start at `root` itself, as for StanfordCars).
-        num_shots: K training shots per class (val uses min(K, 4)); < 1 uses the full splits.
+        num_shots: K training shots per class (val uses min(K, 4)); 0 uses the full splits; negative is
+            an error. A class with fewer than K train images keeps all of them (Dassl), with a warning;
+            `results.json` records the shots actually used (`data.shots_used`).
         seed: few-shot sampling seed (Python `random`, as Dassl); seeds 1, 2, 3 in the papers.
         subsample: classes to train and validate on: "base" (first half of the sorted labels),
             "new" (second half) or "all".
@@ -97,6 +100,10 @@ class FewShotDataModule(L.LightningDataModule):
         super().__init__()
         if type(self).__init__ is FewShotDataModule.__init__:  # subclasses with own args save their own
             self.save_hyperparameters()
+        if not isinstance(num_shots, int) or num_shots < 0:
+            raise ValueError(
+                f"num_shots must be a whole number >= 0 (K images per class; 0 = the full train split), got {num_shots!r}."
+            )
         for name in (subsample, *test_subsets):
             if name not in ("base", "new", "all"):
                 raise ValueError(f"Class subsets are 'base', 'new' or 'all'; got {name!r}.")
@@ -124,6 +131,7 @@ class FewShotDataModule(L.LightningDataModule):
         self.val_set: ImageListDataset | None = None
         self.test_sets: list[ImageListDataset] = []
         self.predict_set: ImageListDataset | None = None
+        self.shots_used: dict[str, object] | None = None
 
     # ----------------------------------------------------------------------------- class names
     def _load_split(self) -> dict[str, list[Datum]]:
@@ -139,7 +147,11 @@ class FewShotDataModule(L.LightningDataModule):
         names = label_to_classname(self._class_items(), *self._split.values(), source=str(self.split_file))
         labels = sorted({d.label for d in self._class_items()})
         if labels != list(range(len(labels))):
-            raise ValueError(f"'{self.split_file}': train labels must be 0..n-1 without gaps, got {labels[:10]}...")
+            missing = sorted(set(range(max(labels) + 1)) - set(labels))[:10] if labels else []
+            raise ValueError(
+                f"'{self.split_file}': the train labels are not contiguous: they must be 0..n-1 without gaps, got "
+                f"{labels[:10]}{' ...' if len(labels) > 10 else ''} (missing {missing}). Renumber the split's labels."
+            )
         extra = sorted({d.label for items in self._split.values() for d in items} - set(labels))
         if extra:
             raise ValueError(f"'{self.split_file}': labels {extra[:10]} occur in val/test but not in train.")
@@ -196,6 +208,7 @@ class FewShotDataModule(L.LightningDataModule):
         if stage in (None, "fit", "validate") and self.train_set is None:
             train, val = self._fewshot()
             train, val = subsample_classes(train, val, subsample=self.subsample)
+            self.shots_used = shots_used(train, self.num_shots, f"{self.dataset} train[{self.subsample}]")
             self._check(train=train, val=val)
             self.train_set = self._dataset(train, True, f"train[{self.subsample}]")
             self.val_set = self._dataset(val, False, f"val[{self.subsample}]")
@@ -253,4 +266,33 @@ class FewShotDataModule(L.LightningDataModule):
         """Recorded in results.json under `data`: how many corrupt images were skipped (this process's
         datasets; on_corrupt='skip') and the first 20 of their paths."""
         skipped = self.skipped_images()
-        return {"on_corrupt": self.on_corrupt, "skipped_images": len(skipped), "skipped_paths": skipped[:20]}
+        out: dict[str, object] = {"on_corrupt": self.on_corrupt, "skipped_images": len(skipped), "skipped_paths": skipped[:20]}
+        if self.shots_used is None and self._split.get("train"):  # a test-only run: the shots the fit drew
+            train, _ = subsample_classes(*self._fewshot(), subsample=self.subsample)
+            self.shots_used = shots_used(train, self.num_shots, f"{self.dataset} train[{self.subsample}]", warn=False)
+        if self.shots_used is not None:
+            out["shots_used"] = self.shots_used
+        return out
+
+
+def shots_used(train: list[Datum], num_shots: int, name: str, warn: bool = True) -> dict[str, object]:
+    """The train images per class actually drawn: min/max, and the classes below `num_shots`
+    (which keep all their images, Dassl's non-strict behaviour), warned about once."""
+    counts: dict[str, int] = {}
+    for d in train:
+        counts[d.classname] = counts.get(d.classname, 0) + 1
+    short = {c: n for c, n in counts.items() if num_shots > 0 and n < num_shots}
+    if short and warn:
+        shown = ", ".join(f"{c!r}: {n}" for c, n in list(short.items())[:5])
+        rank_zero_warn(
+            f"num_shots={num_shots}, but {len(short)} of {len(counts)} classes of {name} have fewer train images "
+            f"({shown}{', ...' if len(short) > 5 else ''}); they are used with all they have. results.json records "
+            "the shots used (data.shots_used); set strict_shots=true to make this an error."
+        )
+    return {
+        "requested": num_shots,
+        "min": min(counts.values(), default=0),
+        "max": max(counts.values(), default=0),
+        "classes_below_requested": dict(list(short.items())[:50]),
+        "num_classes_below_requested": len(short),
+    }

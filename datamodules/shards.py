@@ -14,7 +14,6 @@ per-rank sampler and count every sample exactly once.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import random
@@ -26,20 +25,14 @@ from typing import Any
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-
 from vlm.datamodules.splits import Datum
+from vlm.datamodules.transforms import to_rgb
+
+from vlm.hashing import sha256_file
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "vlm-shards-v1"
 _EXT = {".jpeg": "jpg", ".jpg": "jpg", ".png": "png", ".ppm": "ppm", ".bmp": "bmp", ".webp": "webp"}
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_shards(
@@ -157,7 +150,7 @@ class ShardIndexDataset(Dataset):
         if f is None:
             f = self._files[shard] = (self.folder / shard).open("rb")
         f.seek(offset)
-        image = Image.open(io.BytesIO(f.read(size))).convert("RGB")
+        image = to_rgb(Image.open(io.BytesIO(f.read(size))))
         return {"image": self.transform(image), "label": torch.tensor(label), "index": torch.tensor(int(key))}
 
     def __getstate__(self) -> dict[str, Any]:

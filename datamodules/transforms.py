@@ -5,7 +5,8 @@ size x size unless a crop is listed, `random_crop` (padding 4), `random_resized_
 (0.08, 1), bicubic), then `random_flip`, ToTensor and, if listed, `normalize` (CLIP mean/std by default).
 Test (`_build_transform_test`): resize the shorter side to `size` (bicubic), center-crop `size`,
 ToTensor and `normalize` if the train list has it. Images are converted to RGB, as Dassl's
-`read_image` does.
+`read_image` does; 16-bit and float greyscale images (`I;16`, `I`, `F`) are first scaled to 8 bits
+by `to_rgb` (PIL's own conversion clips them, turning most 16-bit images white).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+import numpy as np
 from PIL import Image
 from torchvision import transforms as T
 
@@ -46,9 +48,52 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()
-            return img.convert("RGB")
+            return to_rgb(img)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise CorruptImageError(path, e) from e
+
+
+def _decode_error(path: str) -> str | None:
+    """``None`` when ``path`` decodes as the loaders decode it (:func:`load_image`), else why not."""
+    try:
+        load_image(path)
+    except OSError as err:  # CorruptImageError, FileNotFoundError
+        return str(err)
+    return None
+
+
+def decode_errors(paths: Sequence[str], workers: int = 1) -> list[tuple[str, str]]:
+    """``(path, message)`` for each of ``paths`` that :func:`load_image` cannot decode, decoding
+    with ``workers`` processes (``scripts/data/prepare.py check --decode``)."""
+    paths = list(paths)
+    if workers > 1 and len(paths) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers) as pool:
+            errors = list(pool.map(_decode_error, paths, chunksize=max(1, len(paths) // (workers * 16))))
+    else:
+        errors = [_decode_error(p) for p in paths]
+    return [(p, e) for p, e in zip(paths, errors) if e is not None]
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as 8-bit RGB with its real intensities.
+
+    ``I;16*`` (16-bit greyscale PNG/TIFF) is scaled by 255 / 65535. ``I`` (32-bit integers, how some
+    Pillow versions open 16-bit PNGs) is taken as 16-bit when its maximum exceeds 255, else as 8-bit.
+    ``F`` (float) is taken as [0, 1] when its maximum is at most 1, else as [0, 255]. Other modes use
+    PIL's ``convert("RGB")``.
+    """
+    mode = img.mode
+    if not (mode.startswith("I;16") or mode in ("I", "F")):
+        return img.convert("RGB")
+    arr = np.asarray(img, dtype=np.float64)
+    if mode.startswith("I;16") or (mode == "I" and arr.size and arr.max() > 255):
+        arr = arr * (255.0 / 65535.0)
+    elif mode == "F" and arr.size and arr.max() <= 1.0:
+        arr = arr * 255.0
+    grey = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey, mode="L").convert("RGB")
 
 
 def _interpolation(name: str) -> T.InterpolationMode:

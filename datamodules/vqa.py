@@ -18,6 +18,7 @@ import lightning as L
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from vlm.datamodules.transforms import to_rgb
 from vlm.metrics_vqa import SCORERS
 
 _ANSWER_KEYS = ("answers", "answer", "label")
@@ -55,7 +56,7 @@ class VQAQuestions(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         q = self.questions[i]
         with Image.open(self.image_folder / q["image"]) as im:
-            image = im.convert("RGB")
+            image = to_rgb(im)
         return {"question_id": q["question_id"], "image": image, "text": q["text"], "answer": self.answers[i],
                 "category": q.get("category", "default")}
 

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from vlm.datamodules.distributed import exact_eval_sampler, rank_and_world
 from vlm.datamodules.shards import ShardIndexDataset, read_manifest
-from vlm.datamodules.transforms import CLIP_MEAN, CLIP_STD, DEFAULT_TRAIN_TRANSFORMS, build_test_transform, build_train_transform
+from vlm.datamodules.transforms import CLIP_MEAN, CLIP_STD, DEFAULT_TRAIN_TRANSFORMS, build_test_transform, build_train_transform, to_rgb
 
 SubsetName = Literal["base", "new", "all"]
 IMAGE_KEYS = "jpg;png;ppm;bmp;webp"
@@ -53,7 +53,7 @@ class _ToItem:
     def __call__(self, sample: tuple[Any, Any, dict[str, Any]]) -> dict[str, torch.Tensor]:
         image, label, info = sample
         return {
-            "image": self.transform(image.convert("RGB")),
+            "image": self.transform(to_rgb(image)),
             "label": torch.tensor(self.relabel[int(label)]),
             "index": torch.tensor(int(info["index"])),
         }

@@ -1,8 +1,9 @@
 """Fused masked attention in Triton: every :class:`AttnSpec` field, forward and backward.
 
-``dispatch.attention`` calls :func:`supports` and :func:`triton_attention` on CUDA (or on CPU
+``dispatch.attention`` calls :func:`supports` and :func:`triton_attention` on CUDA for the specs
+PyTorch's SDPA kernels cannot express (plain, padded and causal calls go to SDPA), or on CPU
 under ``TRITON_INTERPRET=1`` with ``VLM_ATTENTION_BACKEND=triton``, which is how the CPU tests
-reach it). ``reference.py`` is the definition this module reproduces.
+reach it. ``reference.py`` is the definition this module reproduces.
 
 How each field is computed (kernels in ``triton_attn_kernels.py``, masks in
 ``triton_attn_masks.py``, launches in ``triton_attn_ops.py``):
@@ -10,7 +11,8 @@ How each field is computed (kernels in ``triton_attn_kernels.py``, masks in
 * **Flash attention**: online softmax over key tiles, fp32 accumulation, per-row
   ``lse = log sum_j e^{s_ij}`` saved; the backward recomputes ``P = e^{s - lse}`` tile by tile
   (FlashAttention-2: one kernel for dK/dV, one for dQ, ``D = rowsum(dO ⊙ (O - epilogue))``).
-* **Groups + allow**: each tile gathers ``allow[q_group, k_group]``; no N x N mask. A host-built
+* **Groups + allow**: each query group's allowed key groups are two int32 bit words (at most 64
+  key groups), read per row; no N x N mask. A host-built
   table of the groups present per tile marks tiles empty (skipped; under ``all_keys`` they still
   feed the denominator), full (no mask gathers) or mixed.
 * **k_lengths / varlen / causal / Nq != Nk**: loop bounds plus an index predicate (causal is
@@ -26,14 +28,16 @@ How each field is computed (kernels in ``triton_attn_kernels.py``, masks in
   backward uses ``D_g = sum_{j in g} (e^{s_j - m} / Z_g) dP_j`` per group, which is also
   ``d gate_g``: a gate tensor that requires grad gets it (summed to its own shape).
 * **topk** (KTPP): pass 1 finds each row's k-th largest logit of its base set with a running
-  sorted top-k list one key tile wide (``k <= 256``; ``k >= Nk`` is dropped as a no-op); the
+  sorted top-k list (``k <= 256``; ``k >= Nk`` is dropped as a no-op) merged with each key tile; the
   attention passes keep ``s >= threshold`` (ties keep all). Logits are computed with identical tile
   shapes in every pass so the comparison is bit-exact.
 * **epilogue_add**: added in the epilogue; its gradient is ``sum_rows dO``.
 * **probe_rows**: a small kernel recomputes the selected rows' final weights from the saved
   ``lse`` (``P x Nk`` logits). Probes carry no gradient.
-* **dtypes / head dims**: fp32 (full-precision dots, no TF32), fp16, bf16; ``D`` in
-  {16, 32, 64, 128}. Under the interpreter fp16/bf16 tiles are upcast to fp32 (its bf16 dot is wrong).
+* **dtypes / head dims**: fp32, fp16, bf16; ``D`` in {16, 32, 64, 128}. fp32 dots use TF32 on a
+  GPU by default (``triton_attn_ops.FP32_DOT``: ``tf32x3`` or ``ieee`` for exact products).
+  Under the interpreter products are exact and fp16/bf16 tiles are upcast to fp32 (its bf16 dot
+  is wrong).
 * Fully masked rows give ``out = 0`` (+ epilogue), ``lse = -inf`` and zero, finite gradients.
 * The gradient of ``lse`` is supported (``dS += P ⊙ dlse``) except with a fixed segment gate.
 
@@ -55,11 +59,12 @@ import torch
 from torch import Tensor
 
 from vlm.kernels.spec import AttnOutput, AttnSpec
-from vlm.kernels.triton_attn_ops import INTERPRET, MAX_TOPK_BLOCK, triton_attn_bwd, triton_attn_fwd
+from vlm.kernels.triton_attn_ops import (INTERPRET, MAX_KEY_GROUPS, MAX_TOPK_BLOCK, triton_attn_bwd,
+                                         triton_attn_fwd)
 
 import triton
 
-__all__ = ["supports", "triton_attention", "TritonAttentionFunction"]
+__all__ = ["supports", "supports_call", "triton_attention", "TritonAttentionFunction"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _HEAD_DIMS = (16, 32, 64, 128)
@@ -118,6 +123,12 @@ def supports(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec) -> bool:
     """True when the fused kernels implement this call exactly (else dispatch falls back)."""
     if not (_device_ok(q) and k.device == q.device and v.device == q.device):
         return False
+    return supports_call(q, k, v, spec)
+
+
+def supports_call(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec) -> bool:
+    """:func:`supports` without the device check: dtypes, shapes and spec fields only (what
+    ``offline_compile`` asks of CPU tensors that stand in for CUDA ones)."""
     if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return False
     if q.shape[-1] not in _HEAD_DIMS or k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1]:
@@ -133,6 +144,8 @@ def supports(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec) -> bool:
         return False  # the reference raises; let it
     if spec.row_subset is not None and spec.allow is None and spec.q_groups is None:
         return False
+    if spec.allow is not None and spec.allow.shape[1] > MAX_KEY_GROUPS:
+        return False
     total_k = k.shape[0] if spec.is_varlen else k.shape[2]
     if spec.topk is not None and spec.topk < total_k and triton.next_power_of_2(spec.topk) > MAX_TOPK_BLOCK:
         return False
@@ -141,7 +154,7 @@ def supports(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec) -> bool:
         if isinstance(gate, Tensor):
             if spec.is_varlen and gate.numel() != 1:
                 return False
-            if gate.dim() > 4 or not _device_ok(gate) and gate.numel() != 1:
+            if gate.dim() > 4 or gate.device != q.device and gate.numel() != 1:
                 return False
     if spec.epilogue_add is not None and spec.epilogue_add.shape[-1] != q.shape[-1]:
         return False

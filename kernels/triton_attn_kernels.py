@@ -10,8 +10,8 @@ All kernels share one argument block (tensors made contiguous by the host, see
   (``[B, H, Nq]`` padded, ``[Tq, H]`` varlen); per-(row, key group) arrays append a trailing
   ``NG`` axis.
 * group ids ``QG``/``KG``, subset ranks ``KR`` (rank of a key inside ``subset_group``, -1 outside),
-  the ``[Gq, Gk]`` ``Allow`` matrix, the ``row_subset`` words ``RS`` and the per-tile class table
-  ``Tab`` (0 = empty, 1 = mixed, 2 = full).
+  the ``allow`` matrix as two int32 bit words per query group (``Allow [Gq, 2]``), the
+  ``row_subset`` words ``RS`` and the per-tile class table ``Tab`` (0 = empty, 1 = mixed, 2 = full).
 
 Notation: ``s = scale q k^T``; ``lse_i = log sum_{j in denom(i)} e^{s_ij}``;
 ``P_ij = e^{s_ij - lse_i}`` on the denominator set. Exponentials are base 2
@@ -38,19 +38,28 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from vlm.kernels.triton_attn_masks import mm, scores, seq_bounds, tile_masks
+from vlm.kernels.triton_attn_masks import group_rows, mm, mm_onehot, per_key, scores, seq_bounds, tile_masks
 
-LOG2E: tl.constexpr = 1.4426950408889634
+#: ``log2(e)``. Bound as a ``tl.constexpr`` *object*: compiled Triton rejects plain (or merely
+#: annotated) module globals inside ``@triton.jit`` code; the interpreter never checks.
+LOG2E = tl.constexpr(1.4426950408889634)
+
+#: Integer arguments that are sizes, not strides of the contiguous head dim: they are not
+#: specialised on ``== 1`` / divisibility by 16, so a new sequence length, head count or group
+#: count reuses the compiled kernel instead of compiling another variant (the alignment of the
+#: strides, which vectorises loads, stays specialised).
+_SIZE_ARGS = ["a_sb", "a_sh", "g_qsb", "g_ksb", "rs_sb", "rs_sn", "tab_sb", "tab_sq", "tab_sk",
+              "H", "NQ", "NK"]
 
 
 @triton.jit
 def _fwd_tile(
-    acc, m_i, l_i, q, qg, rs_rows, thr, shift, aux, offs_m, row_ok, start_n, cls,
-    b, h, k0, nq, nk, nk_eff, K, V, KG, KR, Mult, NG, k_sb, k_sh, k_sn, g_ksb, Allow, GK, scale,
-    CAUSAL: tl.constexpr, HAS_ALLOW: tl.constexpr, HAS_SUBSET: tl.constexpr, HAS_TABLE: tl.constexpr,
+    acc, m_i, l_i, q, qg, rs_rows, thr, shift, aux, offs_m, row_ok, start_n,
+    b, h, k0, nq, nk, nk_eff, K, V, KG, KR, cmat, k_sb, k_sh, k_sn, g_ksb, Allow, scale,
+    CAUSAL: tl.constexpr, HAS_ALLOW: tl.constexpr, HAS_SUBSET: tl.constexpr,
     ALL_KEYS: tl.constexpr, HAS_TOPK: tl.constexpr, HAS_KG: tl.constexpr, FIXED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, UPCAST: tl.constexpr,
-    IEEE: tl.constexpr,
+    DOT: tl.constexpr, G_PAD: tl.constexpr,
 ):
     """One key tile of the forward: update ``(acc, m_i, l_i)``."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -68,14 +77,13 @@ def _fwd_tile(
         kg = tl.load(KG + b * g_ksb + k0 + offs_n, mask=col_ok, other=0)
     if HAS_SUBSET:
         kr = tl.load(KR + b * g_ksb + k0 + offs_n, mask=col_ok, other=-1)
-    s = scores(q, k, scale, IEEE)
-    denom, sem = tile_masks(s, thr, cls, offs_m, offs_n, row_ok, col_ok, nq, nk, nk_eff, qg, kg, kr,
-                            rs_rows, Allow, GK, CAUSAL, HAS_ALLOW, HAS_SUBSET, HAS_TABLE, ALL_KEYS,
+    s = scores(q, k, scale, DOT)
+    denom, sem = tile_masks(s, thr, offs_m, offs_n, row_ok, col_ok, nq, nk, nk_eff, qg, kg, kr,
+                            rs_rows, Allow, CAUSAL, HAS_ALLOW, HAS_SUBSET, ALL_KEYS,
                             HAS_TOPK, BLOCK_M, BLOCK_N)
     if FIXED:
-        mult = tl.load(Mult + aux[:, None] * NG + kg[None, :], mask=denom, other=0.0)
-        p = tl.where(denom, tl.exp2((s - shift[:, None]) * LOG2E) * mult, 0.0)
-        acc += mm(p.to(v.dtype), v, IEEE)
+        p = tl.where(denom, tl.exp2((s - shift[:, None]) * LOG2E) * per_key(cmat, kg, G_PAD), 0.0)
+        acc += mm(p.to(v.dtype), v, DOT)
     else:
         s_m = tl.where(denom, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s_m, 1))
@@ -85,22 +93,22 @@ def _fwd_tile(
         l_i = l_i * alpha + tl.sum(p, 1)
         if ALL_KEYS:
             p = tl.where(sem, p, 0.0)
-        acc = acc * alpha[:, None] + mm(p.to(v.dtype), v, IEEE)
+        acc = acc * alpha[:, None] + mm(p.to(v.dtype), v, DOT)
         m_i = m_new
     return acc, m_i, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZE_ARGS + ["NG"])
 def attn_fwd(
     Q, K, V, q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, a_sb, a_sh, a_sn, CuQ, CuK, KLen,
-    QG, KG, KR, g_qsb, g_ksb, Allow, GK, RS, rs_sb, rs_sn, Tab, tab_sb, tab_sq, tab_sk, Thr,
+    QG, KG, KR, g_qsb, g_ksb, Allow, RS, rs_sb, rs_sn, Tab, tab_sb, tab_sq, tab_sk, Thr,
     H, NQ, NK, scale,
     Out, Lse, Epi, Shift, Mult, NG,
     VARLEN: tl.constexpr, HAS_KLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALLOW: tl.constexpr,
     HAS_SUBSET: tl.constexpr, HAS_TABLE: tl.constexpr, ALL_KEYS: tl.constexpr,
     HAS_TOPK: tl.constexpr, HAS_KG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    FIXED: tl.constexpr, HAS_EPI: tl.constexpr,
+    HEAD_D: tl.constexpr, UPCAST: tl.constexpr, DOT: tl.constexpr,
+    FIXED: tl.constexpr, HAS_EPI: tl.constexpr, G_PAD: tl.constexpr,
 ):
     """Forward: one program per (query tile, batch x head). Writes ``Out`` and ``Lse``."""
     pid_m = tl.program_id(0)
@@ -124,9 +132,11 @@ def attn_fwd(
     if HAS_TOPK:
         thr = tl.load(Thr + aux, mask=row_ok, other=float("-inf"))
     shift = tl.zeros([BLOCK_M], dtype=tl.float32)
+    cmat = tl.zeros([BLOCK_M, G_PAD], dtype=tl.float32)
     if FIXED:
         shift = tl.load(Shift + aux, mask=row_ok, other=float("-inf"))
         shift = tl.where(shift == float("-inf"), 0.0, shift)
+        cmat = group_rows(Mult, aux, row_ok, NG, G_PAD)
     hi = nk_eff
     if CAUSAL:
         hi = tl.minimum(hi, (pid_m + 1) * BLOCK_M + nk - nq)
@@ -142,16 +152,16 @@ def attn_fwd(
                 run = cls >= 0  # empty tiles still feed the all-key denominator
             if run:
                 acc, m_i, l_i = _fwd_tile(
-                    acc, m_i, l_i, q, qg, rs_rows, thr, shift, aux, offs_m, row_ok, start_n, cls,
-                    b, h, k0, nq, nk, nk_eff, K, V, KG, KR, Mult, NG, k_sb, k_sh, k_sn, g_ksb,
-                    Allow, GK, scale, CAUSAL, HAS_ALLOW, HAS_SUBSET, HAS_TABLE, ALL_KEYS, HAS_TOPK,
-                    HAS_KG, FIXED, BLOCK_M, BLOCK_N, HEAD_D, UPCAST, IEEE)
+                    acc, m_i, l_i, q, qg, rs_rows, thr, shift, aux, offs_m, row_ok, start_n,
+                    b, h, k0, nq, nk, nk_eff, K, V, KG, KR, cmat, k_sb, k_sh, k_sn, g_ksb,
+                    Allow, scale, CAUSAL, HAS_ALLOW, HAS_SUBSET, ALL_KEYS, HAS_TOPK,
+                    HAS_KG, FIXED, BLOCK_M, BLOCK_N, HEAD_D, UPCAST, DOT, G_PAD)
         else:
             acc, m_i, l_i = _fwd_tile(
-                acc, m_i, l_i, q, qg, rs_rows, thr, shift, aux, offs_m, row_ok, start_n, 1,
-                b, h, k0, nq, nk, nk_eff, K, V, KG, KR, Mult, NG, k_sb, k_sh, k_sn, g_ksb,
-                Allow, GK, scale, CAUSAL, HAS_ALLOW, HAS_SUBSET, HAS_TABLE, ALL_KEYS, HAS_TOPK,
-                HAS_KG, FIXED, BLOCK_M, BLOCK_N, HEAD_D, UPCAST, IEEE)
+                acc, m_i, l_i, q, qg, rs_rows, thr, shift, aux, offs_m, row_ok, start_n,
+                b, h, k0, nq, nk, nk_eff, K, V, KG, KR, cmat, k_sb, k_sh, k_sn, g_ksb,
+                Allow, scale, CAUSAL, HAS_ALLOW, HAS_SUBSET, ALL_KEYS, HAS_TOPK,
+                HAS_KG, FIXED, BLOCK_M, BLOCK_N, HEAD_D, UPCAST, DOT, G_PAD)
     if FIXED:
         out = acc
     else:
@@ -165,43 +175,66 @@ def attn_fwd(
 
 
 @triton.jit
-def _merge_topk_by_rank(buf, tile, BLOCK_N: tl.constexpr):
-    """Sorted (descending) top-``BLOCK_N`` of ``buf ∪ tile`` by explicit ranks (interpreter path).
+def _merge_topk_by_rank(buf, tile, TOPK_W: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Sorted (descending) top-``TOPK_W`` of ``buf ∪ tile`` by explicit ranks (interpreter path).
 
-    ``buf`` is sorted descending, so its own rank is its index; ties go to ``buf`` first, then to
-    the lower tile index, which makes every rank unique. Position ``r`` of the result takes the
-    element of rank ``r``. Same result as the sort path, but ``[BLOCK_M, BLOCK_N, BLOCK_N]``
-    temporaries, far too large for GPU registers and far faster than ``tl.sort`` under the
-    interpreter.
+    ``buf [BLOCK_M, TOPK_W]`` is sorted descending, so its own rank is its index; ties go to
+    ``buf`` first, then to the lower tile index, which makes every rank unique. Position ``r`` of
+    the result takes the element of rank ``r``. Same result as :func:`_merge_topk_by_sort`, with
+    ``[BLOCK_M, TOPK_W, TOPK_W]`` temporaries: far too large for GPU registers and far faster
+    than ``tl.sort`` under the interpreter.
     """
-    idx = tl.arange(0, BLOCK_N)
-    rank_a = idx[None, :] + tl.sum((tile[:, None, :] > buf[:, :, None]).to(tl.int32), 2)
-    earlier = idx[None, :] < idx[:, None]  # [i, j]: j before i
+    iw = tl.arange(0, TOPK_W)
+    it = tl.arange(0, BLOCK_N)
+    rank_a = iw[None, :] + tl.sum((tile[:, None, :] > buf[:, :, None]).to(tl.int32), 2)
+    earlier = it[None, :] < it[:, None]  # [i, j]: j before i
     beats_b = (tile[:, None, :] > tile[:, :, None]) | ((tile[:, None, :] == tile[:, :, None]) & earlier[None, :, :])
     rank_b = tl.sum((buf[:, None, :] >= tile[:, :, None]).to(tl.int32), 2) + tl.sum(beats_b.to(tl.int32), 2)
-    new_a = tl.max(tl.where(rank_a[:, None, :] == idx[None, :, None], buf[:, None, :], float("-inf")), 2)
-    new_b = tl.max(tl.where(rank_b[:, None, :] == idx[None, :, None], tile[:, None, :], float("-inf")), 2)
+    new_a = tl.max(tl.where(rank_a[:, None, :] == iw[None, :, None], buf[:, None, :], float("-inf")), 2)
+    new_b = tl.max(tl.where(rank_b[:, None, :] == iw[None, :, None], tile[:, None, :], float("-inf")), 2)
     return tl.maximum(new_a, new_b)
 
 
 @triton.jit
+def _merge_topk_by_sort(buf, tile, BLOCK_M: tl.constexpr, TOPK_W: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Sorted (descending) top-``TOPK_W`` of ``buf ∪ tile`` with sorting networks (GPU path).
+
+    The tile is sorted ascending and placed at the end of a ``TOPK_W``-wide row of ``-inf``;
+    ``max(buf_desc, that)`` holds exactly the ``TOPK_W`` largest of the union and is a bitonic
+    sequence (bitonic half-cleaner), so a bitonic *merge* (``log2 TOPK_W`` compare-exchange
+    stages, not a full sort) orders it. Only the ``BLOCK_N``-wide tile is fully sorted: a wide
+    top-k no longer widens the key tile, and the code stays small enough to compile quickly.
+    """
+    tile = tl.sort(tile, descending=False)
+    if TOPK_W > BLOCK_N:
+        chunks: tl.constexpr = TOPK_W // BLOCK_N
+        b3 = tl.reshape(buf, (BLOCK_M, chunks, BLOCK_N))
+        last = tl.arange(0, chunks)[None, :, None] == chunks - 1
+        b3 = tl.maximum(b3, tl.where(last, tile[:, None, :], float("-inf")))
+        merged = tl.reshape(b3, (BLOCK_M, TOPK_W))
+    else:
+        merged = tl.maximum(buf, tile)
+    return tl.bitonic_merge(merged, descending=True)
+
+
+@triton.jit(do_not_specialize=_SIZE_ARGS + ["TOPK"])
 def attn_topk_threshold(
     Q, K, V, q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, a_sb, a_sh, a_sn, CuQ, CuK, KLen,
-    QG, KG, KR, g_qsb, g_ksb, Allow, GK, RS, rs_sb, rs_sn, Tab, tab_sb, tab_sq, tab_sk, Thr,
+    QG, KG, KR, g_qsb, g_ksb, Allow, RS, rs_sb, rs_sn, Tab, tab_sb, tab_sq, tab_sk, Thr,
     H, NQ, NK, scale,
     TOPK,
     VARLEN: tl.constexpr, HAS_KLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALLOW: tl.constexpr,
     HAS_SUBSET: tl.constexpr, HAS_TABLE: tl.constexpr, ALL_KEYS: tl.constexpr,
     HAS_TOPK: tl.constexpr, HAS_KG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    SORT: tl.constexpr,
+    HEAD_D: tl.constexpr, UPCAST: tl.constexpr, DOT: tl.constexpr,
+    SORT: tl.constexpr, TOPK_W: tl.constexpr,
 ):
     """KTPP pass 1: each row's k-th largest logit over its base set (``-inf`` if fewer keys).
 
-    A running top-``BLOCK_N`` list per row (``BLOCK_N >= k``) sorted descending is merged with
-    each tile. ``SORT`` (GPU): sort the tile ascending; ``max(buf_desc, tile_asc)`` is exactly the
-    ``BLOCK_N`` largest of their union (bitonic half-cleaner), and one more sort orders it.
-    Otherwise (interpreter, where ``tl.sort`` costs seconds) ``_merge_topk_by_rank``.
+    Logits come in the same ``BLOCK_M x BLOCK_N`` tiles as in the attention passes (bit-exact
+    ``s >= threshold`` there). A running top-``TOPK_W`` list per row (``TOPK_W >= k``, a power of
+    two, at least ``BLOCK_N``), sorted descending, is merged with each tile: by sorting networks
+    when ``SORT`` (GPU), else by ranks (interpreter, where ``tl.sort`` costs seconds).
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -224,7 +257,7 @@ def attn_topk_threshold(
     if CAUSAL:
         hi = tl.minimum(hi, (pid_m + 1) * BLOCK_M + nk - nq)
     hi = tl.where(pid_m * BLOCK_M < nq, hi, 0)
-    buf = tl.full([BLOCK_M, BLOCK_N], float("-inf"), dtype=tl.float32)
+    buf = tl.full([BLOCK_M, TOPK_W], float("-inf"), dtype=tl.float32)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < nk_eff
@@ -238,34 +271,30 @@ def attn_topk_threshold(
             kg = tl.load(KG + b * g_ksb + k0 + offs_n, mask=col_ok, other=0)
         if HAS_SUBSET:
             kr = tl.load(KR + b * g_ksb + k0 + offs_n, mask=col_ok, other=-1)
-        cls = 1
-        if HAS_TABLE:
-            cls = tl.load(Tab + b * tab_sb + pid_m * tab_sq + (start_n // BLOCK_N) * tab_sk)
-        s = scores(q, k, scale, IEEE)
-        base, sem = tile_masks(s, s, cls, offs_m, offs_n, row_ok, col_ok, nq, nk, nk_eff, qg, kg, kr,
-                               rs_rows, Allow, GK, CAUSAL, HAS_ALLOW, HAS_SUBSET, HAS_TABLE,
-                               ALL_KEYS, False, BLOCK_M, BLOCK_N)
+        s = scores(q, k, scale, DOT)
+        base, sem = tile_masks(s, s, offs_m, offs_n, row_ok, col_ok, nq, nk, nk_eff, qg, kg, kr,
+                               rs_rows, Allow, CAUSAL, HAS_ALLOW, HAS_SUBSET, ALL_KEYS, False,
+                               BLOCK_M, BLOCK_N)
         tile = tl.where(base, s, float("-inf"))
         if SORT:
-            tile = tl.sort(tile, descending=False)
-            buf = tl.sort(tl.maximum(buf, tile), descending=True)
+            buf = _merge_topk_by_sort(buf, tile, BLOCK_M, TOPK_W, BLOCK_N)
         else:
-            buf = _merge_topk_by_rank(buf, tile, BLOCK_N)
-    cols = tl.arange(0, BLOCK_N)
+            buf = _merge_topk_by_rank(buf, tile, TOPK_W, BLOCK_N)
+    cols = tl.arange(0, TOPK_W)
     kth = tl.max(tl.where(cols[None, :] == TOPK - 1, buf, float("-inf")), 1)
     tl.store(Thr + aux, kth, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZE_ARGS + ["NG"])
 def attn_group_sums(
     Q, K, V, q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, a_sb, a_sh, a_sn, CuQ, CuK, KLen,
-    QG, KG, KR, g_qsb, g_ksb, Allow, GK, RS, rs_sb, rs_sn, Tab, tab_sb, tab_sq, tab_sk, Thr,
+    QG, KG, KR, g_qsb, g_ksb, Allow, RS, rs_sb, rs_sn, Tab, tab_sb, tab_sq, tab_sk, Thr,
     H, NQ, NK, scale,
     Shift, Zout, DO, NG,
     VARLEN: tl.constexpr, HAS_KLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALLOW: tl.constexpr,
     HAS_SUBSET: tl.constexpr, HAS_TABLE: tl.constexpr, ALL_KEYS: tl.constexpr,
     HAS_TOPK: tl.constexpr, HAS_KG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    HEAD_D: tl.constexpr, UPCAST: tl.constexpr, DOT: tl.constexpr,
     WITH_DO: tl.constexpr, G_PAD: tl.constexpr,
 ):
     """Per-(row, key group) sums for the segmented fixed gate.
@@ -318,28 +347,25 @@ def attn_group_sums(
         kr = offs_n * 0 - 1
         if HAS_SUBSET:
             kr = tl.load(KR + b * g_ksb + k0 + offs_n, mask=col_ok, other=-1)
-        cls = 1
-        if HAS_TABLE:
-            cls = tl.load(Tab + b * tab_sb + pid_m * tab_sq + (start_n // BLOCK_N) * tab_sk)
-        s = scores(q, k, scale, IEEE)
-        denom, sem = tile_masks(s, thr, cls, offs_m, offs_n, row_ok, col_ok, nq, nk, nk_eff, qg, kg,
-                                kr, rs_rows, Allow, GK, CAUSAL, HAS_ALLOW, HAS_SUBSET, HAS_TABLE,
-                                ALL_KEYS, HAS_TOPK, BLOCK_M, BLOCK_N)
+        s = scores(q, k, scale, DOT)
+        denom, sem = tile_masks(s, thr, offs_m, offs_n, row_ok, col_ok, nq, nk, nk_eff, qg, kg,
+                                kr, rs_rows, Allow, CAUSAL, HAS_ALLOW, HAS_SUBSET, ALL_KEYS, HAS_TOPK,
+                                BLOCK_M, BLOCK_N)
         onehot = ((kg[:, None] == gcols[None, :]) & col_ok[:, None]).to(tl.float32)
         if WITH_DO:
             v = tl.load(V + k_rows[:, None] + offs_d[None, :], mask=col_ok[:, None], other=0.0)
             if UPCAST:
                 v = v.to(tl.float32)
             e = tl.where(denom, tl.exp2((s - m_i[:, None]) * LOG2E), 0.0)
-            dp = mm(do, tl.trans(v), IEEE)
-            z += mm(e * dp, onehot, True)
+            dp = mm(do, tl.trans(v), DOT)
+            z += mm_onehot(e * dp, onehot, DOT)
         else:
             s_m = tl.where(denom, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s_m, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp2((m_i - m_safe) * LOG2E)
             p = tl.exp2((s_m - m_safe[:, None]) * LOG2E)
-            z = z * alpha[:, None] + mm(p, onehot, True)
+            z = z * alpha[:, None] + mm_onehot(p, onehot, DOT)
             m_i = m_new
     if not WITH_DO:
         tl.store(Shift + aux, m_i, mask=row_ok)
@@ -347,16 +373,16 @@ def attn_group_sums(
              mask=row_ok[:, None] & (gcols[None, :] < NG))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZE_ARGS + ["P", "p_sb", "p_sh", "p_sp", "NG"])
 def attn_probes(
     Q, K, V, q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, a_sb, a_sh, a_sn, CuQ, CuK, KLen,
-    QG, KG, KR, g_qsb, g_ksb, Allow, GK, RS, rs_sb, rs_sn, Tab, tab_sb, tab_sq, tab_sk, Thr,
+    QG, KG, KR, g_qsb, g_ksb, Allow, RS, rs_sb, rs_sn, Tab, tab_sb, tab_sq, tab_sk, Thr,
     H, NQ, NK, scale,
     Probe, ProbeRows, P, p_sb, p_sh, p_sp, Lse, Mult, NG,
     VARLEN: tl.constexpr, HAS_KLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALLOW: tl.constexpr,
     HAS_SUBSET: tl.constexpr, HAS_TABLE: tl.constexpr, ALL_KEYS: tl.constexpr,
     HAS_TOPK: tl.constexpr, HAS_KG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    HEAD_D: tl.constexpr, UPCAST: tl.constexpr, DOT: tl.constexpr,
     FIXED: tl.constexpr,
 ):
     """Final weights of the probe rows, recomputed from the saved ``lse`` (or shift and ``c_g``).
@@ -402,9 +428,9 @@ def attn_probes(
         kg = tl.load(KG + b * g_ksb + k0 + offs_n, mask=col_ok, other=0)
     if HAS_SUBSET:
         kr = tl.load(KR + b * g_ksb + k0 + offs_n, mask=col_ok, other=-1)
-    s = scores(q, k, scale, IEEE)
-    denom, sem = tile_masks(s, thr, 1, rows, offs_n, row_ok, col_ok, nq, nk, nk_eff, qg, kg, kr,
-                            rs_rows, Allow, GK, CAUSAL, HAS_ALLOW, HAS_SUBSET, False, ALL_KEYS,
+    s = scores(q, k, scale, DOT)
+    denom, sem = tile_masks(s, thr, rows, offs_n, row_ok, col_ok, nq, nk, nk_eff, qg, kg, kr,
+                            rs_rows, Allow, CAUSAL, HAS_ALLOW, HAS_SUBSET, ALL_KEYS,
                             HAS_TOPK, BLOCK_M, BLOCK_N)
     w = tl.where(denom, tl.exp2((s - shift[:, None]) * LOG2E), 0.0)
     if FIXED:
@@ -417,22 +443,22 @@ def attn_probes(
 
 @triton.jit
 def _bwd_tile(
-    q, do, k, v, qg, kg, kr, rs_rows, thr, shift, dl_row, aux, offs_m, offs_n, row_ok, col_ok, cls,
-    nq, nk, nk_eff, Allow, GK, Mult, DL, NG, scale,
-    CAUSAL: tl.constexpr, HAS_ALLOW: tl.constexpr, HAS_SUBSET: tl.constexpr, HAS_TABLE: tl.constexpr,
+    q, do, k, v, qg, kg, kr, rs_rows, thr, shift, dl_row, aux, offs_m, offs_n, row_ok, col_ok,
+    nq, nk, nk_eff, Allow, cmat, dmat, scale,
+    CAUSAL: tl.constexpr, HAS_ALLOW: tl.constexpr, HAS_SUBSET: tl.constexpr,
     ALL_KEYS: tl.constexpr, HAS_TOPK: tl.constexpr, FIXED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, G_PAD: tl.constexpr,
 ):
     """Recompute one tile's weights and return ``(M ⊙ P, dS)`` (``dS`` without the scale)."""
-    s = scores(q, k, scale, IEEE)
-    denom, sem = tile_masks(s, thr, cls, offs_m, offs_n, row_ok, col_ok, nq, nk, nk_eff, qg, kg, kr,
-                            rs_rows, Allow, GK, CAUSAL, HAS_ALLOW, HAS_SUBSET, HAS_TABLE, ALL_KEYS,
+    s = scores(q, k, scale, DOT)
+    denom, sem = tile_masks(s, thr, offs_m, offs_n, row_ok, col_ok, nq, nk, nk_eff, qg, kg, kr,
+                            rs_rows, Allow, CAUSAL, HAS_ALLOW, HAS_SUBSET, ALL_KEYS,
                             HAS_TOPK, BLOCK_M, BLOCK_N)
     p = tl.where(denom, tl.exp2((s - shift[:, None]) * LOG2E), 0.0)
-    dp = mm(do, tl.trans(v), IEEE)
+    dp = mm(do, tl.trans(v), DOT)
     if FIXED:
-        p = p * tl.load(Mult + aux[:, None] * NG + kg[None, :], mask=denom, other=0.0)
-        dg = tl.load(DL + aux[:, None] * NG + kg[None, :], mask=denom, other=0.0)
+        p = p * per_key(cmat, kg, G_PAD)
+        dg = per_key(dmat, kg, G_PAD)
         ds = p * (dp - dg)
         pw = p
     else:
@@ -445,17 +471,17 @@ def _bwd_tile(
     return pw, ds
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZE_ARGS + ["NG"])
 def attn_bwd_dkdv(
     Q, K, V, q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, a_sb, a_sh, a_sn, CuQ, CuK, KLen,
-    QG, KG, KR, g_qsb, g_ksb, Allow, GK, RS, rs_sb, rs_sn, Tab, tab_sb, tab_sq, tab_sk, Thr,
+    QG, KG, KR, g_qsb, g_ksb, Allow, RS, rs_sb, rs_sn, Tab, tab_sb, tab_sq, tab_sk, Thr,
     H, NQ, NK, scale,
     DO, DK, DV, Lse, DL, Mult, NG,
     VARLEN: tl.constexpr, HAS_KLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALLOW: tl.constexpr,
     HAS_SUBSET: tl.constexpr, HAS_TABLE: tl.constexpr, ALL_KEYS: tl.constexpr,
     HAS_TOPK: tl.constexpr, HAS_KG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    FIXED: tl.constexpr,
+    HEAD_D: tl.constexpr, UPCAST: tl.constexpr, DOT: tl.constexpr,
+    FIXED: tl.constexpr, G_PAD: tl.constexpr,
 ):
     """Backward for one key tile: stream query tiles, ``dV += (M⊙P)^T dO``, ``dK += scale dS^T Q``."""
     pid_n = tl.program_id(0)
@@ -487,7 +513,6 @@ def attn_bwd_dkdv(
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < nq
-        cls = 1
         run = True
         if HAS_TABLE:
             cls = tl.load(Tab + b * tab_sb + (start_m // BLOCK_M) * tab_sq + pid_n * tab_sk)
@@ -512,31 +537,36 @@ def attn_bwd_dkdv(
             shift = tl.load(Lse + aux, mask=row_ok, other=float("-inf"))
             shift = tl.where(shift == float("-inf"), 0.0, shift)
             dl_row = tl.zeros([BLOCK_M], dtype=tl.float32)
-            if not FIXED:
+            cmat = tl.zeros([BLOCK_M, G_PAD], dtype=tl.float32)
+            dmat = cmat
+            if FIXED:
+                cmat = group_rows(Mult, aux, row_ok, NG, G_PAD)
+                dmat = group_rows(DL, aux, row_ok, NG, G_PAD)
+            else:
                 dl_row = tl.load(DL + aux, mask=row_ok, other=0.0)
             pw, ds = _bwd_tile(q, do, k, v, qg, kg, kr, rs_rows, thr, shift, dl_row, aux, offs_m,
-                               offs_n, row_ok, col_ok, cls, nq, nk, nk_eff, Allow, GK, Mult, DL, NG,
-                               scale, CAUSAL, HAS_ALLOW, HAS_SUBSET, HAS_TABLE, ALL_KEYS, HAS_TOPK,
-                               FIXED, BLOCK_M, BLOCK_N, IEEE)
-            dv += mm(tl.trans(pw).to(do.dtype), do, IEEE)
-            dk += mm(tl.trans(ds).to(q.dtype), q, IEEE)
+                               offs_n, row_ok, col_ok, nq, nk, nk_eff, Allow, cmat, dmat,
+                               scale, CAUSAL, HAS_ALLOW, HAS_SUBSET, ALL_KEYS, HAS_TOPK,
+                               FIXED, BLOCK_M, BLOCK_N, DOT, G_PAD)
+            dv += mm(tl.trans(pw).to(do.dtype), do, DOT)
+            dk += mm(tl.trans(ds).to(q.dtype), q, DOT)
     st = offs_n < nk
     tl.store(DK + k_rows[:, None] + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
              mask=st[:, None])
     tl.store(DV + k_rows[:, None] + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=st[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZE_ARGS + ["NG"])
 def attn_bwd_dq(
     Q, K, V, q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, a_sb, a_sh, a_sn, CuQ, CuK, KLen,
-    QG, KG, KR, g_qsb, g_ksb, Allow, GK, RS, rs_sb, rs_sn, Tab, tab_sb, tab_sq, tab_sk, Thr,
+    QG, KG, KR, g_qsb, g_ksb, Allow, RS, rs_sb, rs_sn, Tab, tab_sb, tab_sq, tab_sk, Thr,
     H, NQ, NK, scale,
     DO, DQ, Lse, DL, Mult, NG,
     VARLEN: tl.constexpr, HAS_KLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALLOW: tl.constexpr,
     HAS_SUBSET: tl.constexpr, HAS_TABLE: tl.constexpr, ALL_KEYS: tl.constexpr,
     HAS_TOPK: tl.constexpr, HAS_KG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    FIXED: tl.constexpr,
+    HEAD_D: tl.constexpr, UPCAST: tl.constexpr, DOT: tl.constexpr,
+    FIXED: tl.constexpr, G_PAD: tl.constexpr,
 ):
     """Backward for one query tile: stream key tiles, ``dQ += scale dS K``."""
     pid_m = tl.program_id(0)
@@ -564,7 +594,12 @@ def attn_bwd_dq(
     shift = tl.load(Lse + aux, mask=row_ok, other=float("-inf"))
     shift = tl.where(shift == float("-inf"), 0.0, shift)
     dl_row = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if not FIXED:
+    cmat = tl.zeros([BLOCK_M, G_PAD], dtype=tl.float32)
+    dmat = cmat
+    if FIXED:
+        cmat = group_rows(Mult, aux, row_ok, NG, G_PAD)
+        dmat = group_rows(DL, aux, row_ok, NG, G_PAD)
+    else:
         dl_row = tl.load(DL + aux, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
     hi = nk_eff
@@ -572,7 +607,6 @@ def attn_bwd_dq(
         hi = tl.minimum(hi, (pid_m + 1) * BLOCK_M + nk - nq)
     hi = tl.where(pid_m * BLOCK_M < nq, hi, 0)
     for start_n in range(0, hi, BLOCK_N):
-        cls = 1
         run = True
         if HAS_TABLE:
             cls = tl.load(Tab + b * tab_sb + pid_m * tab_sq + (start_n // BLOCK_N) * tab_sk)
@@ -595,9 +629,9 @@ def attn_bwd_dq(
             if HAS_SUBSET:
                 kr = tl.load(KR + b * g_ksb + k0 + offs_n, mask=col_ok, other=-1)
             pw, ds = _bwd_tile(q, do, k, v, qg, kg, kr, rs_rows, thr, shift, dl_row, aux, offs_m,
-                               offs_n, row_ok, col_ok, cls, nq, nk, nk_eff, Allow, GK, Mult, DL, NG,
-                               scale, CAUSAL, HAS_ALLOW, HAS_SUBSET, HAS_TABLE, ALL_KEYS, HAS_TOPK,
-                               FIXED, BLOCK_M, BLOCK_N, IEEE)
-            dq += mm(ds.to(k.dtype), k, IEEE)
+                               offs_n, row_ok, col_ok, nq, nk, nk_eff, Allow, cmat, dmat,
+                               scale, CAUSAL, HAS_ALLOW, HAS_SUBSET, ALL_KEYS, HAS_TOPK,
+                               FIXED, BLOCK_M, BLOCK_N, DOT, G_PAD)
+            dq += mm(ds.to(k.dtype), k, DOT)
     tl.store(DQ + q_rows[:, None] + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None])

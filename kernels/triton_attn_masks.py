@@ -5,12 +5,15 @@ decide, for such a tile, which (query, key) pairs are in play:
 
 * ``structural``: padding (``k_lengths``, varlen ends) and bottom-right aligned causality,
   ``j <= i + (Nk - Nq)``. These keys never enter any denominator.
-* ``semantic``: the group ``allow`` matrix (gathered from ``[Gq, Gk]`` by the two group ids, so
-  no N x N mask exists anywhere) and TCPA's ``row_subset`` bitmask: for a key of rank ``r`` inside
+* ``semantic``: the group ``allow`` matrix (one bit word pair per query group, so no N x N
+  mask exists anywhere) and TCPA's ``row_subset`` bitmask: for a key of rank ``r`` inside
   ``subset_group``, bit ``r % 64`` of word ``r // 64`` of the query row's words decides.
-* ``tile_semantic``: the same, but first consults the per-tile class table built on the host
-  from the groups present in each tile (0 = no pair allowed, 1 = mixed, 2 = every pair allowed),
-  so fully allowed tiles skip the gathers and empty tiles are skipped by the caller.
+* the per-tile class table built on the host from the groups present in each tile (0 = no pair
+  allowed, 1 = mixed, 2 = every pair allowed) lets the kernels skip empty tiles. The semantic
+  mask is evaluated on every tile that runs, without a branch on the class: with per-row loads
+  only it costs a few integer ops per element, and such a branch kept more values live and
+  yielded an i1 mask that compiled Triton could not put through shared memory (fp32 fixed gate
+  + ``allow`` in ``attn_group_sums`` failed to compile).
 
 ``scores`` computes ``s = scale * q k^T`` with the *same* operand shapes in every kernel (the
 query tile is always the left operand). That keeps the forward, the top-k threshold pass and the
@@ -24,18 +27,45 @@ import triton.language as tl
 
 
 @triton.jit
-def mm(a, b, IEEE: tl.constexpr):
-    """``a @ b`` with fp32 accumulation; ``IEEE`` forces full fp32 products (no TF32)."""
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    else:
-        return tl.dot(a, b)
+def mm(a, b, DOT: tl.constexpr):
+    """``a @ b`` with fp32 accumulation. ``DOT`` is the input precision of fp32 operands:
+    ``"ieee"`` (full fp32 products, FMA units: slow, exact), ``"tf32"`` (tensor cores, 10-bit
+    mantissa) or ``"tf32x3"`` (tensor cores, about fp32 accuracy). 16-bit operands ignore it."""
+    return tl.dot(a, b, input_precision=DOT)
 
 
 @triton.jit
-def scores(q, k, scale, IEEE: tl.constexpr):
+def mm_onehot(a, b, DOT: tl.constexpr):
+    """``a @ b`` where one operand is a 0/1 one-hot over groups (group sums, per-group values
+    spread to keys): its products are exact, so only the other operand's rounding matters.
+    ``"ieee"`` stays exact; otherwise 3xTF32 keeps about fp32 accuracy on tensor cores."""
+    if DOT == "ieee":
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision="tf32x3")
+
+
+@triton.jit
+def per_key(rows, kg, G_PAD: tl.constexpr):
+    """``rows [BLOCK_M, G_PAD]`` (one value per row and key group) spread to the keys of a tile,
+    ``out[i, j] = rows[i, kg[j]]``: a gather between registers instead of a ``[BLOCK_M, BLOCK_N]``
+    gather from memory, whose 64-bit addresses cost the fixed-gate forward its register budget."""
+    idx = tl.zeros((rows.shape[0], kg.shape[0]), dtype=tl.int32) + tl.minimum(kg, G_PAD - 1)[None, :]
+    return tl.gather(rows, idx, 1)
+
+
+@triton.jit
+def group_rows(Ptr, aux, row_ok, NG, G_PAD: tl.constexpr):
+    """Load ``[BLOCK_M, G_PAD]`` per-(row, key group) values (``NG`` of them per row, 0 past)."""
+    gcols = tl.arange(0, G_PAD)
+    return tl.load(Ptr + aux[:, None] * NG + gcols[None, :], mask=row_ok[:, None] & (gcols[None, :] < NG),
+                   other=0.0)
+
+
+@triton.jit
+def scores(q, k, scale, DOT: tl.constexpr):
     """Scaled logits ``s = scale * q @ k^T`` of one tile, fp32 ``[BLOCK_M, BLOCK_N]``."""
-    return mm(q, tl.trans(k), IEEE) * scale
+    return mm(q, tl.trans(k), DOT) * scale
 
 
 @triton.jit
@@ -72,49 +102,42 @@ def structural(offs_m, offs_n, nq, nk, nk_eff, CAUSAL: tl.constexpr):
 
 @triton.jit
 def semantic(
-    qg, kg, kr, rs_rows, row_ok, col_ok, Allow, GK,
+    qg, kg, kr, rs_rows, row_ok, col_ok, Allow,
     HAS_ALLOW: tl.constexpr, HAS_SUBSET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Group ``allow`` and ``row_subset`` mask of a tile, evaluated element by element.
 
     ``qg [BLOCK_M]``/``kg [BLOCK_N]`` are group ids, ``kr`` the key's rank inside
     ``subset_group`` (-1 outside it), ``rs_rows`` pointers to each row's first bitmask word.
+    Only per-row (1-D) loads, no ``[BLOCK_M, BLOCK_N]`` gather: ``Allow`` holds each query
+    group's allowed key groups as two int32 bit words (key groups 0-31, 32-63), and the subset
+    ranks of one key tile are consecutive, so they span at most two ``row_subset`` words.
+    Invalid rows/columns are not masked here (the structural mask does that).
     """
     sem = tl.full((BLOCK_M, BLOCK_N), 1, tl.int1)
-    ok2 = row_ok[:, None] & col_ok[None, :]
     if HAS_ALLOW:
-        a = tl.load(Allow + qg[:, None] * GK + kg[None, :], mask=ok2, other=0)
-        sem = sem & (a != 0)
+        lo = tl.load(Allow + 2 * qg, mask=row_ok, other=0)
+        hi = tl.load(Allow + 2 * qg + 1, mask=row_ok, other=0)
+        word = tl.where(kg[None, :] < 32, lo[:, None], hi[:, None])
+        sem = sem & (((word >> (kg & 31)[None, :]) & 1) != 0)
     if HAS_SUBSET:
+        tl.static_assert(BLOCK_N <= 64, "a key tile's subset ranks must span at most two words")
+        has = tl.max(kr, 0) >= 0
+        w0 = tl.where(has, tl.min(tl.where(kr >= 0, kr, 1 << 30), 0), 0) // 64
+        w1 = tl.where(has, tl.max(kr, 0), 0) // 64
+        first = tl.load(rs_rows + w0, mask=row_ok & has, other=0)
+        second = tl.load(rs_rows + w1, mask=row_ok & (w1 > w0), other=0)
         r = tl.maximum(kr, 0)
-        word = tl.load(rs_rows[:, None] + (r // 64)[None, :], mask=ok2 & (kr[None, :] >= 0), other=0)
+        word = tl.where((r // 64 == w0)[None, :], first[:, None], second[:, None])
         bit = (word >> (r % 64).to(tl.int64)[None, :]) & 1
         sem = sem & ((kr[None, :] < 0) | (bit != 0))
     return sem
 
 
 @triton.jit
-def tile_semantic(
-    cls, qg, kg, kr, rs_rows, row_ok, col_ok, Allow, GK,
-    HAS_ALLOW: tl.constexpr, HAS_SUBSET: tl.constexpr, HAS_TABLE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """``semantic`` behind the tile class: evaluate only when the tile is mixed (class 1)."""
-    if HAS_TABLE:
-        sem = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int1) | (cls == 2)
-        if cls == 1:
-            sem = semantic(qg, kg, kr, rs_rows, row_ok, col_ok, Allow, GK,
-                           HAS_ALLOW, HAS_SUBSET, BLOCK_M, BLOCK_N)
-    else:
-        sem = semantic(qg, kg, kr, rs_rows, row_ok, col_ok, Allow, GK,
-                       HAS_ALLOW, HAS_SUBSET, BLOCK_M, BLOCK_N)
-    return sem
-
-
-@triton.jit
 def tile_masks(
-    s, thr, cls, offs_m, offs_n, row_ok, col_ok, nq, nk, nk_eff, qg, kg, kr, rs_rows, Allow, GK,
-    CAUSAL: tl.constexpr, HAS_ALLOW: tl.constexpr, HAS_SUBSET: tl.constexpr, HAS_TABLE: tl.constexpr,
+    s, thr, offs_m, offs_n, row_ok, col_ok, nq, nk, nk_eff, qg, kg, kr, rs_rows, Allow,
+    CAUSAL: tl.constexpr, HAS_ALLOW: tl.constexpr, HAS_SUBSET: tl.constexpr,
     ALL_KEYS: tl.constexpr, HAS_TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """``(denom, sem)`` of a tile.
@@ -125,8 +148,7 @@ def tile_masks(
     logit of its base set, ``-inf`` when the row has fewer than k keys).
     """
     ok = structural(offs_m, offs_n, nq, nk, nk_eff, CAUSAL)
-    sem = tile_semantic(cls, qg, kg, kr, rs_rows, row_ok, col_ok, Allow, GK,
-                        HAS_ALLOW, HAS_SUBSET, HAS_TABLE, BLOCK_M, BLOCK_N)
+    sem = semantic(qg, kg, kr, rs_rows, row_ok, col_ok, Allow, HAS_ALLOW, HAS_SUBSET, BLOCK_M, BLOCK_N)
     if ALL_KEYS:
         denom = ok
     else:

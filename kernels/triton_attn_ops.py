@@ -31,13 +31,31 @@ BLOCK_M = 64
 BLOCK_N = 64
 #: Top-k merge by ``tl.sort`` (GPU); the interpreter uses an equivalent rank-based merge.
 TOPK_SORT = not INTERPRET
-#: Largest top-k tile (the running top-k list is one key tile wide).
+#: Widest running top-k list of the threshold pass (so the largest supported ``k``).
 MAX_TOPK_BLOCK = 256
+#: Input precision of the dots for fp32 tensors on a GPU: ``"tf32"`` (tensor cores, like torch's
+#: ``allow_tf32``; the default), ``"tf32x3"`` (tensor cores, about fp32 accuracy; the compiled
+#: kernel tests use it for their fp32 tolerances) or ``"ieee"`` (exact fp32 products on the FMA
+#: units: many times slower, and those kernels spill). ``VLM_TRITON_FP32_DOT`` sets it at import.
+#: The interpreter computes exact fp32 products whatever the flag says.
+FP32_DOT = os.environ.get("VLM_TRITON_FP32_DOT", "ieee" if INTERPRET else "tf32")
+_DOT_CHOICES = ("ieee", "tf32", "tf32x3")
 
 
 def topk_block(topk: int) -> int:
-    """Key-tile width for top-k: a power of two >= k (and >= the default tile)."""
+    """Width of the running top-k list: a power of two >= k (and >= the key tile)."""
     return max(BLOCK_N, triton.next_power_of_2(topk))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """The ``DOT`` constexpr for inputs of ``dtype`` (see :data:`FP32_DOT`)."""
+    if INTERPRET:
+        return "ieee"
+    if dtype != torch.float32:
+        return "tf32"  # 16-bit operands: only the fp32 one-hot group sums read it
+    if FP32_DOT not in _DOT_CHOICES:
+        raise ValueError(f"FP32_DOT / VLM_TRITON_FP32_DOT must be one of {_DOT_CHOICES}, got {FP32_DOT!r}")
+    return FP32_DOT
 
 
 @dataclasses.dataclass
@@ -65,8 +83,32 @@ class Prepared:
         """Launch ``kernel`` with the shared argument block, ``extra`` runtime args, constexprs."""
         if any(g == 0 for g in grid):
             return
-        stages = 1 if self.block_n * self.head_dim > 16384 else 2
-        kernel[grid](*self.common, *extra, **self.flags, **constexprs, num_warps=4, num_stages=stages)
+        warps, stages = launch_config(self.block_m, self.block_n, self.head_dim)
+        kwargs = dict(**self.flags, **constexprs, num_warps=warps, num_stages=stages)
+        LAUNCHER(kernel, tuple(grid), (*self.common, *extra), kwargs)
+
+
+def launch_config(block_m: int, block_n: int, head_dim: int) -> tuple[int, int]:
+    """``(num_warps, num_stages)`` of every kernel of one call.
+
+    One value for all kernels of a call: top-k compares logits of different kernels bit for bit,
+    so they must be computed by the same MMA layout. ``d = 128`` tiles take 8 warps, which keeps
+    the fp32 accumulator and the masked forward within the register file (4 warps spill there).
+    """
+    warps = 8 if block_m * head_dim >= 64 * 128 else 4
+    stages = 1 if block_n * head_dim > 16384 else 2
+    return warps, stages
+
+
+def launch_on_device(kernel, grid: tuple[int, ...], args: tuple, kwargs: dict) -> None:
+    """The default :data:`LAUNCHER`: compile (cached) and run ``kernel`` on the current device."""
+    kernel[grid](*args, **kwargs)
+
+
+#: Every kernel launch of this module goes through this callable ``(kernel, grid, args, kwargs)``.
+#: ``vlm.kernels.offline_compile`` swaps in a recorder to compile the exact specialisations for a
+#: GPU target without one.
+LAUNCHER = launch_on_device
 
 
 def _dummy(ref: Tensor, dtype: torch.dtype) -> Tensor:
@@ -92,6 +134,18 @@ def _subset_rank(kg: Tensor, subset_group: int, cu_k: Optional[Tensor]) -> Tenso
         base = torch.where(lens > 0, excl[starts], torch.zeros_like(lens))
         excl = excl - torch.repeat_interleave(base, lens, output_size=kg.numel())
     return torch.where(in_group.bool(), excl, torch.full_like(excl, -1)).to(torch.int32)
+
+
+#: Most key groups an ``allow`` matrix may have (its rows become two 32-bit words).
+MAX_KEY_GROUPS = 64
+
+
+def allow_bits(allow: Tensor) -> Tensor:
+    """``[Gq, Gk]`` bool -> int32 ``[Gq, 2]``: bit ``c % 32`` of word ``c // 32`` is ``allow[:, c]``."""
+    gq, gk = allow.shape
+    bits = torch.nn.functional.pad(allow.bool(), (0, MAX_KEY_GROUPS - gk)).view(gq, 2, 32).long()
+    words = (bits << torch.arange(32, device=allow.device)).sum(-1)
+    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32).contiguous()
 
 
 def _tile_table(qg: Tensor, kg: Tensor, kr: Optional[Tensor], allow: Optional[Tensor], bm: int,
@@ -160,8 +214,13 @@ def prepare(q: Tensor, k: Tensor, v: Tensor, cu_q: Optional[Tensor], cu_k: Optio
         aux_shape = (batch, heads, nq_arg)
         seg_q = None
     use_topk = topk > 0 and topk < max_nk
-    bn = topk_block(topk) if use_topk else BLOCK_N
-    bm = BLOCK_M if bn <= 128 else 32
+    topk_w = topk_block(topk) if use_topk else 0
+    bn = BLOCK_N
+    bm = BLOCK_M
+    if topk_w > 128:  # the threshold pass keeps a [bm, topk_w] list in registers
+        bm = min(bm, 32)
+    elif mode == "fixed":  # per-(row, group) multipliers and the gate's extra terms: more live tiles
+        bm = min(bm, 32 if d <= 64 else 16)
     has_allow = allow is not None
     has_subset = row_subset is not None
     has_kg = kg is not None and (has_allow or mode == "fixed")
@@ -185,8 +244,7 @@ def prepare(q: Tensor, k: Tensor, v: Tensor, cu_q: Optional[Tensor], cu_k: Optio
         rs_sn = words
     else:
         rs, rs_sb, rs_sn = _dummy(q, torch.int64), 0, 0
-    allow_t = allow.to(device=dev, dtype=torch.int8).contiguous() if has_allow else _dummy(q, torch.int8)
-    gk = allow.shape[1] if has_allow else 0
+    allow_t = allow_bits(allow.to(dev)) if has_allow else _dummy(q, i32)
     has_table = has_allow or has_subset
     if has_table:
         if varlen:
@@ -211,19 +269,19 @@ def prepare(q: Tensor, k: Tensor, v: Tensor, cu_q: Optional[Tensor], cu_k: Optio
         q, k, v, *q_str, *k_str, *a_str,
         cu_q if varlen else _dummy(q, i32), cu_k if varlen else _dummy(q, i32), klen_t,
         qg_t, kg_t, kr if kr is not None else _dummy(q, i32), g_qsb, g_ksb,
-        allow_t, gk, rs, rs_sb, rs_sn, tab, *tab_str, thr,
+        allow_t, rs, rs_sb, rs_sn, tab, *tab_str, thr,
         heads, nq_arg, nk_arg, float(scale),
     ]
     upcast = INTERPRET and q.dtype in (torch.float16, torch.bfloat16)
     flags = dict(
         VARLEN=varlen, HAS_KLEN=klen is not None, CAUSAL=bool(causal), HAS_ALLOW=has_allow,
         HAS_SUBSET=has_subset, HAS_TABLE=has_table, ALL_KEYS=mode == "all_keys", HAS_TOPK=use_topk,
-        HAS_KG=has_kg, BLOCK_M=bm, BLOCK_N=bn, HEAD_D=d, UPCAST=upcast,
-        IEEE=upcast or q.dtype == torch.float32,
+        HAS_KG=has_kg, BLOCK_M=bm, BLOCK_N=bn, HEAD_D=d, UPCAST=upcast, DOT=dot_precision(q.dtype),
     )
     prep = Prepared(q, k, v, varlen, batch, heads, d, max_nq, max_nk, aux_shape, common, flags, bm, bn, seg_q, thr)
     if compute_thr:
-        prep.launch(K.attn_topk_threshold, (triton.cdiv(max_nq, bm), batch * heads), topk, SORT=TOPK_SORT)
+        prep.launch(K.attn_topk_threshold, (triton.cdiv(max_nq, bm), batch * heads), topk, SORT=TOPK_SORT,
+                    TOPK_W=topk_w)
     return prep
 
 
@@ -275,7 +333,7 @@ def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, epi: Optional[Tensor], gate: Opti
                           torch.full_like(total, float("-inf")))
     epi_t = epi.contiguous() if epi is not None else _dummy(q, q.dtype)
     prep.launch(K.attn_fwd, grid_m, out, lse, epi_t, shift if fixed else lse, mult if fixed else lse, ng,
-                FIXED=fixed, HAS_EPI=epi is not None)
+                FIXED=fixed, HAS_EPI=epi is not None, G_PAD=_g_pad(ng))
     probes = none()
     if probe_rows is not None:
         p = probe_rows.numel()
@@ -336,9 +394,9 @@ def _bwd_impl(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Ten
     dv = torch.empty_like(prep.v)
     mult_arg = mult if fixed else dl
     prep.launch(K.attn_bwd_dkdv, (triton.cdiv(prep.max_nk, prep.block_n), bh), dout, dk, dv, row_shift, dl,
-                mult_arg, ng, FIXED=fixed)
+                mult_arg, ng, FIXED=fixed, G_PAD=_g_pad(ng))
     prep.launch(K.attn_bwd_dq, (triton.cdiv(prep.max_nq, prep.block_m), bh), dout, dq, row_shift, dl,
-                mult_arg, ng, FIXED=fixed)
+                mult_arg, ng, FIXED=fixed, G_PAD=_g_pad(ng))
     if epi is None:
         depi = torch.empty(0, dtype=torch.float32, device=dev)
     elif prep.varlen:

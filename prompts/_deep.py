@@ -236,6 +236,11 @@ class DeepVLPrompts(PromptLearner, ABC):
         new = prompts.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
         return state.replace(x=torch.cat([x[:, :start], new, x[:, end:]], dim=1))
 
+    def positional_tail(self) -> Optional[tuple[int, int]]:
+        """The vision prompts are the last ``n_ctx_vision`` tokens, replaced before blocks
+        ``1..depth_vision-1`` (none to replace below depth 2)."""
+        return (self.n_ctx_vision, self.depth_vision - 1) if self.depth_vision >= 2 else None
+
     def extra_repr(self) -> str:
         return (
             f"name={self.name!r}, n_ctx_text={self.n_ctx_text}, n_ctx_vision={self.n_ctx_vision}, "

@@ -36,6 +36,13 @@ class PromptLearner(TowerHook):
     #: True if the text features depend on learned parameters (no caching of class features).
     learns_text: bool = False
 
+    #: True if the learner reads the text embeddings of the classes at hand (KTPP's pyramid
+    #: prompts); the module then calls :meth:`set_class_text` before every pass.
+    needs_class_text: bool = False
+    #: Width of those class text embeddings; ``None`` until known (the module sets it before
+    #: :meth:`build` when it encodes class text with another model than the backbone).
+    class_text_width: Optional[int] = None
+
     def build(self, backbone: Any) -> None:
         """Create parameters for ``backbone``. The backbone is kept as a plain reference (it is
         owned by the LightningModule and must not appear in this learner's state dict)."""
@@ -55,6 +62,16 @@ class PromptLearner(TowerHook):
     def on_fit_start(self, module: Any) -> None:
         """Called once before training with the LightningModule (its trainer and datamodule are
         reachable), e.g. to compute class prototypes from the training shots (DiSa)."""
+
+    def set_class_text(self, embeddings: Optional[Tensor]) -> None:
+        """The class text embeddings ``[C, E]`` the next passes use (learners with ``needs_class_text``)."""
+        raise TypeError(f"{type(self).__name__} does not read class text (needs_class_text is False).")
+
+    def positional_tail(self) -> Optional[tuple[int, int]]:
+        """``(n, last)`` if the learner finds vision prompt slots *by position*, as the last ``n``
+        tokens, before blocks ``1..last``; None otherwise. A pruner whose per-sample counts differ
+        before ``last`` would move those slots (vlm.reliability.check_hooks)."""
+        return None
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}"

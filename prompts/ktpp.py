@@ -100,7 +100,7 @@ class KTPP(PromptLearner):
         self.stage_topk = [float(k) for k in stage_topk]
         self.context, self.alpha_init, self.pyramid = context, alpha_init, pyramid
         self.pyramid_grids = [int(g) for g in pyramid_grids]
-        self.gamma_init, self.text_dim = gamma_init, text_dim
+        self.gamma_init, self.class_text_width = gamma_init, text_dim
         self.num_layers = 0
         self.class_embeddings: Optional[Tensor] = None
         self.register_parameter("alpha", None)
@@ -122,14 +122,24 @@ class KTPP(PromptLearner):
         kw = dict(dtype=ref.dtype, device=ref.device)
         self.alpha = nn.Parameter(torch.full((self.num_layers,), float(self.alpha_init), **kw))
         if self.pyramid:
-            e = self.text_dim if self.text_dim is not None else getattr(backbone, "embed_dim", None)
+            e = self.class_text_width if self.class_text_width is not None else getattr(backbone, "embed_dim", None)
             if e is None:
                 raise ValueError("KTPP pyramid prompts need text_dim (the class text embedding width).")
-            self.text_dim = int(e)
-            self.t2i = nn.ModuleList(nn.Linear(self.text_dim, dim, bias=False, **kw) for _ in range(self.num_stages))
+            self.class_text_width = int(e)
+            self.t2i = nn.ModuleList(nn.Linear(self.class_text_width, dim, bias=False, **kw) for _ in range(self.num_stages))
             self.gamma = nn.Parameter(torch.full((self.num_stages,), float(self.gamma_init), **kw))
 
-    def set_class_embeddings(self, embeddings: Optional[Tensor]) -> None:
+    @property
+    def needs_class_text(self) -> bool:  # type: ignore[override]
+        """The pyramid prompts are made from the class text embeddings."""
+        return self.pyramid
+
+    @property
+    def text_dim(self) -> Optional[int]:
+        """The constructor's name for :attr:`class_text_width`."""
+        return self.class_text_width
+
+    def set_class_text(self, embeddings: Optional[Tensor]) -> None:
         """The episode's class text embeddings ``[C, E]`` (or ``[B, C, E]``), used by the next passes."""
         self.class_embeddings = embeddings
 
@@ -142,7 +152,7 @@ class KTPP(PromptLearner):
         """``P_s + gamma_s softmax(P_s F_s^T / sqrt(D)) F_s`` for the patches ``[B, Np, D]``."""
         t = self.class_embeddings
         if t is None:
-            raise RuntimeError("KTPP pyramid prompts need set_class_embeddings(...) before the forward pass.")
+            raise RuntimeError("KTPP pyramid prompts need set_class_text(...) before the forward pass.")
         t = t.to(device=patches.device, dtype=patches.dtype)
         p = self.t2i[stage](t)
         p = p.expand(patches.shape[0], -1, -1) if p.dim() == 2 else p  # [B, C, D]

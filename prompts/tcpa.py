@@ -15,8 +15,12 @@ learnable key (``keys [L, M, D]``, ``prompts [L, M * Lp, D]``, U(-1, 1) as the o
   minus the mass of its disallowed prompts. ``renormalize=True`` is the -inf-masked ablation.
   Both go through ``AttnSpec(row_subset=..., normalize="all_keys"|"softmax")``, so the fused kernel
   serves them; prompts get no query row and no MLP and are dropped after the block (``kv_only``).
-* Key-pull loss: ``lambda * sum_l (d_cls^l + d_img^l)`` with ``d^l = mean over matched
-  (token, key) pairs of (1 - cos(t, k_m))``, also during the random warm-up (official code).
+* Key-pull loss (T-TCPA only): ``lambda * sum_l (d_cls^l + d_img^l)`` with ``d^l = mean over
+  matched (token, key) pairs of (1 - cos(t, k_m))``, also during the random warm-up (official
+  code). R-TCPA (``role_only``) has no pull term: the official RDVP-only path returns no distance.
+  The official ``Pool.forward`` takes the cosine on the live residual tokens, so the pull's gradient
+  reaches the tokens (and through them the earlier layers' prompts) as well as the keys;
+  ``pull_detach_tokens=False`` (default) does the same, ``True`` stops it at the tokens (a variant).
 
 Bases (the paper plugs TCPA onto several prompt methods): ``base="vpt"`` inserts the pool prompts
 as they are (VPT-Deep + TCPA); ``base="vfpt"`` (the released code) applies prompt dropout and then
@@ -27,10 +31,10 @@ CLS pool first); ``row_subset`` bits index group 2, so a CLS row's bits lie in t
 image row's in the image pool: role and token masks in one bitmask.
 
 Explicit choices where the paper/code are silent or ViT-B-specific: any non-CLS query token
-(patches, registers) has the image role; the pull loss detaches the tokens by default
-(``pull_detach_tokens``: keys are pulled to tokens, tokens are not pushed to keys); the random
-draws use a generator reseeded with ``seed + epoch`` at every training epoch. Sizes come from the
-backbone (width, depth), never 197/768/12.
+(patches, registers) has the image role; the random draws use a generator reseeded with
+``seed + epoch`` at every training epoch. Sizes come from the backbone (width, depth), never
+197/768/12. Not implemented: the input-space conv prompter (``IPrompt_TCPA``) that the official
+CUB script enables (see ``configs/experiments/tcpa/cub.yaml``).
 """
 
 from __future__ import annotations
@@ -96,7 +100,8 @@ class TCPA(PromptLearner):
         fourier_fraction: share of the prompt block that is Fourier-transformed (``vfpt`` only).
         dropout: prompt dropout before insertion (0.1 in the released code).
         seed: seed of the random warm-up draws.
-        pull_detach_tokens: stop the pull loss's gradient into the tokens (see module docstring).
+        pull_detach_tokens: stop the pull loss's gradient into the tokens (a variant; the official
+            code does not detach them, see the module docstring).
     """
 
     towers = ("vision",)
@@ -116,7 +121,7 @@ class TCPA(PromptLearner):
         fourier_fraction: float = 1.0,
         dropout: float = 0.1,
         seed: int = 0,
-        pull_detach_tokens: bool = True,
+        pull_detach_tokens: bool = False,
     ) -> None:
         super().__init__()
         if min(pool_size_cls, pool_size_img, prompt_length) < 1:
@@ -228,7 +233,7 @@ class TCPA(PromptLearner):
         if state.lengths is not None:
             valid = torch.arange(types.shape[1], device=types.device)[None] < state.lengths[:, None]
         mc = self.pool_size_cls
-        if self.pull_weight:
+        if self.pull_weight and not self.role_only:
             pull = self._pull_term(sim[..., :mc], sel_c, is_cls & valid)
             pull = pull + self._pull_term(sim[..., mc:], sel_i, ~is_cls & valid)
             self._pull.append(pull)
@@ -268,7 +273,7 @@ class TCPA(PromptLearner):
         return state
 
     def losses(self, outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """``{"pull": lambda * sum_l (d_cls^l + d_img^l)}`` from the last forward pass."""
+        """``{"pull": lambda * sum_l (d_cls^l + d_img^l)}`` from the last forward pass (T-TCPA only)."""
         if not self.pull_weight or not self._pull:
             return {}
         return {"pull": self.pull_weight * torch.stack(self._pull).sum()}

@@ -24,7 +24,6 @@ from torch import Tensor
 from vlm.hooks import TowerHook
 from vlm.kernels import AttnOutput, AttnSpec
 from vlm.tokens import SCRATCH_NUM_BLOCKS, TokenState, TokenType
-from vlm.towers.runner import type_mask, valid_mask
 
 
 class TokenPruner(TowerHook):
@@ -113,8 +112,8 @@ class TokenPruner(TowerHook):
         tensors gathered along (e.g. cumulative scores). Returns the new state and ``carry``.
         """
         b, n = scores.shape
-        valid = valid_mask(state)
-        patch = type_mask(state, TokenType.PATCH)
+        valid = state.valid_mask()
+        patch = state.type_mask(TokenType.PATCH)
         count_t = torch.as_tensor(count, device=scores.device).expand(b).clamp(max=patch.sum(1))
         masked = scores.float().masked_fill(~patch, float("-inf"))
         order = torch.sort(masked, dim=1, descending=True, stable=True).indices
@@ -128,6 +127,13 @@ class TokenPruner(TowerHook):
         ragged = state.lengths is not None or bool((kept != kept[0]).any())
         new = new.replace(lengths=kept if ragged else None)
         return new, [torch.gather(t, 1, index) for t in (carry or [])]
+
+    # --- declarations read by vlm.reliability.check_hooks ---------------------------------------
+    def cut_layers(self, num_blocks: int) -> tuple[list[int], bool]:
+        """(the blocks after which this pruner may cut, in a pass of ``num_blocks`` blocks; whether
+        the kept counts may differ per sample). The default is the safe assumption: any block,
+        ragged. Pruners override it from their own settings."""
+        return list(range(num_blocks)), True
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, num_tokens={self.num_tokens}"

@@ -45,6 +45,10 @@ class CLSAttention(TokenPruner):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, layer={self.layer}"
 
+    def cut_layers(self, num_blocks: int) -> tuple[list[int], bool]:
+        """One cut after ``layer``, the same count for every sample."""
+        return [self.layer if self.layer >= 0 else num_blocks + self.layer], False
+
 
 @register("random")
 class RandomPruner(TokenPruner):
@@ -71,3 +75,7 @@ class RandomPruner(TokenPruner):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, layer={self.layer}, seed={self.seed}"
+
+    def cut_layers(self, num_blocks: int) -> tuple[list[int], bool]:
+        """One cut after ``layer``, the same count for every sample."""
+        return [self.layer if self.layer >= 0 else num_blocks + self.layer], False

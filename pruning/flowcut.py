@@ -20,9 +20,19 @@ patches, let p be a renormalised over the patches and rho = H(p) / log N its nor
 
 keep max(N - P, T) patches with the largest C, in raster order; CLS is never pruned.
 
-Fixes against the official code: P is computed per sample (the official code takes the batch
-maximum, so a sample's tokens depended on its neighbours; here the state becomes ragged instead,
-which the attention's ``k_lengths`` handles), any batch size works, and scores come from
+Prune count across views (``shared_count``). The official code takes P as the maximum over its
+vision batch. For LLaVA-1.5 that batch is one image (its evaluation runs batch size 1); for
+LLaVA-NeXT it is the image's base view and sub-crops, stacked on the batch axis, so every crop of
+the image is cut with the largest of their counts and all keep the same number of patches. By
+default we do the same per image: rows that the runner marks as views of one image
+(``SCRATCH_IMAGE_INDEX``) share ``P = max`` over them, which reproduces the released anyres
+selection. ``shared_count=False`` computes each crop's P from its own attention (a crop's kept set
+then no longer depends on the other views of its image). Rows of different images never share a
+count, in either mode: the official batch maximum over several images made a sample's tokens depend
+on its neighbours; here the state becomes ragged instead, which the attention's ``k_lengths``
+handles.
+
+Other differences from the official code: any batch size works, and scores come from
 ``probe_rows`` and the block's values instead of eager attention in every layer.
 
 Design note (values): the values are not part of ``AttnOutput``. FlowCut asks the block adapters for
@@ -33,6 +43,7 @@ them by putting ``SCRATCH_VALUES`` into ``state.scratch``; every block then leav
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -40,8 +51,7 @@ from torch import Tensor
 from vlm.kernels import AttnOutput, AttnSpec
 from vlm.pruning.base import TokenPruner
 from vlm.pruning.registry import register
-from vlm.tokens import SCRATCH_VALUES, TokenState, TokenType
-from vlm.towers.runner import type_mask, valid_mask
+from vlm.tokens import SCRATCH_IMAGE_INDEX, SCRATCH_VALUES, TokenState, TokenType
 
 
 def entropy_prune_count(attn: Tensor, patch: Tensor, target: int, rpl: int) -> Tensor:
@@ -58,18 +68,31 @@ def entropy_prune_count(attn: Tensor, patch: Tensor, target: int, rpl: int) -> T
     return torch.where(excess > 0, drop, torch.zeros_like(drop))
 
 
+def max_per_image(count: Tensor, image: Optional[Tensor]) -> Tensor:
+    """``count [B]`` replaced by its maximum over the rows of the same image (``image [B]`` ids in
+    ``0..B-1``; None: every row is its own image)."""
+    if image is None:
+        return count
+    image = image.to(count.device)
+    best = torch.zeros_like(count).scatter_reduce(0, image, count, "amax", include_self=False)
+    return best[image]
+
+
 @register("flowcut")
 class FlowCut(TokenPruner):
     """Information-flow pruning inside the vision tower.
 
     Args:
-        num_tokens: patch tokens kept per image after the last cut (T).
+        num_tokens: patch tokens kept per image (per crop for LLaVA-NeXT) after the last cut (T).
         ema: weight of the previous cumulative score (0.5 in the paper's code).
+        shared_count: the views of one image (LLaVA-NeXT's crops) are cut with one prune count, the
+            maximum of theirs, as the released code does; False: each crop by its own count.
     """
 
-    def __init__(self, num_tokens: int = 64, ema: float = 0.5) -> None:
+    def __init__(self, num_tokens: int = 64, ema: float = 0.5, shared_count: bool = True) -> None:
         super().__init__(num_tokens)
         self.ema = float(ema)
+        self.shared_count = bool(shared_count)
 
     def on_tower_start(self, tower: str, state: TokenState) -> TokenState:
         state.scratch[SCRATCH_VALUES] = None  # ask the blocks for their values
@@ -89,8 +112,8 @@ class FlowCut(TokenPruner):
         if kv is not None:
             v = v[:, :, ~kv]
         v = v.float()  # [B, H, N, d]
-        valid = valid_mask(state)
-        patch = type_mask(state, TokenType.PATCH)
+        valid = state.valid_mask()
+        patch = state.type_mask(TokenType.PATCH)
         cls = self.cls_row(state)
         sim = torch.einsum("bhd,bhnd->bhn", v[:, :, cls], v).masked_fill(~valid[:, None], float("-inf"))
         m = sim.softmax(-1).mean(1)
@@ -109,13 +132,20 @@ class FlowCut(TokenPruner):
         score, a = self.flow_score(state, attn)
         cum = score if "cum" not in sc else self.ema * sc["cum"] + (1 - self.ema) * score
         if rpl % 2 == 0:
-            patch = type_mask(state, TokenType.PATCH)
+            patch = state.type_mask(TokenType.PATCH)
             drop = entropy_prune_count(a, patch, self.num_tokens, rpl)
+            if self.shared_count:
+                drop = max_per_image(drop, state.scratch.get(SCRATCH_IMAGE_INDEX))
             count = torch.maximum(patch.sum(1) - drop, torch.full_like(drop, self.num_tokens))
             state, (cum,) = self.keep_top(state, cum, count, carry=[cum])
             sc = self.scratch(state)
         sc["cum"] = cum
         return state
 
+    def cut_layers(self, num_blocks: int) -> tuple[list[int], bool]:
+        """Cuts after every block whose distance to the last-but-one, ``rpl``, is even and >= 0
+        (:meth:`after_block`); the entropy-adaptive counts differ per sample."""
+        return [layer for layer in range(num_blocks - 1) if (num_blocks - 2 - layer) % 2 == 0], True
+
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, ema={self.ema}"
+        return f"{super().extra_repr()}, ema={self.ema}, shared_count={self.shared_count}"

@@ -12,19 +12,36 @@ post-RoPE queries/keys and the values of the scored layer (per head h, head size
 
 (softmaxes over the sample's visual tokens only); keep the top ``T`` by S, in sequence order.
 
+The released anyres recipe, which the defaults reproduce (tested against a plain reimplementation
+of the official selection, ``tests/llava/official_anyres.py``):
+
+* per-crop budget: the vision stage keeps ``crop_tokens = T // 2`` patches of *every* view, the base
+  view included, cut with one prune count per image (the maximum over its crops; see
+  :class:`~vlm.pruning.flowcut.FlowCut`, ``shared_count``);
+* base view: its ``T // 2`` kept patches come first, in raster order, then the sub-crops' kept
+  patches inside the unpad window, row-major over the tiled grid;
+* newlines: the official multi-crop packing has no ``image_newline`` tokens, so the LLM span holds
+  only patches and all of ``T`` goes to patches (``newlines="drop"``).
+
+Flags for deliberate departures: ``shared_count=False`` cuts each crop by its own count;
+``newlines="keep"`` keeps LLaVA-NeXT's native layout (a newline after every grid row that keeps a
+patch after the vision stage) with the newlines outside the budget: they are not scored, never cut,
+and ``T`` still counts patches only (so a row emptied by the LLM cut keeps its newline).
+
 Documented choices:
 
-* the visual span is every visual token of the sample, ``image_newline`` tokens included (they
-  compete like patches, and ``T`` counts them); with several images the span is their union;
+* with several images in a sample the span is their union;
 * with grouped-query attention the semantic and density means run over the key/value heads, which
   equals the official mean over the repeated heads;
 * softmaxes and scores are computed in fp32 (the official code casts the softmax back to fp16);
 * ties keep the earlier token; a sample with at most ``T`` visual tokens keeps them all.
 
 Official-code behaviours not reproduced: its flash-attention path is only right for batch size 1
-(q/k/v transposed inside the per-sample loop) and left padding raises, while here any batch with
-either padding works and a sample never depends on its neighbours; and its multi-crop packing drops
-LLaVA-NeXT's ``image_newline`` tokens, while ours keeps LLaVA-NeXT's native layout.
+(q/k/v transposed inside the per-sample loop), left padding raises, and its vision-stage prune
+count is the maximum over every crop of every image in the batch; here any batch with either
+padding works and a sample never depends on its neighbours. Its unpad window rounds with
+``int(h * scale)``, ours with transformers' ``int(round(h * scale, 7))`` (they differ only when
+``h * scale`` falls within 1e-7 below an integer).
 """
 
 from __future__ import annotations
@@ -41,19 +58,41 @@ from vlm.pruning.registry import register
 
 @register("flowcut_llm")
 class FlowCutLlm(LlmTokenPruner):
-    """FlowCut's text-conditioned cut inside the LLM, optionally after its vision stage.
+    """FlowCut's text-conditioned cut inside the LLM, after its vision stage by default.
 
     Args:
         num_tokens: visual tokens kept per sample after the cut (T; 640/320/160 for LLaVA-NeXT-7B).
         layer: decoder layer scored and cut after (1 in the paper: layers 2.. run on T tokens).
-        crop_tokens: patches per crop kept by FlowCut's vision stage before the LLM (the official
-            anyres recipe uses T // 2); None runs the LLM stage alone.
+        crop_tokens: patches per crop kept by the vision stage; None: ``num_tokens // 2``, the
+            official anyres recipe.
+        two_stage: run FlowCut's vision stage before the LLM (False: the LLM stage alone).
         ema: the vision stage's cumulative-score weight (see :class:`~vlm.pruning.flowcut.FlowCut`).
+        shared_count: the vision stage cuts an image's crops with one prune count (official); False:
+            each crop by its own.
+        newlines: ``"drop"`` (official: LLaVA-NeXT images packed without ``image_newline``) or
+            ``"keep"`` (native layout; newlines outside the budget, see the module docstring).
     """
 
-    def __init__(self, num_tokens: int = 320, layer: int = 1, crop_tokens: Optional[int] = None, ema: float = 0.5) -> None:
-        vision = None if crop_tokens is None else FlowCut(num_tokens=crop_tokens, ema=ema)
+    NEWLINES = ("drop", "keep")
+
+    def __init__(
+        self,
+        num_tokens: int = 320,
+        layer: int = 1,
+        crop_tokens: Optional[int] = None,
+        two_stage: bool = True,
+        ema: float = 0.5,
+        shared_count: bool = True,
+        newlines: str = "drop",
+    ) -> None:
+        if newlines not in self.NEWLINES:
+            raise ValueError(f"FlowCutLlm: newlines must be one of {self.NEWLINES}, got {newlines!r}.")
+        if crop_tokens is None:
+            crop_tokens = max(int(num_tokens) // 2, 1)
+        vision = FlowCut(num_tokens=crop_tokens, ema=ema, shared_count=shared_count) if two_stage else None
         super().__init__(num_tokens, layer, vision)
+        self.newlines = newlines
+        self.anyres_newlines = newlines == "keep"
 
     def score(self, probe: LlmProbe) -> Tensor:
         q, vq = probe.query.float(), probe.query_value.float()
@@ -70,3 +109,6 @@ class FlowCutLlm(LlmTokenPruner):
         relation = relation / relation.sum(1, keepdim=True).clamp_min(tiny)
         semantic = semantic / semantic.sum(1, keepdim=True).clamp_min(tiny)
         return (relation + semantic) * density
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, newlines={self.newlines!r}"

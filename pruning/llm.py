@@ -8,7 +8,8 @@ is among the hooks). At decoder layer ``layer`` the runner takes the layer's own
 values (from its KV cache) of the sample's visual tokens and of one probe row per sample (the last
 prompt token), re-projects the probe row's query from the layer's input with the layer's input
 norm, ``q_proj`` and RoPE, and passes them as an :class:`LlmProbe` to :meth:`LlmTokenPruner.keep`. After the layer,
-each sample keeps all its text tokens and the kept visual tokens, in their original order; layers
+each sample keeps all its text tokens (and any layout tokens among the visual ones, e.g. kept
+``image_newline`` tokens: see ``anyres_newlines``) and the kept visual tokens, in their original order; layers
 ``layer + 1`` onwards run on the shorter sequence. Positions, masks and the KV-cache split belong to
 the runner, so a pruner here is only a score.
 
@@ -21,40 +22,16 @@ a pruner goes (registry, configs, ``LlavaEval(pruner=...)``); the vision block l
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from vlm.hooks import LlmProbe, LlmStage
 from vlm.pruning.base import TokenPruner
 
 
-@dataclass
-class LlmProbe:
-    """One decoder layer's attention inputs, per sample, for the probe row and the visual tokens.
-
-    ``query [B, H, d]``: post-RoPE query of the probe token; ``query_value [B, Hkv, d]`` its value;
-    ``keys, values [B, Hkv, N, d]``: post-RoPE keys and values of the sample's visual tokens in
-    sequence order, padded to the batch maximum N; ``counts [B]`` visual tokens per sample (slots
-    at or after the count are padding). ``H = Hkv * G`` with grouped-query attention: query head
-    ``h`` reads key/value head ``h // G``, as the model's attention does.
-    """
-
-    query: Tensor
-    query_value: Tensor
-    keys: Tensor
-    values: Tensor
-    counts: Tensor
-
-    @property
-    def valid(self) -> Tensor:
-        """``[B, N]`` bool: the slots that hold a visual token."""
-        n = self.keys.shape[2]
-        return torch.arange(n, device=self.counts.device)[None] < self.counts[:, None]
-
-
-class LlmTokenPruner(TokenPruner, ABC):
+class LlmTokenPruner(TokenPruner, LlmStage, ABC):
     """Base class of LLM-stage pruners. Subclasses implement :meth:`score`.
 
     Args:

@@ -64,3 +64,7 @@ class VTCCLS(TokenPruner):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, start_layer={self.start_layer}, prune_layer={self.prune_layer}"
+
+    def cut_layers(self, num_blocks: int) -> tuple[list[int], bool]:
+        """One cut after ``prune_layer``, ``num_tokens`` patches for every sample."""
+        return [self.prune_layer if self.prune_layer >= 0 else num_blocks + self.prune_layer], False

@@ -11,7 +11,7 @@ import yaml
 from tests.datamodules.toydata import make_dataset
 from tests.helpers import tiny_clip_cfg
 from vlm.cli import main
-from vlm.modules.base import CheckpointMismatchError
+from vlm.identity import CheckpointMismatchError
 
 
 def _write_configs(tmp: Path, data_root: Path, seed: int = 0) -> list[str]:
@@ -75,7 +75,8 @@ def test_fit_test_export_roundtrip(tmp_path: Path, toy: Path) -> None:
     results = json.loads((tmp_path / "run" / "v0" / "results.json").read_text())
     assert set(results["metrics"]) == {"test/acc_base", "test/acc_new", "test/hm"}
     assert results["method"] == "coop" and results["dataset"] == "Toy" and results["seed"] == 0
-    assert results["config"].endswith("config.yaml") and Path(results["config"]).exists()
+    assert results["config"] == str(tmp_path / "run" / "v0" / "config_test.yaml") and Path(results["config"]).exists()
+    assert (tmp_path / "run" / "v0" / "config_fit.yaml").is_file(), "the test stage must not replace the fit's config"
     assert "torch" in results["versions"]
 
     out = tmp_path / "export"
@@ -106,3 +107,18 @@ def test_export_refuses_other_backbone(tmp_path: Path, toy: Path) -> None:
     same_backbone_other_method = ClipBackbone("tiny", model_cfg=tiny_clip_cfg())
     with pytest.raises(CheckpointMismatchError, match="method 'vpt'"):
         CLIPClassifier(same_backbone_other_method, create("vpt", num_tokens=2), init_from=str(out))
+
+
+def test_help_lists_every_subcommand_including_export(capsys: pytest.CaptureFixture[str]) -> None:
+    """`vlm --help` lists export beside LightningCLI's own subcommands, and `vlm export --help` is
+    the exporter's (its flags), not LightningCLI's."""
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    listed = capsys.readouterr().out
+    for sub in ("fit", "validate", "test", "predict", "export"):
+        assert f"\n    {sub} " in listed, sub
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    own = capsys.readouterr().out
+    assert "--ckpt" in own and "--overwrite" in own and "--trainer" not in own

@@ -14,7 +14,8 @@ from PIL import Image
 
 from tests.helpers import tiny_clip_cfg
 from vlm.backbones import ClipBackbone
-from vlm.datamodules import EpisodeSampler, EpisodicDataModule, MNISTEpisodicDataModule, mean_ci95
+from vlm.datamodules import EpisodeSampler, EpisodicDataModule, MNISTEpisodicDataModule
+from vlm.metrics import mean_ci95
 from vlm.modules import EpisodicClassifier
 from vlm.modules.episodic import episode_logits
 from vlm.modules.optim import OptimConfig
@@ -111,7 +112,7 @@ def test_ktpp_fit_and_test_on_mnist_episodes(tmp_path):
     trainer.fit(model, datamodule=dm)
     assert any(not torch.equal(a, p) for a, p in zip(before, model.prompt_learner.parameters()))
     metrics = trainer.test(model, datamodule=dm, verbose=False)[0]
-    assert metrics["test/episodes"] == 6.0 and 0.0 <= metrics["test/acc"] <= 100.0 and metrics["test/ci95"] >= 0.0
+    assert metrics["test/episodes"] == 6.0
     per_episode = model.result_extras()["episode_acc"]  # what results.json gets, for paired comparisons
     assert len(per_episode) == 6 and all(abs(a / 10 - round(a / 10)) < 1e-5 for a in per_episode)  # 10 queries each
     assert (sum(per_episode) / 6, mean_ci95(per_episode)[1]) == pytest.approx((metrics["test/acc"], metrics["test/ci95"]), abs=1e-4)

@@ -8,7 +8,7 @@ import torch
 from tests.helpers import tiny_clip_cfg
 from vlm.backbones import ClipBackbone, ViTBackbone
 from vlm.modules import CheckpointMismatchError, CLIPClassifier, ViTClassifier
-from vlm.modules.clip_classifier import harmonic_mean
+from vlm.metrics import harmonic_mean
 from vlm.prompts import create
 
 

@@ -20,7 +20,7 @@ from typing import Optional
 import pytest
 
 from vlm.cli import main
-from vlm.datamodules.episodic import mean_ci95
+from vlm.metrics import mean_ci95
 
 ROOT = Path(__file__).resolve().parents[1]
 VIT = ROOT / "configs/quickstart/vit"

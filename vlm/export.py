@@ -11,16 +11,16 @@ Loading refuses an export made with another backbone or method, or with missing/
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from vlm.modules.base import CHECKPOINT_KEY, CheckpointMismatchError, check_identity
+from vlm.checkpoint_io import UnsafeCheckpointError, read_safetensors, torch_load
+from vlm.hashing import sha256_file
+from vlm.identity import CHECKPOINT_KEY, CheckpointMismatchError, check_identity
 from vlm.versions import package_versions
 
 WEIGHTS = "learned.safetensors"
@@ -30,30 +30,41 @@ METADATA = "metadata.json"
 
 
 def load_checkpoint_file(path: str | Path, trust: bool = False) -> dict[str, Any]:
-    """Load a Lightning ``.ckpt``. ``weights_only=True`` unless the user passes ``trust=True``."""
+    """Load a Lightning ``.ckpt``. ``weights_only=True`` unless the user passes ``trust=True``.
+
+    A damaged file raises ``CorruptCheckpointError`` and a pickle refusal ``UnsafeCheckpointError``;
+    both name the file and the fix (here the fix for a refusal is ``--trust``).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint {path} does not exist.")
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust)
-    except Exception as err:  # pickle refusal or a corrupt file
-        raise ValueError(
-            f"Could not load {path} safely ({type(err).__name__}: {str(err).splitlines()[0]}). "
+        return torch_load(path, map_location="cpu", weights_only=not trust)
+    except UnsafeCheckpointError as err:
+        raise UnsafeCheckpointError(
+            f"Could not load {path} safely: it holds pickled objects ({err.__cause__}). "
             "If you trust this file, pass --trust to load it with full pickle support."
-        ) from err
+        ) from err.__cause__
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def existing_export_files(out: Path) -> list[str]:
+    """The files of an earlier export in ``out`` that a new export would replace."""
+    return sorted(n for n in (WEIGHTS, CONFIG, CLASSNAMES, METADATA) if (out / n).exists())
 
 
-def export_checkpoint(ckpt: str | Path, out: str | Path, trust: bool = False) -> Path:
-    """Write an export directory from a ``vlm fit`` checkpoint; returns the directory."""
+def export_checkpoint(ckpt: str | Path, out: str | Path, trust: bool = False, overwrite: bool = False) -> Path:
+    """Write an export directory from a ``vlm fit`` checkpoint; returns the directory.
+
+    An ``out`` that already holds an export's files is refused unless ``overwrite`` (one run's export
+    must not silently replace another's).
+    """
     ckpt, out = Path(ckpt), Path(out)
+    existing = existing_export_files(out)
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{out} already holds an export ({', '.join(existing)}). Choose another --out, or pass --overwrite "
+            "to replace it."
+        )
     data = load_checkpoint_file(ckpt, trust=trust)
     record = data.get(CHECKPOINT_KEY)
     if record is None:
@@ -80,7 +91,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, trust: bool = False) ->
                 **identity,
                 "versions": package_versions(),
                 "source_checkpoint": str(ckpt),
-                "source_sha256": _sha256(ckpt),
+                "source_sha256": sha256_file(ckpt),
                 "epoch": data.get("epoch"),
                 "global_step": data.get("global_step"),
                 "tensors": {k: list(v.shape) for k, v in tensors.items()},
@@ -97,11 +108,23 @@ def load_exported(module: Any, directory: str | Path) -> dict[str, Any]:
     weights = directory / WEIGHTS
     if not weights.is_file():
         raise FileNotFoundError(f"{directory} is not a vlm export: {WEIGHTS} is missing. Create one with `vlm export`.")
-    from safetensors import safe_open
-
-    with safe_open(str(weights), framework="pt") as f:
-        meta: Optional[dict[str, str]] = f.metadata()
-    saved = json.loads(meta["identity"]) if meta and "identity" in meta else None
+    tensors, meta = read_safetensors(weights)
+    saved = json.loads(meta["identity"]) if "identity" in meta else None
     check_identity(saved, module.identity(), source=f"export {directory}")
-    module.load_state_dict(load_file(str(weights)))
+    module.load_state_dict(tensors)
     return saved or {}
+
+
+EXPORT_HELP = "Write the learned tensors of a checkpoint as safetensors, with the config to re-test them."
+
+
+def export_parser() -> Any:
+    """The ``vlm export`` argument parser (jsonargparse, so ``vlm --help`` can list it beside fit/test)."""
+    from jsonargparse import ArgumentParser
+
+    p = ArgumentParser(prog="vlm export", description=EXPORT_HELP, default_env=False)
+    p.add_argument("--ckpt", required=True, help="a .ckpt written by `vlm fit`")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier export in --out")
+    p.add_argument("--trust", action="store_true", help="allow full pickle loading of the checkpoint (only for files you trust)")
+    return p

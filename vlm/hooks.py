@@ -1,15 +1,24 @@
 """The hook protocol that prompt learners (``vlm.prompts``) and pruners (``vlm.pruning``) implement.
 
-A tower runner calls, for every block ``layer`` of tower ``tower`` ("vision", "text" or "llm"):
+A tower runner calls, for every block ``layer`` of tower ``tower`` ("vision" or "text"):
 ``before_block`` -> ``attention_spec`` -> the block (attention via ``vlm.kernels.attention``) ->
 ``after_block``. Every method is optional: the defaults leave the state and spec unchanged.
+
+The language model of a LLaVA-style model keeps its own attention (SDPA, flash), so it has no
+block hooks. Its seam is :class:`LlmStage`: a hook that, after one decoder layer, is shown an
+:class:`LlmProbe` (that layer's post-RoPE keys/values of the visual tokens and one probe query per
+sample) and says which visual tokens to keep; it may bring a vision-tower hook with it
+(``vision_stage``). :func:`split_stages` splits a hook list once into the vision/text hooks and the
+LLM stage, which is how the runners consume it.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence, Union
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from vlm.kernels.spec import AttnOutput, AttnSpec
 from vlm.tokens import TokenState
@@ -20,6 +29,11 @@ class TowerHook(nn.Module):
 
     #: Towers this hook acts on; the runner skips it for others.
     towers: tuple[str, ...] = ("vision", "text", "llm")
+    #: True if the hook reads or writes text positions after the last one that decides the pooled
+    #: feature (after EOT in a causal tower, in the padding of a padded one), e.g. tokens appended at
+    #: the end of the sequence. The text runners then run the full context instead of cutting it
+    #: to the longest prompt of the batch (``vlm.towers.runner.trim_text``).
+    needs_full_text: bool = False
 
     def before_block(self, tower: str, layer: int, state: TokenState) -> TokenState:
         return state
@@ -79,3 +93,76 @@ class HookList:
             state = h.on_tower_end(self.tower, state)
         return state
 
+
+
+@dataclass
+class LlmProbe:
+    """One decoder layer's attention inputs, per sample, for the probe row and the visual tokens.
+
+    ``query [B, H, d]``: post-RoPE query of the probe token; ``query_value [B, Hkv, d]`` its value;
+    ``keys, values [B, Hkv, N, d]``: post-RoPE keys and values of the sample's scored visual tokens
+    (layout tokens such as kept ``image_newline`` are not among them) in sequence order, padded to
+    the batch maximum N; ``counts [B]`` visual tokens per sample (slots at or after the count are
+    padding). ``H = Hkv * G`` with grouped-query attention: query head ``h`` reads key/value head
+    ``h // G``, as the model's attention does.
+    """
+
+    query: Tensor
+    query_value: Tensor
+    keys: Tensor
+    values: Tensor
+    counts: Tensor
+
+    @property
+    def valid(self) -> Tensor:
+        """``[B, N]`` bool: the slots that hold a visual token."""
+        n = self.keys.shape[2]
+        return torch.arange(n, device=self.counts.device)[None] < self.counts[:, None]
+
+
+class LlmStage(TowerHook):
+    """A hook on the language model: one cut of the visual tokens after decoder layer ``layer``.
+
+    Implementations set ``layer`` (the decoder layer, 0-based, whose attention inputs are scored
+    and after which the cut happens) and ``vision_stage`` (a vision-tower hook run before this
+    stage, e.g. a first vision-side cut, or None) and implement :meth:`keep`. The runner owns
+    positions, masks and the KV-cache split; a stage only chooses.
+    """
+
+    towers = ("llm",)
+    #: whether LLaVA-NeXT's packing keeps its ``image_newline`` tokens when this stage runs; kept
+    #: newlines are layout: never scored, never cut, outside the budget.
+    anyres_newlines: bool = True
+
+    def keep(self, probe: LlmProbe) -> Tensor:
+        """``[B, N]`` bool: the visual slots of ``probe`` to keep (padding slots are ignored)."""
+        raise TypeError(f"{type(self).__name__} is an LlmStage but does not implement keep(probe).")
+
+
+@dataclass(frozen=True)
+class StageHooks:
+    """A hook list split once: the vision/text ``hooks`` (an LLM stage's ``vision_stage`` in its
+    place) and the one ``llm`` stage, or None."""
+
+    hooks: tuple[TowerHook, ...]
+    llm: Optional[LlmStage]
+
+
+def split_stages(hooks: Union[Iterable[TowerHook], StageHooks, None]) -> StageHooks:
+    """Split ``hooks`` into :class:`StageHooks` (idempotent: a split list is returned as it is).
+    At most one LLM stage per pass."""
+    if isinstance(hooks, StageHooks):
+        return hooks
+    tower: list[TowerHook] = []
+    stages: list[LlmStage] = []
+    for h in hooks or ():
+        if isinstance(h, LlmStage):
+            stages.append(h)
+            vision = getattr(h, "vision_stage", None)
+            if vision is not None:
+                tower.append(vision)
+        else:
+            tower.append(h)
+    if len(stages) > 1:
+        raise ValueError(f"At most one LLM-stage pruner (hook) per pass, got {[type(h).__name__ for h in stages]}.")
+    return StageHooks(tuple(tower), stages[0] if stages else None)

@@ -14,14 +14,13 @@ which trains :class:`~vlm.modules.contrastive.ContrastiveCLIP` on the 2,500 "pre
 
 from __future__ import annotations
 
-import hashlib
 from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
-from safetensors.torch import load_file
-
 from vlm.backbones.clip import ClipBackbone
+from vlm.checkpoint_io import read_safetensors
+from vlm.hashing import sha256_file
 
 SHIPPED = "shipped"
 
@@ -78,8 +77,8 @@ class QuickstartCLIP(ClipBackbone):
                     f"Quickstart CLIP weights {path} not found. Rebuild them with "
                     "`vlm fit --config configs/quickstart_pretrain.yaml`."
                 )
-            self.weights_sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
-            tensors = load_file(str(path))
+            self.weights_sha256 = sha256_file(path)
+            tensors, _ = read_safetensors(path)  # a damaged file is named with its fix
             own = self.model.state_dict()
             unknown = sorted(set(tensors) - set(own))
             if unknown:

@@ -7,19 +7,18 @@
 
 Which prompt/pruner combinations are invalid, and why. Every pruner keeps every non-patch token
 (CLS, registers, prompts) and keeps the kept tokens in their order (``TokenPruner.keep_top``), so
-prompts are never dropped. What can break is a learner that finds its prompt slots *by position*:
+prompts are never dropped. What can break is a learner that finds its prompt slots *by position*.
+Both sides declare what the check needs, so it names no method:
 
-* VPT / VPT-deep / VFPT insert prompts right after the CLS/register prefix and replace them at that
-  index: the prefix is never pruned, so the index holds under any pruner. Compatible.
-* TCPA and KTPP insert key/value-only prompts inside one block and drop them after it. Compatible.
-* Text-only learners (CoOp) never touch the vision tower. Compatible.
-* The deep vision-language learners (IVLP, MaPLe, DPL, DAPT, DiSa: ``DeepVLPrompts``) append the
-  vision prompts after the patches and, before each block ``1..depth_vision-1``, replace *the last
-  n_ctx_vision tokens*. A cut that keeps the same number of patches in every sample leaves them
-  last. A cut that keeps a different number per sample (FlowCut's entropy-adaptive counts) makes
-  the sequence ragged: padding then sits at the end of the shorter samples, and the replacement
-  would overwrite it. That combination is invalid when such a cut happens before the last layer
-  whose prompts are replaced; a pruner that only cuts at or after that layer is fine.
+* ``PromptLearner.positional_tail()``: ``(n, last)`` when the learner replaces the last ``n``
+  tokens before blocks ``1..last`` (the deep vision-language learners, which append their vision
+  prompts after the patches), else None (VPT-style prompts after the never-pruned prefix, TCPA and
+  KTPP's key/value-only prompts, text-only learners).
+* ``TokenPruner.cut_layers(num_blocks)``: the blocks after which it may cut and whether its counts
+  may differ per sample. A cut that keeps the same number of patches in every sample leaves the
+  tail last; one that keeps a different number (entropy-adaptive counts) makes the sequence ragged,
+  and padding then sits at the end of the shorter samples, where the replacement would overwrite
+  it. That combination is invalid when such a cut happens before ``last``.
 """
 
 from __future__ import annotations
@@ -86,37 +85,18 @@ def num_vision_blocks(backbone: Any) -> Optional[int]:
     return int(count) if count is not None else None
 
 
-def pruner_cuts(pruner: Any, num_blocks: int) -> tuple[list[int], bool]:
-    """(the blocks after which ``pruner`` may cut, whether its counts may differ per sample).
-
-    Read from the pruners' own settings; a pruner this function does not know is assumed to cut
-    anywhere with per-sample counts (the safe assumption for the check below).
-    """
-    from vlm.pruning.baselines import CLSAttention, RandomPruner
-    from vlm.pruning.flowcut import FlowCut
-    from vlm.pruning.vtc_cls import VTCCLS
-
-    def resolve(layer: int) -> int:
-        return layer if layer >= 0 else num_blocks + layer
-
-    if isinstance(pruner, (CLSAttention, RandomPruner)):
-        return [resolve(pruner.layer)], False
-    if isinstance(pruner, VTCCLS):
-        return [resolve(pruner.prune_layer)], False
-    if isinstance(pruner, FlowCut):  # cuts where (num_blocks - 2 - layer) is even and >= 0
-        return [layer for layer in range(num_blocks - 1) if (num_blocks - 2 - layer) % 2 == 0], True
-    return list(range(num_blocks)), True
-
-
 def check_hooks(backbone: Any, prompt_learner: Any = None, pruner: Any = None) -> None:
     """Raise a clear error if ``pruner`` cannot run on ``backbone`` beside ``prompt_learner``."""
     if pruner is None:
         return
     if "vision" not in getattr(pruner, "towers", ("vision",)):
+        from vlm.pruning.registry import PRUNERS
+
+        vision = [n for n in PRUNERS.available() if "vision" in PRUNERS.get(n).towers]
         raise IncompatibleHooksError(
             f"Pruner {pruner.name!r} cuts tokens inside a language model (towers={tuple(pruner.towers)}); "
             f"a {type(backbone).__name__} classifier has none. Use it with LlavaEval on a LLaVA backbone, "
-            "or pick a vision-tower pruner (vtc_cls, flowcut, cls_attention, random)."
+            f"or pick a vision-tower pruner ({', '.join(vision)})."
         )
     available = num_patch_tokens(backbone)
     if available is not None and pruner.num_tokens > available:
@@ -125,19 +105,18 @@ def check_hooks(backbone: Any, prompt_learner: Any = None, pruner: Any = None) -
             f"produces only {available} per image. Set pruner num_tokens <= {available}, or drop the "
             "pruner to keep every token."
         )
-    from vlm.prompts._deep import DeepVLPrompts
-
     blocks = num_vision_blocks(backbone)
-    if not isinstance(prompt_learner, DeepVLPrompts) or prompt_learner.depth_vision < 2 or blocks is None:
+    tail = prompt_learner.positional_tail() if prompt_learner is not None else None
+    if tail is None or blocks is None:
         return
-    cuts, ragged = pruner_cuts(pruner, blocks)
-    last_replaced = prompt_learner.depth_vision - 1  # prompts are replaced before blocks 1..depth_vision-1
+    n_slots, last_replaced = tail
+    cuts, ragged = pruner.cut_layers(blocks)
     early = [c for c in cuts if c < last_replaced]
     if ragged and early:
         raise IncompatibleHooksError(
             f"Prompt learner {prompt_learner.name!r} replaces its vision prompts by position (the last "
-            f"{prompt_learner.n_ctx_vision} tokens) before blocks 1..{last_replaced}, but pruner "
-            f"{pruner.name!r} keeps a different number of tokens per image after block(s) {early}, which "
-            "moves those slots. Use a pruner with a fixed count (cls_attention, vtc_cls, random), cut at "
-            f"or after block {last_replaced}, or lower depth_vision to {min(early) + 1}."
+            f"{n_slots} tokens) before blocks 1..{last_replaced}, but pruner {pruner.name!r} keeps a different "
+            f"number of tokens per image after block(s) {early}, which moves those slots. Use a pruner with a "
+            f"fixed count (its cut_layers say so), cut at or after block {last_replaced}, or prompt fewer "
+            f"layers (up to block {min(early) + 1})."
         )

@@ -16,6 +16,9 @@ SCRATCH_NUM_BLOCKS = "runner.num_blocks"
 #: and the last block's attention values ``[B, H, Nk, d]``. A hook asks for them by putting this
 #: key in ``scratch`` (any value, e.g. in ``on_tower_start``); every block then overwrites it.
 SCRATCH_VALUES = "runner.values"
+#: and, where several batch rows are views of one image (LLaVA-NeXT's anyres crops), long ``[B]``:
+#: the image each row belongs to (absent: every row is its own image).
+SCRATCH_IMAGE_INDEX = "runner.image_index"
 
 
 class TokenType(IntEnum):
@@ -68,6 +71,30 @@ class TokenState:
 
     def replace(self, **changes: Any) -> "TokenState":
         return dataclasses.replace(self, **changes)
+
+    # --- masks and pooling: what towers, learners and pruners read off the state ---------------
+    def valid_mask(self) -> Tensor:
+        """``[B, N]`` bool: tokens before each sample's length."""
+        b, n, _ = self.x.shape
+        if self.lengths is None:
+            return torch.ones(b, n, dtype=torch.bool, device=self.x.device)
+        return torch.arange(n, device=self.x.device)[None] < self.lengths[:, None]
+
+    def type_mask(self, *types: "TokenType") -> Tensor:
+        """``[B, N]`` bool: valid tokens whose type is one of ``types``."""
+        t = self.batch_types
+        m = torch.zeros_like(t, dtype=torch.bool)
+        for ty in types:
+            m |= t == int(ty)
+        return m & self.valid_mask()
+
+    def first_of_type(self, ty: "TokenType") -> Tensor:
+        """``[B, D]`` the first token of type ``ty`` in each sample (e.g. CLS, EOT)."""
+        m = self.type_mask(ty)
+        if not bool(m.any(1).all()):
+            raise ValueError(f"Pooling needs a {ty.name} token in every sample, but some have none.")
+        idx = m.int().argmax(1)
+        return self.x[torch.arange(self.x.shape[0], device=self.x.device), idx]
 
     def insert(self, index: int, tokens: Tensor, types: Tensor | int, kv_only: bool = False) -> "TokenState":
         """Insert ``tokens [B or 1, P, D]`` before sequence position ``index``.
@@ -127,3 +154,14 @@ class TokenState:
             kv_only=None,
             lengths=lengths,
         )
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``x [B, N, D]`` over tokens where ``mask [B, N]``."""
+    w = mask.to(x.dtype).unsqueeze(-1)
+    return (x * w).sum(1) / w.sum(1).clamp(min=1)
+
+
+def masked_max(x: Tensor, mask: Tensor) -> Tensor:
+    """Max of ``x [B, N, D]`` over tokens where ``mask [B, N]``."""
+    return x.masked_fill(~mask.unsqueeze(-1), torch.finfo(x.dtype).min).amax(1)

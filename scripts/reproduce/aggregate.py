@@ -13,24 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-
-def mean_ci95(values: list[float]) -> tuple[float, float]:
-    """Mean and 95 % CI half-width 1.96 · std / sqrt(n) (sample std; 0 for a single value)."""
-    m = statistics.fmean(values)
-    if len(values) < 2:
-        return m, 0.0
-    return m, 1.96 * statistics.stdev(values) / math.sqrt(len(values))
-
-
-def harmonic_mean(a: float, b: float) -> float:
-    return 2 * a * b / (a + b) if a + b > 0 else 0.0
+from vlm.metrics import harmonic_mean, mean_ci95
 
 
 def load(paths: list[Path]) -> list[dict[str, Any]]:

@@ -9,7 +9,8 @@ import pytest
 
 from tests.data.layouts import class_folders, coop_split, write_layout
 from vlm.datamodules import DatasetDataModule, DatasetLayoutError, available_datasets, get_dataset
-from vlm.datamodules.episodic import load_or_create_episodes, mean_ci95
+from vlm.datamodules.episodic import load_or_create_episodes
+from vlm.metrics import mean_ci95
 from vlm.datamodules.readers_coop import imagenet_subset_indices
 from vlm.datamodules.templates import IMAGENET_TEMPLATES, IMAGENET_TEMPLATES_SELECT
 

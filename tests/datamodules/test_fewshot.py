@@ -105,10 +105,11 @@ def test_sampler_on_real_split_file(toy_root: Path) -> None:
     assert [d.label for d in val] == [1] * 3 + [0] * 4 + [2] * 4 + [3] * 4 + [4] * 1
 
 
-def test_nonpositive_shots_keep_everything() -> None:
+def test_zero_shots_keep_everything_and_negative_is_an_error() -> None:
     train, val = synthetic(3, [5], 0), synthetic(3, [2], 1)
-    assert sample_fewshot(train, val, -1, seed=1) == (train, val)
-    assert sample_fewshot(train, val, 0, seed=1) == dassl_reference(train, val, 0, 1)
+    assert sample_fewshot(train, val, 0, seed=1) == (train, val) == dassl_reference(train, val, 0, 1)
+    with pytest.raises(ValueError, match=r"num_shots must be >= 0 \(0 = every image\), got -1"):
+        sample_fewshot(train, val, -1, seed=1)
 
 
 def test_strict_mode_names_class_and_count() -> None:

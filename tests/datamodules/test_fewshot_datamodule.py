@@ -8,8 +8,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.cli import LightningCLI
 
+from vlm.cli import VLMCLI
 from vlm.datamodules.fewshot import sample_fewshot, subsample_classes
 from vlm.datamodules.fewshot_datamodule import FewShotDataModule
 from vlm.datamodules.splits import read_split
@@ -144,23 +144,20 @@ class TinyClassifier(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-class LinkedCLI(LightningCLI):
-    def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]
-        parser.link_arguments("data.classnames", "model.classnames", apply_on="instantiate")
-
-
-def test_lightning_cli_link_and_trainer(toy_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_vlm_cli_links_classnames_from_the_data(toy_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("sys.argv", ["vlm"])
     config = {
-        "data": {"root": str(toy_root), "dataset": "Toy", "num_shots": 2, "image_size": 8,
-                 "train_transforms": ["random_resized_crop", "normalize"], "test_subsets": ["base", "new"]},
+        "model": {"class_path": f"{__name__}.TinyClassifier"},
+        "data": {"class_path": "vlm.datamodules.FewShotDataModule",
+                 "init_args": {"root": str(toy_root), "dataset": "Toy", "num_shots": 2, "image_size": 8,
+                               "train_transforms": ["random_resized_crop", "normalize"], "test_subsets": ["base", "new"]}},
         "trainer": {"max_epochs": 1, "logger": False, "enable_checkpointing": False,
                     "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": str(tmp_path)},
     }  # fmt: skip
     cfg_path = tmp_path / "config.json"
     cfg_path.write_text(json.dumps(config))
-    cli = LinkedCLI(TinyClassifier, FewShotDataModule, run=False, args=["--config", str(cfg_path)],
-                    save_config_callback=None, seed_everything_default=0)  # fmt: skip
+    # vlm's own CLI (vlm.links): the model's classnames come from the data config, not from the model's
+    cli = VLMCLI(args=["--config", str(cfg_path)], run=False, save_config_callback=None)
     assert cli.model.classnames == ["cat", "dog", "golden_retriever"]
     assert cli.datamodule.train_transforms == ["random_resized_crop", "normalize"]
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)

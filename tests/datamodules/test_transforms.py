@@ -135,3 +135,15 @@ def test_all_skipped_batch_is_empty(tmp_path: Path) -> None:
         (batch,) = list(DataLoader(ds, batch_size=2, collate_fn=CollateSkipCorrupt((3, 8, 8))))
     assert batch["image"].shape == (0, 3, 8, 8) and batch["label"].dtype == torch.long
 
+
+
+def test_16_bit_png_loads_with_its_real_values(tmp_path: Path) -> None:
+    """A 16-bit greyscale PNG (`I;16`) scales to 8 bits; PIL's own convert("RGB") clips every value
+    above 255 to white, so a normal 16-bit image would load as a white square."""
+    values = np.array([[0, 16384, 32768, 65535]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "depth.png")
+    with Image.open(tmp_path / "depth.png") as raw:
+        assert raw.mode in ("I;16", "I")
+    img = load_image(tmp_path / "depth.png")
+    assert img.mode == "RGB"
+    assert np.asarray(img)[0, :, :].tolist() == [[v] * 3 for v in (0, 64, 128, 255)]

@@ -81,10 +81,15 @@ def base_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def run_cli(out: Path, args: list[str], env: dict[str, str], timeout: int = 120, extra: list[str] | None = None) -> dict[str, Any]:
-    """Run tests/distributed/run_cli.py in a subprocess; return what rank 0 wrote."""
+def run_cli(
+    out: Path, args: list[str], env: dict[str, str], timeout: int = 120, extra: list[str] | None = None, returncode: int = 0
+) -> dict[str, Any]:
+    """Run tests/distributed/run_cli.py in a subprocess; return what rank 0 wrote. The process must
+    exit with ``returncode`` (128 + the signal for a run stopped by SIGTERM/SIGUSR1)."""
     cmd = [sys.executable, "-m", "tests.distributed.run_cli", "--out", str(out), *(extra or []), "--", *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0 or not out.is_file():
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    if proc.returncode != returncode or not out.is_file():
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {proc.returncode}, expected {returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
     return json.loads(out.read_text())

@@ -7,7 +7,8 @@ Lightning's DDP launcher re-runs this same command for the other local ranks, so
 inside pytest. Rank 0 writes `--out`: the learned prompt tensors, the test metrics, every test
 sample index each rank evaluated (to prove each is counted exactly once) and the step the fit
 started from (to prove a requeued run resumed). `--signal-at-step N` sends SIGUSR1 to this process
-after step N and then stops, as SLURM does before a preemption.
+after step N, as SLURM does before a preemption; the process then exits with vlm's status for a
+stopped run (128 + the signal), after writing `--out`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 
+from vlm.callbacks import BaseNewReport
 from vlm.cli import VLMCLI, release_process_group
 
 
@@ -62,10 +64,14 @@ def main(argv: list[str]) -> None:
     cli = VLMCLI(args=rest, run=False)
     record = Record(own.signal_at_step, own.stop_at_step)
     cli.trainer.callbacks.append(record)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=own.ckpt_path)
+    stopped: SystemExit | None = None
+    try:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=own.ckpt_path)
+    except SystemExit as err:  # a signal stopped fit (vlm.preemption): record, then exit with its status
+        stopped = err
     metrics: dict[str, float] = {}
     per_rank: list[dict[int, list[int]]] = [record.indices]
-    if not own.no_test:
+    if not own.no_test and stopped is None:
         cli.trainer.test(cli.model, datamodule=cli.datamodule)
         metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("test/")}
         if dist.is_available() and dist.is_initialized():
@@ -80,11 +86,14 @@ def main(argv: list[str]) -> None:
             "start_step": record.start_step,
             "global_step": cli.trainer.global_step,
             "world_size": cli.trainer.world_size,
+            "base_new_report": next((cb.rows for cb in cli.trainer.callbacks if isinstance(cb, BaseNewReport)), None),
             "torch": torch.__version__,
         }
         with open(own.out, "w") as f:
             json.dump(out, f)
     release_process_group()  # a clean exit code: see its docstring
+    if stopped is not None:
+        raise stopped
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict]:
         d = tmp / f"w{world}"
         d.mkdir()
         cfg = write_config(d, data, batch_size=per_rank_batch)
-        args = ["--config", str(cfg), "--trainer.devices", str(world)]
+        args = ["--config", str(cfg), "--trainer.devices", str(world), "--trainer.callbacks+=vlm.callbacks.BaseNewReport"]
         results[world] = run_cli(d / "out.json", args, base_env(), timeout=180)
     return results
 
@@ -47,6 +47,19 @@ def test_two_processes_report_the_same_metrics(runs: dict[int, dict]) -> None:
     one, two = runs[1]["metrics"], runs[2]["metrics"]
     assert set(one) == set(two) == {"test/acc_base", "test/acc_new", "test/hm"}
     assert two == pytest.approx(one, abs=1e-6)
+
+
+def test_base_new_report_counts_every_rank_once(runs: dict[int, dict]) -> None:
+    """BaseNewReport evaluates on the sharded test loaders and sums the counts over ranks: two
+    processes give the one-process table, and its tuned row is what `trainer.test` measured."""
+    one, two = runs[1]["base_new_report"], runs[2]["base_new_report"]
+    assert list(one) == list(two) == ["zero-shot CLIP", "tuned (coop)"]
+    for row in one:
+        assert two[row] == pytest.approx(one[row], abs=1e-6)
+    tuned, metrics = two["tuned (coop)"], runs[2]["metrics"]
+    assert [tuned["base"], tuned["new"], tuned["hm"]] == pytest.approx(
+        [metrics["test/acc_base"], metrics["test/acc_new"], metrics["test/hm"]], abs=1e-4
+    )
 
 
 def test_evaluation_counts_every_sample_once(runs: dict[int, dict]) -> None:

@@ -5,8 +5,9 @@ starts (``triton.jit`` reads it when the kernel module is imported). Without it,
 GPU, the module is skipped. On a GPU the same tests run compiled.
 
 Tolerances (kernel in its dtype vs the reference in float64 on the kernel's rounded inputs):
-  fp32: forward ``atol=rtol=2e-5``, lse ``2e-5``, gradients ``atol=rtol=2e-4`` (the kernel's
-        dots are full fp32 products with fp32 accumulation);
+  fp32: forward ``atol=rtol=2e-5``, lse ``2e-5``, gradients ``atol=rtol=2e-4`` (fp32
+        accumulation; products exact under the interpreter, 3xTF32 compiled: the tests set
+        ``triton_attn_ops.FP32_DOT``, whose GPU default is TF32);
   fp16: ``atol=rtol=4e-3`` forward, ``2e-2`` gradients (output/gradient rounding to fp16 and,
         on a GPU, P rounded to fp16 before the PV product);
   bf16: ``atol=rtol=3e-2`` forward, ``6e-2`` gradients.
@@ -34,6 +35,16 @@ TOL = {
     torch.float16: dict(fwd=4e-3, grad=2e-2),
     torch.bfloat16: dict(fwd=3e-2, grad=6e-2),
 }
+
+
+@pytest.fixture(autouse=True)
+def _accurate_fp32_dots(monkeypatch):
+    """Compiled on a GPU, fp32 dots default to TF32 (10-bit mantissa); the fp32 tolerances above
+    need about fp32 products: 3xTF32 gives them on the same tensor-core code paths that models run
+    (``ieee`` would test FMA dots instead). The interpreter's products are exact anyway."""
+    from vlm.kernels import offline_compile, triton_attn_ops
+
+    monkeypatch.setattr(triton_attn_ops, "FP32_DOT", offline_compile.TEST_FP32_DOT)
 
 
 def _kernel():
@@ -187,6 +198,10 @@ def test_groups_allow_broadcast_and_batched():
                                            allow=allow))
     check(*qkv(2, 2, 30, 45, 32), AttnSpec(q_groups=rand_groups((2, 30), 3, 3),
                                            k_groups=rand_groups((2, 45), 3, 4), allow=allow))
+    # 40 key groups: the allow bits of groups 32..39 live in each row's second word
+    wide = torch.rand(2, 40, generator=torch.Generator().manual_seed(5)) < 0.5
+    check(*qkv(1, 2, 30, 45, 32), AttnSpec(q_groups=rand_groups((30,), 2, 6), k_groups=rand_groups((45,), 40, 7),
+                                           allow=wide))
 
 
 def test_tile_classes_empty_full_mixed():
@@ -226,6 +241,9 @@ def test_row_subset_two_words_no_allow():
     spec = AttnSpec(q_groups=qg, k_groups=kg, subset_group=1, row_subset=rand_bits((1, 16, 2), 7))
     check(*qkv(1, 2, 16, 80, 32), spec)
     check(*qkv(1, 2, 16, 80, 32), spec.replace(normalize="all_keys"))
+    # subset keys 10..79: the second key tile holds ranks 54..69, so it reads both words
+    shifted = torch.cat([torch.zeros(10), torch.ones(70)]).long()
+    check(*qkv(1, 2, 16, 80, 32), spec.replace(k_groups=shifted))
 
 
 def test_all_keys_with_structure():
@@ -288,6 +306,8 @@ def test_topk_sort_path(monkeypatch):
     q, k, v = qkv(1, 1, 16, 100, 16, seed=27)
     monkeypatch.setattr(triton_attn_ops, "TOPK_SORT", True)
     check(q, k, v, AttnSpec(topk=9, causal=True), grads=False)
+    # k > key tile: the sorted tile is merged into a wider (128) list by a bitonic merge
+    check(q, k, v, AttnSpec(topk=70), grads=False)
 
 
 def test_epilogue_add_grad():

@@ -13,11 +13,22 @@ PRUNERS = sorted((ROOT / "pruner").glob("*.yaml"))
 DATA = sorted((ROOT / "data").glob("*.yaml"))
 
 
+BUDGET = "--model.init_args.pruner.init_args.num_tokens"
+
+
+def test_one_fragment_per_registered_pruner():
+    from vlm.pruning.registry import PRUNERS as REGISTERED
+
+    assert [p.stem for p in PRUNERS] == sorted(n for n in REGISTERED.available() if n != "random")
+
+
+@pytest.mark.parametrize("budget", [192, 128, 64])
 @pytest.mark.parametrize("pruner", PRUNERS, ids=lambda p: p.stem)
-def test_pruner_configs_compose(pruner):
-    cfg = parse_configs([ROOT / "llava15_7b.yaml", pruner, DATA[0]])
+def test_pruner_configs_compose_with_a_budget_override(pruner, budget):
+    cfg = parse_configs([ROOT / "llava15_7b.yaml", pruner, DATA[0]], [BUDGET, str(budget)])
     init = cfg.model.init_args
-    assert init.pruner.init_args.num_tokens == int(pruner.stem.rsplit("_", 1)[1])
+    assert init.pruner.class_path.rsplit(".", 1)[-1] == pruner.stem
+    assert init.pruner.init_args.num_tokens == budget
     assert init.backbone.init_args.model == "llava-hf/llava-1.5-7b-hf"
 
 

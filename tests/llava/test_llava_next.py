@@ -171,7 +171,7 @@ def test_batch_and_padding_invariance(model, pixels, spec, side):
 
 CASES = [
     ("vtc_cls", dict(num_tokens=9, start_layer=-4), lambda n: plain.vtc_cls_cut(n - 4, n - 1, 9)),
-    ("flowcut", dict(num_tokens=6), lambda n: plain.flowcut_cut(n, 6)),
+    ("flowcut", dict(num_tokens=6, shared_count=False), lambda n: plain.flowcut_cut(n, 6)),
     ("cls_attention", dict(num_tokens=7), lambda n: plain.cls_attention_cut(n - 1, 7)),
 ]
 
@@ -199,6 +199,35 @@ def test_kept_indices_per_crop_match_plain_formulas(name, kwargs, make_cut):
 
 
 @torch.no_grad()
+def test_flowcut_shares_one_prune_count_per_image():
+    """FlowCut's default (``shared_count``): an image's crops are cut with the maximum of their prune
+    counts, as the released code does over its vision batch (``official_anyres.vision_stage``, one
+    image); images never share a count, so the two images here match their separate references."""
+    from tests.llava import official_anyres
+
+    model = tiny_llava_next(seed=1, image_size=48, vision_layers=8)
+    runner = LlavaNextRunner(model)
+    for layer in runner.vision.model.encoder.layers:
+        layer.self_attn.q_proj.weight.data *= 8
+        layer.self_attn.k_proj.weight.data *= 8
+    torch.manual_seed(3)
+    pixels, sizes = torch.randn(2, 5, 3, 48, 48), torch.tensor([[60, 130], [90, 90]])
+    visual = runner.encode_images(pixels, [pruning.create("flowcut", num_tokens=6)], image_sizes=sizes)
+    own = runner.encode_images(pixels, [pruning.create("flowcut", num_tokens=6, shared_count=False)], image_sizes=sizes)
+    vm = getattr(model.model.vision_tower, "vision_model", model.model.vision_tower)
+    n_blocks = runner.vision.blocks_for(runner.feature_layer)
+    first, differs = 0, 0
+    for image, n in enumerate(visual.crops_per_image.tolist()):
+        ids, _ = official_anyres.vision_stage(vm, pixels[image, :n], n_blocks, 6)
+        for c in range(n):
+            got = visual.crops.positions[first + c, : int(visual.crops.counts[first + c])].tolist()
+            assert got == sorted(ids[c])
+            differs += own.crops.positions[first + c, :6].tolist() != got
+        first += n
+    assert differs > 0  # per-crop counts select other patches on this model
+
+
+@torch.no_grad()
 def test_original_positions_index_the_unpruned_packed_sequence(model, pixels):
     runner = LlavaNextRunner(model, position_policy="original")
     visual = runner.encode_images(pixels, [pruning.create("cls_attention", num_tokens=4)], image_sizes=SIZES)
@@ -218,13 +247,14 @@ def test_image_sizes_are_required(model, pixels):
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "llava"
 
 
-@pytest.mark.parametrize("overlay", sorted((CONFIGS / "next_pruner").glob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("overlay", sorted((CONFIGS / "pruner").glob("*.yaml")), ids=lambda p: p.stem)
 def test_next_configs_compose(overlay):
-    cfg = parse_configs([CONFIGS / "llava_next_7b.yaml", overlay, CONFIGS / "data" / "pope.yaml"])
+    cfg = parse_configs([CONFIGS / "llava_next_7b.yaml", overlay, CONFIGS / "data" / "pope.yaml"],
+                        ["--model.init_args.pruner.init_args.num_tokens", "32"])
     init = cfg.model.init_args
     assert init.backbone.class_path == "vlm.backbones.LlavaNextBackbone"
     assert init.backbone.init_args.model == "llava-hf/llava-v1.6-vicuna-7b-hf"
-    assert init.pruner.init_args.num_tokens == int(overlay.stem.rsplit("_", 1)[1])
+    assert init.pruner.init_args.num_tokens == 32
 
 
 def save_tiny_next_processor(path: Path) -> str:

@@ -16,6 +16,7 @@ import torch
 from tests.llava.test_llava_next import SIZES, TEXT, prompts, tiny_llava_next
 from tests.llava.tiny import IMAGE_TOKEN, pad_batch
 from vlm import pruning
+from vlm.pruning.flowcut_llm import FlowCutLlm
 from vlm.cli import parse_configs
 from vlm.towers.llava_next import LlavaNextRunner
 
@@ -76,19 +77,24 @@ def plain_kept_rows(lm, hidden, positions, rows, visual, probe, layer, budget) -
     return [r for r in rows if not visual[r] or r in kept_vis]
 
 
-@pytest.mark.parametrize("layer", [1, 2])
+@pytest.mark.parametrize("layer,newlines", [(1, "drop"), (2, "drop"), (1, "keep")])
 @torch.no_grad()
-def test_kept_rows_match_plain_formula(model, pixels, layer):
+def test_kept_rows_match_plain_formula(model, pixels, layer, newlines):
+    """``newlines="keep"``: the image_newline rows are kept like text, outside the scored span."""
     runner = LlavaNextRunner(model)
-    ids, mask = batch(runner, pixels, "right")
-    pruner = cut_pruner(layer=layer)
+    pruner = cut_pruner(layer=layer, crop_tokens=8, newlines=newlines)
+    ids, mask = batch(runner, pixels, "right", [pruner])
     logits, inputs = runner(ids, pixels, mask, [pruner], image_sizes=SIZES)
+    assert (inputs.layout_mask is not None) == (newlines == "keep")
+    scored = inputs.visual_mask if inputs.layout_mask is None else inputs.visual_mask & ~inputs.layout_mask
+    if newlines == "keep":
+        assert bool(inputs.layout_mask.any())
     lm = runner.lm
     hidden = lm(inputs_embeds=inputs.embeds, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids,
                 output_hidden_states=True).hidden_states[layer]
     for b in range(3):
         rows = inputs.attention_mask[b].nonzero().flatten().tolist()
-        expected = plain_kept_rows(lm, hidden[b], inputs.position_ids[b], rows, inputs.visual_mask[b].tolist(),
+        expected = plain_kept_rows(lm, hidden[b], inputs.position_ids[b], rows, scored[b].tolist(),
                                    int(inputs.probe_index[b]), layer, BUDGET)
         cut = inputs.cut
         assert cut.index[b][cut.attention_mask[b].bool()].tolist() == expected
@@ -103,7 +109,8 @@ def test_budget_above_visual_count_keeps_all_and_equals_unpruned(model, pixels, 
     hooks = [pruning.create("cls_attention", num_tokens=7)]  # a vision stage, so positions have gaps under "original"
     ids, mask = batch(runner, pixels, side, hooks)
     ref, ref_inputs = runner(ids, pixels, mask, hooks, padding_side=side, image_sizes=SIZES)
-    ours, inputs = runner(ids, pixels, mask, hooks + [cut_pruner(num_tokens=1000)], padding_side=side, image_sizes=SIZES)
+    cut_all = cut_pruner(num_tokens=1000, two_stage=False, newlines="keep")  # the layout of the run without a cut
+    ours, inputs = runner(ids, pixels, mask, hooks + [cut_all], padding_side=side, image_sizes=SIZES)
     cut = inputs.cut
     assert torch.equal(cut.visual_counts, ref_inputs.visual_counts)
     assert torch.equal(cut.attention_mask, ref_inputs.attention_mask)
@@ -118,9 +125,11 @@ def test_budget_above_visual_count_keeps_all_and_equals_unpruned(model, pixels, 
 def test_cut_count_order_and_positions(model, pixels, side, policy):
     runner = LlavaNextRunner(model, position_policy=policy)
     ids, mask = batch(runner, pixels, side)
-    _, inputs = runner(ids, pixels, mask, [cut_pruner()], padding_side=side, image_sizes=SIZES)
+    pruner = cut_pruner(two_stage=False)  # the LLM stage alone, on the packing without newlines
+    ids, mask = batch(runner, pixels, side, [pruner])
+    _, inputs = runner(ids, pixels, mask, [pruner], padding_side=side, image_sizes=SIZES)
     cut = inputs.cut
-    assert inputs.visual_counts.tolist() == [52, 40, 88]
+    assert inputs.visual_counts.tolist() == [16 + 4 * 8, 16 + 8 * 2, 16 + 8 * 8]  # base view + unpadded grid
     assert cut.visual_counts.tolist() == [BUDGET] * 3 and cut.layer == 1
     for b in range(3):
         kept = cut.attention_mask[b].bool()
@@ -144,7 +153,7 @@ def test_cut_count_order_and_positions(model, pixels, side, policy):
 @torch.no_grad()
 def test_batch_and_padding_invariance(model, pixels, side, two_stage):
     """Each sample alone equals the sample in a padded batch (other visual counts, other lengths)."""
-    hooks = [cut_pruner(crop_tokens=6 if two_stage else None)]
+    hooks = [cut_pruner(crop_tokens=6) if two_stage else cut_pruner(two_stage=False)]
     runner = LlavaNextRunner(model)
     visual = runner.encode_images(pixels, hooks, image_sizes=SIZES)
     assert visual.crops.counts.tolist() == ([6] * 11 if two_stage else [16] * 11)
@@ -213,10 +222,17 @@ def test_cache_lengths_differ_per_layer_group(model, pixels):
 
 
 def test_two_stage_vision_budget_and_registry():
-    pruner = pruning.create("flowcut_llm", num_tokens=320, crop_tokens=160)
+    """Defaults are the released anyres recipe: vision stage at T // 2 per crop with one prune count
+    per image, newlines dropped; ``two_stage=False`` runs the LLM stage alone."""
+    pruner = pruning.create("flowcut_llm", num_tokens=320)
     assert pruner.towers == ("llm",) and pruner.layer == 1
     assert pruner.vision_stage.name == "flowcut" and pruner.vision_stage.num_tokens == 160
-    assert pruning.create("flowcut_llm", num_tokens=320).vision_stage is None
+    assert pruner.vision_stage.shared_count and pruner.newlines == "drop" and not pruner.anyres_newlines
+    assert pruning.create("flowcut_llm", num_tokens=320, crop_tokens=100).vision_stage.num_tokens == 100
+    assert pruning.create("flowcut_llm", num_tokens=320, two_stage=False).vision_stage is None
+    assert pruning.create("flowcut_llm", newlines="keep").anyres_newlines
+    with pytest.raises(ValueError, match="newlines"):
+        pruning.create("flowcut_llm", newlines="none")
     assert "flowcut_llm" in pruning.available()
 
 
@@ -242,9 +258,12 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "llava"
 
 @pytest.mark.parametrize("budget", [640, 320, 160])
 def test_flowcut_anyres_configs_use_both_stages(budget):
-    cfg = parse_configs([CONFIGS / "llava_next_7b.yaml", CONFIGS / "next_pruner" / f"flowcut_llm_{budget}.yaml",
-                         CONFIGS / "data" / "pope.yaml"])
+    cfg = parse_configs([CONFIGS / "llava_next_7b.yaml", CONFIGS / "pruner" / "flowcut_llm.yaml",
+                         CONFIGS / "data" / "pope.yaml"], ["--model.init_args.pruner.init_args.num_tokens", str(budget)])
     pruner = cfg.model.init_args.pruner
     assert pruner.class_path.rsplit(".", 1)[-1] == "flowcut_llm"
     assert pruner.init_args.num_tokens == budget and pruner.init_args.layer == 1
-    assert pruner.init_args.crop_tokens == budget // 2
+    assert pruner.init_args.crop_tokens is None  # the vision stage then keeps budget // 2 per crop
+    built = FlowCutLlm(**{k: v for k, v in vars(pruner.init_args).items()})
+    assert built.vision_stage is not None and built.vision_stage.num_tokens == budget // 2
+    assert pruner.init_args.shared_count is True and pruner.init_args.newlines == "drop"  # the released recipe

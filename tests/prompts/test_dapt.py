@@ -123,6 +123,64 @@ def test_bg_slicing_parity_flag(clip):
         DAPT(eval_extra_bg_columns=33)
 
 
+def official_dapt(clip, learner, b: dict[str, torch.Tensor], epoch: int, training: bool = True):
+    """A transcription of the official ``CustomCLIP.forward`` / ``forward_test`` (Ferenas/DAPT @ e556f17,
+    ``trainers/maple.py``): one text pass over the class rows followed by all 32 background rows,
+    then ``text_features[:-25]`` as the class columns and ``text_features[-25:]`` as ``T_bg``."""
+    from vlm.prompts.maple import MaPLe
+
+    cls_in = MaPLe.text_inputs(learner, CLASSES, "{}")
+    bg_tokens = clip.tokenizer([f"a clean origami {w}." for w in BACKGROUND_WORDS])
+    with torch.no_grad():
+        bg_embeds = clip.text.token_embedding(bg_tokens)
+    tokens = torch.cat([cls_in.tokens, bg_tokens])
+    text_features = clip.encode_text(tokens, [learner], torch.cat([cls_in.embeds, bg_embeds]))
+    tau = clip.logit_scale.exp()
+    z = F.normalize(clip.encode_image(b["image"], [learner]), dim=-1)
+    if not training:  # forward (base evaluation) scores text_features[:-25]; forward_test all rows
+        return tau * z @ F.normalize(text_features[:-25], dim=-1).t(), tau * z @ F.normalize(text_features, dim=-1).t()
+    t_fg = F.normalize(text_features[:-25], dim=-1)
+    logits = tau * z @ t_fg.t()
+    t_bg = F.normalize(text_features[-25:], dim=-1)
+    z_f = F.normalize(clip.encode_image(b["image"] * b["mask"], [learner]), dim=-1)
+    z_b = F.normalize(clip.encode_image(b["image"] * (1 - b["mask"]), [learner]), dim=-1)
+    loss_re1 = F.triplet_margin_loss(z, z_f.detach(), z_b.detach(), margin=1.5)
+    foreground_score = tau * z_f.detach() @ t_fg.t()
+    pseudo_label = torch.argmax(z_b @ t_bg.t(), dim=-1)
+    loss_bg = F.cross_entropy(tau * z_b @ t_bg.t(), pseudo_label)
+    loss_fg = F.cross_entropy(foreground_score, b["label"])
+    loss_re = 0.1 * loss_fg + 0.5 * loss_bg if epoch > 6 else 0.8 * loss_re1
+    return logits, F.cross_entropy(logits, b["label"]) + loss_re
+
+
+@pytest.mark.parametrize("epoch", [0, 7])
+def test_official_slicing_reproduces_the_official_loss(clip, epoch):
+    """``bg_slicing="official"``: the logits and the whole training loss of the official code."""
+    m, b = model(clip, bg_slicing="official"), batch()
+    learner = m.prompt_learner
+    learner.on_train_epoch_start(epoch)
+    out = m(b["image"])
+    ours = F.cross_entropy(out["logits"], b["label"]) + sum(learner.losses(out, b).values())
+    ref_logits, ref_loss = official_dapt(clip, learner, b, epoch)
+    torch.testing.assert_close(out["logits"], ref_logits, **TOL)
+    torch.testing.assert_close(ours, ref_loss, **TOL)
+    default = model(clip)
+    default.prompt_learner.on_train_epoch_start(epoch)
+    out_d = default(b["image"])
+    loss_d = F.cross_entropy(out_d["logits"], b["label"]) + sum(default.prompt_learner.losses(out_d, b).values())
+    assert not torch.allclose(loss_d, ref_loss, **TOL)  # the corrected slicing is a different objective
+
+
+def test_eval_extra_bg_columns_reproduce_the_official_evaluation(clip):
+    """7 extra columns = the official base evaluation (``forward``), 32 = ``forward_test`` (novel)."""
+    b = batch()
+    for extra, which in ((7, 0), (32, 1)):
+        m = model(clip, eval_extra_bg_columns=extra).eval()
+        with torch.no_grad():
+            ref = official_dapt(clip, m.prompt_learner, b, epoch=0, training=False)[which]
+            torch.testing.assert_close(m(b["image"])["logits"], ref, **TOL)
+
+
 def square_image(size: int = 40) -> tuple[Image.Image, Image.Image]:
     arr = np.zeros((size, size + 8, 3), dtype=np.uint8)
     mask = np.zeros((size, size + 8), dtype=np.uint8)

@@ -32,7 +32,7 @@ def make(bb, **kw) -> KTPP:
     k.build(bb)
     with torch.no_grad():
         k.alpha.uniform_(-0.5, 0.5)
-    k.set_class_embeddings(torch.randn(C, E))
+    k.set_class_text(torch.randn(C, E))
     return k.eval()
 
 
@@ -101,8 +101,8 @@ def test_stages_topk_and_errors():
     bb = vit()
     k = make(bb, stage_topk=(1.0, 1.0, 1.0))
     assert [k.stage(i) for i in range(3)] == [0, 1, 2]
-    k.set_class_embeddings(None)
-    with pytest.raises(RuntimeError, match="set_class_embeddings"):
+    k.set_class_text(None)
+    with pytest.raises(RuntimeError, match="set_class_text"):
         bb.encode_image(torch.randn(1, 3, 32, 32), [k])
     with pytest.raises(ValueError):
         KTPP(context="mean_knn_out")

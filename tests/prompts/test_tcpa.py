@@ -100,6 +100,50 @@ def test_timm_matches_plain_reference(base, renorm, lp):
         torch.testing.assert_close(t.losses({}, {})["pull"], 0.01 * pull, **TOL)
 
 
+def test_pull_gradient_reaches_tokens_as_in_the_official_code():
+    """Official ``Pool.forward`` takes the cosine on the live tokens: the pull's gradient reaches the
+    earlier layers' prompts through them. ``pull_detach_tokens=False`` (the default) reproduces the
+    gradient of ``out + 0.01 * pull`` of the plain reference; ``True`` (the variant) does not."""
+    bb = vit()
+    m = bb.model
+    images = torch.randn(2, 3, 32, 32)
+    names = ("prompts_cls", "prompts_img", "keys_cls", "keys_img")
+
+    def grads(t: TCPA, official: bool, out_weight: float) -> dict[str, torch.Tensor]:
+        t.zero_grad(set_to_none=True)
+        if official:
+            x0 = m.norm_pre(m._pos_embed(m.patch_embed(images)))
+            ref, pull = plain_forward(bb, t, x0, m.blocks, timm_parts, 2, 3, False, "vfpt", 1)
+            loss = out_weight * m.norm(ref).square().sum() + 0.01 * pull
+        else:
+            loss = out_weight * bb.vision.forward_features(images, [t]).x.square().sum() + t.losses({}, {})["pull"]
+        loss.backward()
+        return {n: torch.zeros_like(getattr(t, n)) if getattr(t, n).grad is None else getattr(t, n).grad.clone() for n in names}
+
+    t = make(bb)
+    assert t.pull_detach_tokens is False
+    for out_weight in (1.0, 0.0):  # the whole loss, then the pull term alone
+        ours, official = grads(t, False, out_weight), grads(t, True, out_weight)
+        for n in names:
+            torch.testing.assert_close(ours[n], official[n], atol=1e-5, rtol=1e-4)
+    assert official["prompts_img"][:-1].abs().sum() > 0  # the pull moves the prompts of earlier layers
+    t.pull_detach_tokens = True
+    detached = grads(t, False, 0.0)
+    torch.testing.assert_close(detached["keys_img"], official["keys_img"], atol=1e-5, rtol=1e-4)  # keys: same path
+    assert detached["prompts_img"].abs().sum() == 0 and detached["prompts_cls"].abs().sum() == 0
+
+
+def test_role_only_adds_no_pull_term():
+    """R-TCPA: the official RDVP-only mask path returns no distance, so the loss is CE alone."""
+    bb = vit()
+    t = make(bb, role_only=True).train()
+    bb.encode_image(torch.randn(2, 3, 32, 32), [t])
+    assert t.losses({}, {}) == {}
+    t_tok = make(bb).train()
+    bb.encode_image(torch.randn(2, 3, 32, 32), [t_tok])
+    assert set(t_tok.losses({}, {})) == {"pull"}
+
+
 def test_clip_tower_matches_plain_reference():
     torch.manual_seed(0)
     bb = ClipBackbone("tiny", model_cfg=tiny_clip_cfg(width=32, head_width=16, layers=2))

@@ -19,7 +19,7 @@ from vlm.cli import main, parse_configs
 from vlm.datamodules.transforms import CorruptImageError
 from vlm.export import WEIGHTS, export_checkpoint, load_exported
 from vlm.modules import CLIPClassifier, ViTClassifier
-from vlm.modules.base import CheckpointMismatchError
+from vlm.identity import CheckpointMismatchError
 from vlm.prompts import create
 from vlm.registry import UnknownNameError
 from vlm.reliability import IncompatibleHooksError, TokenBudgetError
@@ -68,7 +68,7 @@ def test_corrupt_image_skipped_and_counted_in_results(toy: Path, tmp_path: Path)
     _truncate(toy / "images" / "cat" / "test_0.png")
     cfg = write_cli_config(tmp_path, toy, tmp_path / "run", on_corrupt="skip")
     with pytest.warns(UserWarning, match=r"Skipping corrupt image '.*cat/test_0\.png'"):
-        main(["test", "--config", str(cfg)])
+        main(["test", "--config", str(cfg), "--allow_untrained", "true"])
     results = json.loads((tmp_path / "run" / "v0" / "results.json").read_text())
     assert results["data"]["on_corrupt"] == "skip" and results["data"]["skipped_images"] == 1
     assert results["data"]["skipped_paths"][0].endswith("cat/test_0.png")

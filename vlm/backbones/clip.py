@@ -20,6 +20,7 @@ from torch.nn import functional as F
 
 from vlm.backbones.base import Backbone
 from vlm.hooks import TowerHook
+from vlm.quiet import quiet_hf_text_load
 from vlm.towers.clip import ClipVisionRunner, text_runner_for
 from vlm.towers.runner import TowerOutput
 
@@ -36,12 +37,14 @@ def build_open_clip(
     """Create an open_clip model. ``model_cfg`` (an open_clip JSON config as a dict) builds it
     directly, so tiny test models need no registration; ``pretrained`` is a tag or a local file."""
     if model_cfg is None:
-        return open_clip.create_model(model_name, pretrained=pretrained, force_quick_gelu=quick_gelu)
+        with quiet_hf_text_load():  # an HF text tower's by-design pooler report only (vlm.quiet)
+            return open_clip.create_model(model_name, pretrained=pretrained, force_quick_gelu=quick_gelu)
     cfg = copy.deepcopy(model_cfg)
     cfg.setdefault("quick_gelu", quick_gelu)
     cfg.pop("custom_text", None)
     cls = open_clip.CustomTextCLIP if "hf_model_name" in cfg.get("text_cfg", {}) else open_clip.CLIP
-    model = cls(**cfg)
+    with quiet_hf_text_load():
+        model = cls(**cfg)
     if pretrained:
         open_clip.load_checkpoint(model, pretrained, strict=True, weights_only=True)
     return model
@@ -68,6 +71,10 @@ class ClipBackbone(Backbone):
         model_cfg: an inline open_clip model config (``embed_dim``, ``vision_cfg``, ``text_cfg``).
         quick_gelu: force QuickGELU (needed for OpenAI weights).
         freeze: freeze all weights and keep the model in eval mode.
+        trim_text: run the text tower only up to the longest prompt of each batch (the last EOT
+            under the causal mask, the last non-padding token of an HF tower) instead of the full
+            context; the pooled features are the same (``vlm.towers.runner.trim_text``). False
+            runs every position, as open_clip does.
     """
 
     family = "open_clip"
@@ -79,13 +86,14 @@ class ClipBackbone(Backbone):
         model_cfg: Optional[dict[str, Any]] = None,
         quick_gelu: bool = False,
         freeze: bool = True,
+        trim_text: bool = True,
     ) -> None:
         super().__init__(freeze=freeze)
         self.model_name, self.pretrained, self.model_cfg, self.quick_gelu = model_name, pretrained, model_cfg, quick_gelu
         self.model = build_open_clip(model_name, pretrained, model_cfg, quick_gelu)
         self.tokenizer = build_tokenizer(model_name, model_cfg)
         self.vision = ClipVisionRunner(self.model.visual)
-        self.text = text_runner_for(self.model)
+        self.text = text_runner_for(self.model, trim=trim_text)
         self._apply_freeze()
 
     # --- identity -----------------------------------------------------------------------------

@@ -15,15 +15,9 @@ from typing import Any, Mapping, Optional
 import lightning as L
 from torch import Tensor, nn
 
-from vlm.modules.optim import build_optimizer, warmup_cosine
+from vlm.identity import CHECKPOINT_KEY, FORMAT_VERSION, CheckpointMismatchError, check_identity
+from vlm.modules.optim import build_optimizer, trainer_lr_scheduler
 from vlm.reliability import check_finite_losses
-
-CHECKPOINT_KEY = "vlm"
-FORMAT_VERSION = 1
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint that does not belong to this model (other backbone, method or tensors)."""
 
 
 class LearnedOnlyModule(L.LightningModule):
@@ -72,8 +66,7 @@ class LearnedOnlyModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         """Only trainable parameters reach the optimiser (``self.optim``: an OptimConfig)."""
         opt = build_optimizer((p for p in self.parameters() if p.requires_grad), self.optim)
-        sched = warmup_cosine(opt, self.optim, self.trainer.max_epochs or 1)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+        return {"optimizer": opt, "lr_scheduler": trainer_lr_scheduler(opt, self.optim, self.trainer)}
 
     # --- identity -----------------------------------------------------------------------------
     def identity(self) -> dict[str, Any]:
@@ -103,27 +96,6 @@ class LearnedOnlyModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_identity(checkpoint.get(CHECKPOINT_KEY), self.identity(), source="checkpoint")
-
-
-def check_identity(saved: Optional[Mapping[str, Any]], current: Mapping[str, Any], source: str) -> None:
-    """Raise a clear error if a saved identity names another method or backbone."""
-    if saved is None:
-        raise CheckpointMismatchError(
-            f"This {source} has no vlm identity record: it was not written by vlm. "
-            "Use `vlm export` / `vlm fit` checkpoints."
-        )
-    if saved.get("method") != current["method"] or saved.get("module") != current["module"]:
-        raise CheckpointMismatchError(
-            f"The {source} was made by method {saved.get('method')!r} ({saved.get('module')}), "
-            f"but the model is method {current['method']!r} ({current['module']})."
-        )
-    if saved.get("backbone") != current["backbone"] or saved.get("backbone_checksum") != current["backbone_checksum"]:
-        raise CheckpointMismatchError(
-            f"The {source} was made with backbone {saved.get('backbone')} "
-            f"(sha256 {str(saved.get('backbone_checksum'))[:12]}), but the model has backbone "
-            f"{current['backbone']} (sha256 {current['backbone_checksum'][:12]}). "
-            "Use the backbone that produced it."
-        )
 
 
 def accuracy_percent(logits: Tensor, labels: Tensor) -> Tensor:

@@ -13,23 +13,20 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
 from vlm.backbones import ClipBackbone
-from vlm.modules.base import LearnedOnlyModule, accuracy_percent
+from vlm.datamodules.templates import DEFAULT_TEMPLATE
+from vlm.links import check_image_size
+from vlm.metrics import harmonic_mean
+from vlm.modules.hooked import HookedClassifier
 from vlm.modules.optim import OptimConfig
-from vlm.hooks import TowerHook
 from vlm.prompts import PromptLearner
 from vlm.pruning import TokenPruner
-from vlm.reliability import check_hooks
 
 
-def harmonic_mean(a: float, b: float) -> float:
-    return 2 * a * b / (a + b) if a + b > 0 else 0.0
-
-
-class CLIPClassifier(LearnedOnlyModule):
+class CLIPClassifier(HookedClassifier):
     """Zero-shot or prompt-tuned CLIP classifier.
 
     Args:
@@ -39,12 +36,16 @@ class CLIPClassifier(LearnedOnlyModule):
             ``classnames`` at setup.
         test_classnames: ``{subset: classnames}`` per test dataloader, in dataloader order; if
             None, taken from the datamodule's ``test_classnames`` at setup.
-        template: prompt template for frozen text features (zero-shot and vision-only learners).
+        template: prompt template for frozen text features (zero-shot and vision-only learners);
+            ``None`` takes the datamodule's ``template`` (the CLI links ``data.template`` here), else
+            "a photo of a {}.".
         optim: optimiser and schedule.
         init_from: an exported directory (``vlm export``) whose learned tensors are loaded.
         pruner: a visual-token pruner (``vtc_cls``, ``flowcut``, ...) run inside the image tower
             after the prompt learner, trading accuracy for speed; None keeps every token.
     """
+
+    no_learner = "zeroshot"
 
     def __init__(
         self,
@@ -52,30 +53,23 @@ class CLIPClassifier(LearnedOnlyModule):
         prompt_learner: Optional[PromptLearner] = None,
         classnames: Optional[list[str]] = None,
         test_classnames: Optional[dict[str, list[str]]] = None,
-        template: str = "a photo of a {}.",
+        template: Optional[str] = None,
         optim: Optional[OptimConfig] = None,
         init_from: Optional[str] = None,
         pruner: Optional[TokenPruner] = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["backbone", "prompt_learner", "optim", "pruner"])
-        self.backbone = backbone
-        self.prompt_learner = prompt_learner
-        self.pruner = pruner
-        if prompt_learner is not None:
-            prompt_learner.build(backbone)
-        check_hooks(backbone, prompt_learner, pruner)
-        self.method_name = prompt_learner.name if prompt_learner is not None else "zeroshot"
+        # template is left out: the datamodule logs its own (Lightning refuses differing duplicates)
+        self.save_hyperparameters(ignore=["backbone", "prompt_learner", "optim", "pruner", "template"])
+        self.attach(backbone, prompt_learner, pruner, optim, init_from)
         self.classnames = list(classnames or [])
         self.test_classnames = dict(test_classnames or {})
-        self.template = template
-        self.optim = optim or OptimConfig()
-        self.test_acc = nn.ModuleDict()
+        self.template = template or DEFAULT_TEMPLATE
+        self._template_given = template is not None
         self._text_cache: dict[tuple[str, ...], Tensor] = {}
         self._frozen_text_cache: dict[tuple[str, ...], Tensor] = {}
         self._sync_test_metrics()
-        if init_from:
-            self.load_exported(init_from)
+        self.restore()
 
     def _sync_test_metrics(self) -> None:
         for subset, names in self.test_classnames.items():
@@ -84,18 +78,17 @@ class CLIPClassifier(LearnedOnlyModule):
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None)
+        check_image_size(self.backbone, dm)
+        if not self._template_given and getattr(dm, "template", None):
+            self.template = dm.template
+            self._text_cache.clear()
+            self._frozen_text_cache.clear()
         if not self.classnames and dm is not None:
             self.classnames = list(getattr(dm, "classnames", []) or [])
         if not self.test_classnames and dm is not None:
             self.test_classnames = dict(getattr(dm, "test_classnames", {}) or {})
         self._sync_test_metrics()
         self.test_acc.to(self.device)
-
-    @property
-    def hooks(self) -> list[TowerHook]:
-        """Vision/text hooks in order: the prompt learner, then the pruner (which acts on the
-        vision tower only, keeps CLS and prompts, and leaves ``lengths`` right for pooling)."""
-        return [h for h in (self.prompt_learner, self.pruner) if h is not None]
 
     # --- features -----------------------------------------------------------------------------
     def _text_is_frozen(self) -> bool:
@@ -153,26 +146,17 @@ class CLIPClassifier(LearnedOnlyModule):
             self.prompt_learner.on_fit_start(self)
 
     # --- steps --------------------------------------------------------------------------------
-    def _loss(self, out: dict[str, Tensor], batch: dict[str, Tensor], stage: str) -> Tensor:
-        ce = F.cross_entropy(out["logits"], batch["label"])
+    def loss_outputs(self, out: dict[str, Tensor], batch: dict[str, Tensor], stage: str) -> dict[str, Tensor]:
+        """Adds the zero-shot pass (:meth:`frozen_outputs`) in training for learners that need it."""
         if stage == "train" and self.prompt_learner is not None and self.prompt_learner.needs_frozen_pass:
-            out = {**out, **self.frozen_outputs(batch["image"])}
-        extra = self.prompt_learner.losses(out, batch) if self.prompt_learner else {}
-        self.check_finite({"ce": ce, **extra}, stage)
-        for name, value in extra.items():
-            self.log(f"{stage}/{name}", value)
-        loss = ce + sum(extra.values()) if extra else ce
-        bs = batch["label"].shape[0]
-        self.log(f"{stage}/ce", ce, batch_size=bs)
-        self.log(f"{stage}/loss", loss, prog_bar=stage == "train", batch_size=bs)
-        self.log(f"{stage}/acc", accuracy_percent(out["logits"], batch["label"]), prog_bar=True, batch_size=bs)
-        return loss
+            return {**out, **self.frozen_outputs(batch["image"])}
+        return out
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return self._loss(self(batch["image"]), batch, "train")
+        return self.supervised_loss(self(batch["image"]), batch, "train")
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._loss(self(batch["image"]), batch, "val")
+        self.supervised_loss(self(batch["image"]), batch, "val")
 
     def test_subset(self, dataloader_idx: int) -> str:
         names = list(self.test_classnames)

@@ -6,14 +6,14 @@ features; query logits are cosine similarities to the prototypes divided by a te
 (0.2, as the SP/SAA family); the loss is the cross-entropy of the queries.
 
 Learners that use class text (KTPP's pyramid prompts) get the text embeddings of the *episode's*
-classes, in episode order, through ``set_class_embeddings``: every image, support or query, sees
+classes, in episode order, through ``set_class_text``: every image, support or query, sees
 all the episode's classes, so no query label leaks. Text comes from a frozen CLIP text tower
 (``text_encoder``, or the backbone itself when it is a CLIP), prompt ``template``, unit-normalised
 and cached once.
 
 Testing reports the protocol of the papers: the mean accuracy over the (fixed) test episodes and
 the 95 % interval ``1.96 * std / sqrt(n)`` (``std`` the sample standard deviation over episodes;
-:func:`vlm.datamodules.episodic.mean_ci95`), logged as ``test/acc`` and ``test/ci95``.
+:func:`vlm.metrics.mean_ci95`), logged as ``test/acc`` and ``test/ci95``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlm.backbones import ClipBackbone, ViTBackbone
-from vlm.datamodules.episodic import mean_ci95
+from vlm.metrics import mean_ci95
 from vlm.modules.base import LearnedOnlyModule
 from vlm.modules.optim import OptimConfig
 from vlm.prompts import PromptLearner
@@ -73,8 +73,8 @@ class EpisodicClassifier(LearnedOnlyModule):
             text_encoder.requires_grad_(False)
         self.prompt_learner = prompt_learner
         if prompt_learner is not None:
-            if getattr(prompt_learner, "text_dim", 0) is None and self._text_model() is not None:
-                prompt_learner.text_dim = self._text_model().embed_dim
+            if prompt_learner.needs_class_text and prompt_learner.class_text_width is None and self._text_model() is not None:
+                prompt_learner.class_text_width = self._text_model().embed_dim
             prompt_learner.build(backbone)
         self.method_name = prompt_learner.name if prompt_learner is not None else "prototype"
         self.template, self.temperature = template, temperature
@@ -117,10 +117,9 @@ class EpisodicClassifier(LearnedOnlyModule):
     def episode_forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Query logits ``[way * query, way]`` and query targets of one episode."""
         way, shot, _ = (int(v) for v in batch["episode"])
-        if self.prompt_learner is not None and hasattr(self.prompt_learner, "set_class_embeddings"):
-            needs_text = getattr(self.prompt_learner, "pyramid", True)
+        if self.prompt_learner is not None and self.prompt_learner.needs_class_text:
             episode_classes = batch["label"][: way * shot : shot]  # one support row per class, in order
-            self.prompt_learner.set_class_embeddings(self.class_text()[episode_classes] if needs_text else None)
+            self.prompt_learner.set_class_text(self.class_text()[episode_classes])
         if self.training or not self.cache_eval_features or "index" not in batch:
             feats = self.backbone.encode_image(batch["image"], self.hooks)
         else:
@@ -136,7 +135,7 @@ class EpisodicClassifier(LearnedOnlyModule):
         """
         classes = tuple(sorted(int(c) for c in batch["label"][: way * shot : shot]))
         learner = self.prompt_learner
-        uses_text = learner is not None and hasattr(learner, "set_class_embeddings") and getattr(learner, "pyramid", True)
+        uses_text = learner is not None and learner.needs_class_text
         key = classes if uses_text else ()
         cache = self._feature_cache.setdefault(key, {})
         index = [int(i) for i in batch["index"]]

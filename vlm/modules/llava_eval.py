@@ -13,7 +13,6 @@ from collections import defaultdict
 from typing import Any, Optional
 
 import lightning as L
-import torch
 
 from vlm.backbones.llava import LlavaBackbone
 from vlm.metrics_vqa import scorer

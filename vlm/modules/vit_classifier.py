@@ -1,23 +1,28 @@
-"""ViT classification with a linear head and an optional visual prompt learner (VPT/TCPA-style)."""
+"""ViT classification with a linear head and an optional visual prompt learner (VPT/TCPA-style).
+
+The head scores the classes it was trained on, in their training label order. A test subset whose
+labels mean other classes (base-to-new's "new" classes, relabelled from 0) cannot be scored by it:
+such subsets are skipped with a warning and listed in ``results.json`` (``model.skipped_subsets``),
+never reported as an accuracy.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Optional, Union
 
-import torch.nn.functional as F
 from torch import Tensor, nn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torchmetrics.classification import MulticlassAccuracy
 
 from vlm.backbones import ClipBackbone, ViTBackbone
-from vlm.modules.base import LearnedOnlyModule, accuracy_percent
+from vlm.links import check_image_size
+from vlm.modules.hooked import HookedClassifier
 from vlm.modules.optim import OptimConfig
-from vlm.hooks import TowerHook
 from vlm.prompts import PromptLearner
 from vlm.pruning import TokenPruner
-from vlm.reliability import check_hooks
 
 
-class ViTClassifier(LearnedOnlyModule):
+class ViTClassifier(HookedClassifier):
     """Frozen ViT (timm, or a CLIP image tower) + prompts + a trained linear head.
 
     Args:
@@ -30,6 +35,8 @@ class ViTClassifier(LearnedOnlyModule):
             after the prompt learner, trading accuracy for speed; None keeps every token.
     """
 
+    no_learner = "linear"
+
     def __init__(
         self,
         backbone: Union[ViTBackbone, ClipBackbone],
@@ -41,35 +48,22 @@ class ViTClassifier(LearnedOnlyModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone", "prompt_learner", "optim", "pruner"])
-        self.backbone = backbone
-        self.prompt_learner = prompt_learner
-        self.pruner = pruner
-        if prompt_learner is not None:
-            prompt_learner.build(backbone)
-        check_hooks(backbone, prompt_learner, pruner)
-        self.method_name = prompt_learner.name if prompt_learner is not None else "linear"
+        self.attach(backbone, prompt_learner, pruner, optim, init_from)
         dim = backbone.num_features if isinstance(backbone, ViTBackbone) else backbone.embed_dim
         self.num_classes = num_classes
         self.head = nn.Linear(dim, num_classes)
-        self.optim = optim or OptimConfig()
-        self.test_acc = nn.ModuleDict()
-        if init_from:
-            self.load_exported(init_from)
+        self.skipped_subsets: dict[str, str] = {}
+        self.restore()
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None)
+        check_image_size(self.backbone, dm)
         n = getattr(dm, "num_classes", None)
         if n is not None and int(n) != self.num_classes:
             raise ValueError(
                 f"The data has {n} classes but the head has {self.num_classes}: "
                 f"set model.init_args.num_classes={n}."
             )
-
-    @property
-    def hooks(self) -> list[TowerHook]:
-        """Vision/text hooks in order: the prompt learner, then the pruner (which acts on the
-        vision tower only, keeps CLS and prompts, and leaves ``lengths`` right for pooling)."""
-        return [h for h in (self.prompt_learner, self.pruner) if h is not None]
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         feats = self.backbone.encode_image(images, self.hooks)
@@ -84,17 +78,7 @@ class ViTClassifier(LearnedOnlyModule):
 
     def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
         self._check_labels(batch["label"])
-        out = self(batch["image"])
-        ce = F.cross_entropy(out["logits"], batch["label"])
-        extra = self.prompt_learner.losses(out, batch) if self.prompt_learner else {}
-        self.check_finite({"ce": ce, **extra}, stage)
-        loss = ce + sum(extra.values()) if extra else ce
-        bs = batch["label"].shape[0]
-        for name, value in extra.items():
-            self.log(f"{stage}/{name}", value, batch_size=bs)
-        self.log(f"{stage}/loss", loss, prog_bar=stage == "train", batch_size=bs)
-        self.log(f"{stage}/acc", accuracy_percent(out["logits"], batch["label"]), prog_bar=True, batch_size=bs)
-        return loss
+        return self.supervised_loss(self(batch["image"]), batch, stage)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         return self._step(batch, "train")
@@ -111,21 +95,49 @@ class ViTClassifier(LearnedOnlyModule):
 
     def on_test_epoch_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
+        self.skipped_subsets = unscorable_subsets(dm)
+        for name, why in self.skipped_subsets.items():
+            rank_zero_warn(f"ViTClassifier: test subset {name!r} is skipped, not scored: {why}")
         for name in list(getattr(dm, "test_subsets", None) or ["all"]):
-            if name not in self.test_acc:
+            if name not in self.test_acc and name not in self.skipped_subsets:
                 self.test_acc[name] = MulticlassAccuracy(num_classes=self.num_classes, average="micro").to(self.device)
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._check_labels(batch["label"])
         name = self._subset_name(dataloader_idx)
+        if name in self.skipped_subsets:
+            return
+        self._check_labels(batch["label"])
         self.test_acc[name].update(self(batch["image"])["logits"], batch["label"])
 
     def on_test_epoch_end(self) -> None:
         for name, metric in self.test_acc.items():
+            if metric.update_count == 0:
+                continue
             self.log(f"test/acc_{name}", float(metric.compute()) * 100.0, add_dataloader_idx=False)
             metric.reset()
+
+    def result_extras(self) -> dict[str, Any]:
+        """Recorded in results.json under ``model``: the test subsets that were not scored, and why."""
+        return {"skipped_subsets": dict(self.skipped_subsets)} if self.skipped_subsets else {}
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         probs = self(batch["image"])["logits"].softmax(-1)
         conf, pred = probs.max(-1)
         return {"index": batch.get("index"), "pred": pred, "confidence": conf}
+
+
+def unscorable_subsets(datamodule: Any) -> dict[str, str]:
+    """``{subset: reason}`` for the datamodule's test subsets whose label ``i`` is not training class
+    ``i`` (their class list is not a prefix of the training classes), which a linear head cannot score."""
+    train = list(getattr(datamodule, "classnames", None) or [])
+    tests = dict(getattr(datamodule, "test_classnames", None) or {})
+    out = {}
+    for name, names in tests.items():
+        if train and list(names) != train[: len(names)]:
+            out[name] = (
+                f"its {len(names)} classes (e.g. {list(names)[:3]}) are not the head's training classes "
+                f"({len(train)}, e.g. {train[:3]}) in their label order, so the base-class head cannot name them. "
+                "Test ViTClassifier on the subsets it was trained on (data.init_args.test_subsets), or use "
+                "CLIPClassifier, whose text features cover new classes."
+            )
+    return out

@@ -3,6 +3,10 @@
 Parity contract: with no hooks, :meth:`ClipBackbone.encode_image` equals open_clip
 ``model.encode_image`` and :meth:`ClipBackbone.encode_text` equals ``model.encode_text`` (tests
 check 1e-5 in fp32). The runners read the library modules' own weights; nothing is patched.
+
+The causal text tower runs only up to the last EOT of the batch (``trim``, see
+:func:`~vlm.towers.runner.trim_text`): nothing after EOT can reach EOT, so the pooled features
+equal the full-context run, at a fraction of the cost for short prompts.
 """
 
 from __future__ import annotations
@@ -13,16 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from vlm.hooks import TowerHook
-from vlm.tokens import TokenState, TokenType
+from vlm.tokens import TokenState, TokenType, masked_mean
 from vlm.towers.blocks import OpenClipBlock
-from vlm.towers.runner import (
-    TowerOutput,
-    first_of_type,
-    masked_mean,
-    run_blocks,
-    start_hooks,
-    type_mask,
-)
+from vlm.towers.runner import TowerOutput, run_blocks, start_hooks, trim_text
 
 
 class ClipVisionRunner:
@@ -67,9 +64,9 @@ class ClipVisionRunner:
             x = v.ln_post(x)
             state = state.replace(x=x)
         if v.pool_type == "tok":
-            pooled = first_of_type(state, TokenType.CLS)
+            pooled = state.first_of_type(TokenType.CLS)
         elif v.pool_type == "avg":
-            pooled = masked_mean(x, type_mask(state, TokenType.PATCH))
+            pooled = masked_mean(x, state.type_mask(TokenType.PATCH))
         else:
             raise TypeError(f"open_clip pool_type={v.pool_type!r} is not supported by the runner.")
         if v.final_ln_after_pool:
@@ -87,12 +84,13 @@ class ClipTextRunner:
     """open_clip causal text transformer (CLIP's flattened text tower, or ``TextTransformer``).
 
     ``embeds`` (token embeddings before the positional embedding, ``[B, L, D]``) lets prompt
-    learners such as CoOp replace placeholder embeddings with learned context.
+    learners such as CoOp replace placeholder embeddings with learned context. ``trim``: run only
+    the positions up to the batch's last EOT (exact under the causal mask; see ``prefix_length``).
     """
 
     name = "text"
 
-    def __init__(self, text: nn.Module) -> None:
+    def __init__(self, text: nn.Module, trim: bool = True) -> None:
         if getattr(text, "cls_emb", None) is not None:
             raise TypeError("open_clip text towers with a class embedding (CoCa) are not supported.")
         self.text = text
@@ -103,6 +101,7 @@ class ClipTextRunner:
         self.pool_type = getattr(text, "text_pool_type", None) or getattr(text, "pool_type", "argmax")
         self.causal = getattr(text, "attn_mask", None) is not None
         self.eos_id = getattr(text, "text_eos_id", None) or getattr(text, "eos_id", None)
+        self.trim = trim
 
     @property
     def token_embedding(self) -> nn.Module:
@@ -121,6 +120,16 @@ class ClipTextRunner:
         types = torch.where(pos == eot, torch.full_like(types, int(TokenType.EOT)), types)
         return torch.where(pos > eot, torch.full_like(types, int(TokenType.PAD)), types)
 
+    def prefix_length(self, tokens: Tensor) -> Optional[int]:
+        """Last EOT position of the batch + 1: under the causal mask no later token reaches an EOT
+        (or the first token). ``None`` (keep all) without a causal mask or when pooling reads the
+        last position or every token."""
+        if not self.causal or self.pool_type not in ("argmax", "eos", "first"):
+            return None
+        eot = self.token_types(tokens) == int(TokenType.EOT)
+        pos = torch.arange(tokens.shape[1], device=tokens.device)
+        return int(torch.where(eot, pos, 0).amax()) + 1
+
     def embed(self, tokens: Tensor, embeds: Optional[Tensor] = None) -> TokenState:
         t = self.text
         cast = t.transformer.get_cast_dtype() if hasattr(t.transformer, "get_cast_dtype") else None
@@ -134,7 +143,7 @@ class ClipTextRunner:
         t = self.text
         x = t.ln_final(state.x)
         if self.pool_type in ("argmax", "eos"):
-            pooled = first_of_type(state.replace(x=x), TokenType.EOT)
+            pooled = state.replace(x=x).first_of_type(TokenType.EOT)
         elif self.pool_type == "first":
             pooled = x[:, 0]
         elif self.pool_type == "last":
@@ -157,18 +166,20 @@ class ClipTextRunner:
         embeds: Optional[Tensor] = None,
         project: bool = True,
     ) -> TowerOutput:
+        tokens, embeds = trim_text(self, tokens, embeds, hooks)
         state = start_hooks(self.name, self.embed(tokens, embeds), hooks)
         state = run_blocks(self.name, self.blocks, state, hooks, causal=self.causal)
         return TowerOutput(self.pool(state, project), state)
 
 
-def text_runner_for(model: nn.Module):
-    """The right text runner for an open_clip model (built-in text tower or HF text encoder)."""
+def text_runner_for(model: nn.Module, trim: bool = True):
+    """The right text runner for an open_clip model (built-in text tower or HF text encoder);
+    ``trim``: run the text tower at the batch's longest prompt (exact, see ``trim_text``)."""
     text = getattr(model, "text", None)
     if text is None:
-        return ClipTextRunner(model)
+        return ClipTextRunner(model, trim)
     if hasattr(text, "transformer") and hasattr(text, "pooler") and hasattr(text, "proj"):
         from vlm.towers.hf_text import HFTextRunner
 
-        return HFTextRunner(text)
-    return ClipTextRunner(text)
+        return HFTextRunner(text, trim)
+    return ClipTextRunner(text, trim)

@@ -2,7 +2,9 @@
 
 Used by CLIPs whose text tower is a pretrained HF model (``text_cfg.hf_model_name``), such as the
 offline quickstart's frozen all-MiniLM-L6-v2. With no hooks, the output equals
-``HFTextEncoder.forward`` (mean/CLS pooling, then ``proj``).
+``HFTextEncoder.forward`` (mean/CLS pooling, then ``proj``). The encoder runs only up to the
+batch's longest prompt (``trim``): padding is masked out of every key set and of the mean, so the
+padded positions change nothing that is pooled.
 """
 
 from __future__ import annotations
@@ -15,15 +17,17 @@ from torch import Tensor, nn
 from vlm.hooks import TowerHook
 from vlm.tokens import TokenState, TokenType
 from vlm.towers.blocks import BertBlock
-from vlm.towers.runner import TowerOutput, masked_mean, run_blocks, start_hooks, valid_mask
+from vlm.tokens import masked_mean
+from vlm.towers.runner import TowerOutput, run_blocks, start_hooks, trim_text
 
 
 class HFTextRunner:
-    """Bidirectional HF text encoder with key padding from ``pad_token_id`` (valid tokens first)."""
+    """Bidirectional HF text encoder with key padding from ``pad_token_id`` (valid tokens first).
+    ``trim``: run only the positions up to the batch's longest prompt (see ``prefix_length``)."""
 
     name = "text"
 
-    def __init__(self, encoder: nn.Module) -> None:
+    def __init__(self, encoder: nn.Module, trim: bool = True) -> None:
         hf = encoder.transformer
         if not hasattr(hf, "embeddings") or not hasattr(getattr(hf, "encoder", None), "layer"):
             raise TypeError(f"{type(hf).__name__} is not a BERT-family encoder (embeddings + encoder.layer).")
@@ -34,6 +38,7 @@ class HFTextRunner:
         self.num_layers = len(self.blocks)
         self.heads = self.blocks[0].heads
         self.pad_id = hf.config.pad_token_id
+        self.trim = trim
         self.pooler = type(encoder.pooler).__name__
         if self.pooler not in ("MeanPooler", "ClsPooler", "ClsLastHiddenStatePooler"):
             raise TypeError(f"HF text pooler {self.pooler} is not supported (mean or CLS pooling).")
@@ -52,6 +57,15 @@ class HFTextRunner:
         types = torch.where(pos == lengths - 1, torch.full_like(types, int(TokenType.EOT)), types)
         return torch.where(valid, types, torch.full_like(types, int(TokenType.PAD)))
 
+    def prefix_length(self, tokens: Tensor) -> Optional[int]:
+        """Last non-padding position of the batch + 1: padded keys are masked in every block and
+        padded rows are out of the pooled mean (CLS pooling reads position 0). ``None`` (keep all)
+        without a padding id."""
+        if self.pad_id is None:
+            return None
+        pos = torch.arange(1, tokens.shape[1] + 1, device=tokens.device)
+        return max(1, int(torch.where(tokens != self.pad_id, pos, 0).amax()))
+
     def embed(self, tokens: Tensor, embeds: Optional[Tensor] = None) -> TokenState:
         words = self.token_embedding(tokens) if embeds is None else embeds
         x = self.hf.embeddings(inputs_embeds=words)
@@ -60,7 +74,7 @@ class HFTextRunner:
 
     def pool(self, state: TokenState, project: bool = True) -> Tensor:
         if self.pooler == "MeanPooler":
-            pooled = masked_mean(state.x, valid_mask(state))
+            pooled = masked_mean(state.x, state.valid_mask())
         elif self.pooler == "ClsPooler" and getattr(self.encoder.pooler, "use_pooler_output", False) and getattr(
             self.hf, "pooler", None
         ) is not None:
@@ -80,6 +94,7 @@ class HFTextRunner:
         embeds: Optional[Tensor] = None,
         project: bool = True,
     ) -> TowerOutput:
+        tokens, embeds = trim_text(self, tokens, embeds, hooks)
         state = start_hooks(self.name, self.embed(tokens, embeds), hooks)
         state = run_blocks(self.name, self.blocks, state, hooks)
         return TowerOutput(self.pool(state, project), state)

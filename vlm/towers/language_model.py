@@ -1,5 +1,5 @@
 """The LLM side of the LLaVA runners: the assembled inputs, and a Hugging Face decoder run layer by
-layer with an LLM-stage token cut (:class:`~vlm.pruning.llm.LlmTokenPruner`, e.g. FlowCut's).
+layer with an LLM-stage token cut (:class:`~vlm.hooks.LlmStage`).
 
 :class:`CutDecoder` drives a ``LlamaModel``-like decoder (``layers``, ``rotary_emb``, ``norm``) with
 the model's own modules, so its attention implementation (sdpa, eager, flash) is untouched:
@@ -9,13 +9,14 @@ the model's own modules, so its attention implementation (sdpa, eager, flash) is
   values from that cache, and the probe row's query (each sample's last prompt token) re-projected
   from the layer's input with its ``input_layernorm``, ``q_proj`` and RoPE: one query row per
   sample, no attention matrix and no recomputed keys; then it picks the visual tokens kept;
-* after layer ``k`` each sample keeps its text tokens and the kept visual tokens, in order,
+* after layer ``k`` each sample keeps its text tokens, its layout tokens (``LlmInputs.layout_mask``,
+  e.g. kept ``image_newline``: never scored, outside the budget) and the kept visual tokens, in order,
   re-padded on the input's padding side; layers ``k+1..`` run on that shorter sequence.
 
 Masks: transformers' ``create_causal_mask`` per layer group, from the group's 2-D padding mask, with
 the ``layer_idx`` of the group's first layer so that the group's KV cache sizes it.
 Positions: layers ``0..k`` use the assembled sequence's position ids. After the cut the
-``compact`` policy renumbers each sample 0..L'-1 (FlowCut's choice), ``original`` keeps every kept
+``compact`` policy renumbers each sample 0..L'-1 (the released LLM-stage pruners' choice), ``original`` keeps every kept
 token's own id. RoPE tables come from ``lm.rotary_emb`` per group.
 KV cache: one ``DynamicCache``; layers ``0..k`` hold the full-length keys/values with the original
 positions, layers ``> k`` the cut ones with the group's positions, so per-layer cache lengths
@@ -27,13 +28,12 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from vlm.hooks import TowerHook
-from vlm.pruning.llm import LlmProbe, LlmTokenPruner
+from vlm.hooks import LlmProbe, LlmStage, StageHooks, TowerHook, split_stages
 
 
 @dataclass
@@ -74,8 +74,10 @@ class LlmInputs:
     """``embeds [B, L, D]``, ``attention_mask [B, L]`` (1 = token), ``position_ids [B, L]``,
     ``visual_counts [B]`` (visual tokens each sample carries), ``visual_mask [B, L]`` (the visual
     tokens), ``probe_index [B]`` (each sample's last prompt token: the query an LLM-stage pruner
-    scores with), and ``cut``: set when an LLM-stage pruner cut the sequence (the runner's logits
-    then follow ``cut``'s layout, not this one)."""
+    scores with), ``cut``: set when an LLM-stage pruner cut the sequence (the runner's logits
+    then follow ``cut``'s layout, not this one), and ``layout_mask [B, L]`` (or None for none): the
+    visual tokens that mark layout (LLaVA-NeXT's ``image_newline``), which the cut keeps like text
+    and does not score or count against its budget."""
 
     embeds: Tensor
     attention_mask: Tensor
@@ -84,25 +86,17 @@ class LlmInputs:
     visual_mask: Tensor
     probe_index: Tensor
     cut: Optional[LlmCut] = None
+    layout_mask: Optional[Tensor] = None
 
 
-def llm_stage(hooks: Optional[Iterable[TowerHook]]) -> Optional[LlmTokenPruner]:
-    """The LLM-stage pruner among ``hooks`` (at most one), or None."""
-    found = [h for h in (hooks or ()) if isinstance(h, LlmTokenPruner)]
-    if len(found) > 1:
-        raise ValueError(f"At most one LLM-stage pruner per pass, got {[type(h).__name__ for h in found]}.")
-    return found[0] if found else None
+def llm_stage(hooks: Union[Iterable[TowerHook], StageHooks, None]) -> Optional[LlmStage]:
+    """The LLM stage among ``hooks`` (at most one), or None (vlm.hooks.split_stages)."""
+    return split_stages(hooks).llm
 
 
-def vision_hooks(hooks: Optional[Iterable[TowerHook]]) -> list[TowerHook]:
-    """``hooks`` with each LLM-stage pruner replaced by its vision stage (if any), in order."""
-    out: list[TowerHook] = []
-    for h in hooks or ():
-        if not isinstance(h, LlmTokenPruner):
-            out.append(h)
-        elif h.vision_stage is not None:
-            out.append(h.vision_stage)
-    return out
+def vision_hooks(hooks: Union[Iterable[TowerHook], StageHooks, None]) -> list[TowerHook]:
+    """``hooks`` with the LLM stage replaced by its vision stage (if any), in order."""
+    return list(split_stages(hooks).hooks)
 
 
 def rows(x: Tensor, index: Tensor) -> Tensor:
@@ -128,7 +122,7 @@ def repack(keep: Tensor, side: str) -> tuple[Tensor, Tensor, Tensor]:
 class CutDecoder:
     """A transformers decoder with one LLM-stage pruner (module docstring). Owns no parameters."""
 
-    def __init__(self, lm: nn.Module, pruner: LlmTokenPruner, position_policy: str = "compact") -> None:
+    def __init__(self, lm: nn.Module, pruner: LlmStage, position_policy: str = "compact") -> None:
         n = int(lm.config.num_hidden_layers)
         if not 0 <= pruner.layer <= n - 2:
             raise ValueError(
@@ -195,6 +189,7 @@ class CutDecoder:
         """Final-norm hidden states ``[B, L', D]`` of the cut sequence, and its layout."""
         k, n_layers = self.pruner.layer, int(self.lm.config.num_hidden_layers)
         valid, visual = inputs.attention_mask.bool(), inputs.visual_mask & inputs.attention_mask.bool()
+        scored = visual if inputs.layout_mask is None else visual & ~inputs.layout_mask
         probe_index = inputs.probe_index
         if bool(visual.gather(1, probe_index[:, None]).any()):
             raise ValueError("The LLM-stage cut scores with each sample's last prompt token; it must be text, not an image token.")
@@ -207,11 +202,11 @@ class CutDecoder:
         h_in = self.run(range(0, k), inputs.embeds, mask, rope, before.position_ids, early)
         h = self.run(range(k, k + 1), h_in, mask, rope, before.position_ids, early)
         kv = early.layers[k]
-        probe, visual_index = self.probe(h_in, rope, kv.keys, kv.values, visual, probe_index)
+        probe, visual_index = self.probe(h_in, rope, kv.keys, kv.values, scored, probe_index)
 
         length = h.shape[1]
         slot = torch.where(probe.valid, visual_index, length)  # padding slots land on a dropped column
-        keep = torch.cat([valid & ~visual, valid.new_zeros(valid.shape[0], 1)], 1)
+        keep = torch.cat([valid & ~scored, valid.new_zeros(valid.shape[0], 1)], 1)
         keep = keep.scatter(1, slot, self.pruner.keep(probe) & probe.valid)[:, :length]
         index, kept, rank = repack(keep, padding_side)
         h = rows(h, index).masked_fill(~kept[..., None], 0.0)

@@ -5,7 +5,7 @@ projector on the kept tokens only -> LLM inputs built here (text embeddings with
 placeholder run replaced by that image's kept tokens, attention mask, position ids) -> the HF
 language model's own forward (its attention implementation, SDPA or flash, is untouched) -> lm_head.
 
-With an LLM-stage pruner among the hooks (:class:`~vlm.pruning.llm.LlmTokenPruner`, e.g.
+With an LLM-stage pruner among the hooks (:class:`~vlm.hooks.LlmStage`, e.g.
 ``flowcut_llm``) its vision stage joins the vision hooks, and the language model runs layer by layer
 through :class:`~vlm.towers.language_model.CutDecoder`, which cuts the visual tokens after the
 pruner's layer (masks, positions and the per-layer KV cache are described there); the logits then
@@ -35,11 +35,10 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from vlm.hooks import TowerHook
+from vlm.hooks import TowerHook, split_stages
 from vlm.tokens import TokenType
 from vlm.towers.hf_clip_vision import HFClipVisionRunner
 from vlm.towers.language_model import CutDecoder, LayerGroup, LlmInputs, llm_stage, vision_hooks
-from vlm.towers.runner import valid_mask
 
 POSITION_POLICIES = ("compact", "original")
 
@@ -47,14 +46,17 @@ POSITION_POLICIES = ("compact", "original")
 @dataclass
 class VisualTokens:
     """Projected kept tokens of each image: ``features [I, K, D]`` (valid first), ``counts [I]``,
-    ``positions [I, K]`` (patch index in the image grid; -1 for CLS when it is kept), and
+    ``positions [I, K]`` (patch index in the image grid; -1 for CLS when it is kept),
     ``full_count`` (tokens per image without pruning: an int, or long ``[I]`` when images differ,
-    as LLaVA-NeXT's anyres images do)."""
+    as LLaVA-NeXT's anyres images do), and ``layout [I, K]`` (bool, or None for none): tokens that
+    mark the layout rather than show the image (LLaVA-NeXT's ``image_newline``), which an LLM-stage
+    cut keeps like text."""
 
     features: Tensor
     counts: Tensor
     positions: Tensor
     full_count: Union[int, Tensor]
+    layout: Optional[Tensor] = None
 
     def full(self, image: int) -> int:
         """Tokens image ``image`` has without pruning."""
@@ -114,7 +116,7 @@ class LlavaRunner:
         one row per ``pixel_values`` entry (an image for LLaVA-1.5, a crop for LLaVA-NeXT). An LLM-stage
         pruner among ``hooks`` contributes its vision stage here."""
         state = self.vision.hidden_state(pixel_values, self.feature_layer, vision_hooks(hooks))
-        keep = valid_mask(state)
+        keep = state.valid_mask()
         if self.drop_cls:
             keep = keep & (state.batch_types != int(TokenType.CLS))
         counts = keep.sum(1)
@@ -149,12 +151,12 @@ class LlavaRunner:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         dtype = visual.features.dtype
-        seqs, poss, visuals = [], [], []
+        seqs, poss, visuals, layouts = [], [], [], []
         image = 0
         for b in range(input_ids.shape[0]):
             ids = input_ids[b][attention_mask[b].bool()]
             text = self.embed_tokens(ids).to(dtype)
-            pieces, pos_pieces, vis_pieces, cursor, pos = [], [], [], 0, 0
+            pieces, pos_pieces, vis_pieces, lay_pieces, cursor, pos = [], [], [], [], 0, 0
             for start, end in image_runs(ids, self.image_token_id):
                 if image >= visual.features.shape[0]:
                     raise ValueError("More image placeholder runs in input_ids than images in pixel_values.")
@@ -164,6 +166,8 @@ class LlavaRunner:
                 k = int(visual.counts[image])
                 pieces.append(visual.features[image, :k])
                 vis_pieces += [torch.zeros(start - cursor, dtype=torch.bool), torch.ones(k, dtype=torch.bool)]
+                lay = torch.zeros(k, dtype=torch.bool) if visual.layout is None else visual.layout[image, :k].cpu()
+                lay_pieces += [torch.zeros(start - cursor, dtype=torch.bool), lay]
                 if self.position_policy == "original":
                     pos_pieces.append(pos + visual.positions[image, :k].cpu())
                     pos += visual.full(image)
@@ -175,12 +179,28 @@ class LlavaRunner:
             pieces.append(text[cursor:])
             pos_pieces.append(torch.arange(pos, pos + len(ids) - cursor))
             vis_pieces.append(torch.zeros(len(ids) - cursor, dtype=torch.bool))
+            lay_pieces.append(torch.zeros(len(ids) - cursor, dtype=torch.bool))
             seqs.append(torch.cat(pieces))
             poss.append(torch.cat(pos_pieces))
             visuals.append(torch.cat(vis_pieces))
+            layouts.append(torch.cat(lay_pieces))
         if image != visual.features.shape[0]:
             raise ValueError(f"{visual.features.shape[0]} images but {image} image placeholder runs in input_ids.")
-        return self._pad(seqs, poss, visuals, padding_side)
+        inputs = self._pad(seqs, poss, visuals, padding_side)
+        if visual.layout is None:
+            return inputs
+        layout = self._pad_flags(layouts, padding_side, inputs.embeds.shape[1], inputs.embeds.device)
+        return replace(inputs, layout_mask=layout)
+
+    @staticmethod
+    def _pad_flags(flags: list[Tensor], side: str, length: int, device: torch.device) -> Tensor:
+        """Per-sample bool rows, padded with False on ``side`` to ``length``."""
+        out = torch.zeros(len(flags), length, dtype=torch.bool, device=device)
+        for i, f in enumerate(flags):
+            n = f.shape[0]
+            sl = slice(length - n, length) if side == "left" else slice(0, n)
+            out[i, sl] = f.to(device)
+        return out
 
     @staticmethod
     def _pad(seqs: list[Tensor], poss: list[Tensor], visuals: list[Tensor], side: str) -> LlmInputs:
@@ -251,6 +271,7 @@ class LlavaRunner:
     ) -> tuple[Tensor, LlmInputs]:
         """Logits ``[B, L, V]`` over the assembled sequence (over the cut one, ``inputs.cut``, with an
         LLM-stage pruner), and the inputs (for masks/positions)."""
+        hooks = split_stages(hooks)  # once: vision hooks and the LLM stage
         inputs = self.prepare(input_ids, pixel_values, attention_mask, hooks, padding_side, image_sizes)
         return self.language_model(inputs, hooks, padding_side)
 
@@ -275,6 +296,7 @@ class LlavaRunner:
         device = pixel_values.device
         _sync(device)
         t0 = time.perf_counter()
+        hooks = split_stages(hooks)  # once: vision hooks and the LLM stage
         decoder = self.decoder(hooks)
         inputs = self.prepare(input_ids, pixel_values, attention_mask, hooks, "left", image_sizes)
         cache = DynamicCache(config=self.lm.config)

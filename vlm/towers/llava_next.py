@@ -12,12 +12,19 @@ crop). The kept tokens are projected, then packed as ``pack_image_features`` doe
   grid (row-major over crops), unpadded to the image's aspect ratio (``unpad_bounds``), and every
   grid row is followed by ``image_newline``;
 * after pruning only kept patches remain, and a row's newline remains iff the row keeps a patch
-  (so the LLM never sees empty rows; without pruning every row keeps all its patches).
+  (so the LLM never sees empty rows; without pruning every row keeps all its patches). Newlines are
+  layout (``VisualTokens.layout``): an LLM-stage cut keeps them like text, outside its budget;
+* an LLM-stage pruner that declares ``anyres_newlines = False`` (FlowCut's released recipe) gets the
+  images packed without any newline: base view, then the unpadded grid's kept patches.
+
+The vision hooks see every crop as one batch row, and ``state.scratch[SCRATCH_IMAGE_INDEX]`` says
+which image each row belongs to (so a pruner can treat an image's views together, as FlowCut's
+shared prune count does).
 
 The LLM inputs, forward pass and greedy generation are :class:`~vlm.towers.llava.LlavaRunner`'s.
 Parity contract: with no hooks, logits and greedy tokens equal transformers' (tests, fp32).
 Under the ``original`` position policy a kept token's position is its index in the image's
-unpruned packed sequence.
+unpruned packed sequence (with or without newlines, as packed).
 """
 
 from __future__ import annotations
@@ -29,11 +36,26 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 
-from vlm.hooks import TowerHook
+from vlm.hooks import TowerHook, split_stages
+from vlm.tokens import SCRATCH_IMAGE_INDEX, TokenState
 from vlm.towers.llava import LlavaRunner, VisualTokens
 
 
-@dataclass
+class ImageIndex(TowerHook):
+    """Puts the image index of every crop row (long ``[C]``) into the vision state's scratch."""
+
+    towers = ("vision",)
+
+    def __init__(self, index: Tensor) -> None:
+        super().__init__()
+        self.index = index
+
+    def on_tower_start(self, tower: str, state: TokenState) -> TokenState:
+        state.scratch[SCRATCH_IMAGE_INDEX] = self.index
+        return state
+
+
+@dataclass(kw_only=True)
 class AnyresTokens(VisualTokens):
     """:class:`VisualTokens` of packed anyres images (``full_count [I]``), plus the per-crop
     selection: ``crops`` (kept patches of every crop, rows in image order, base view first) and
@@ -96,13 +118,18 @@ class LlavaNextRunner(LlavaRunner):
             pixel_values = torch.cat([pv[:n] for pv, n in zip(pixel_values, n_crops)])
         elif pixel_values.dim() != 4 or pixel_values.shape[0] != sum(n_crops):
             raise ValueError(f"pixel_values {tuple(pixel_values.shape)} do not hold the {sum(n_crops)} crops of image_sizes.")
-        crops = self.project_kept(pixel_values, hooks)
+        split = split_stages(hooks)
+        newlines = split.llm is None or split.llm.anyres_newlines
+        image_index = torch.repeat_interleave(torch.arange(len(n_crops)), torch.tensor(n_crops)).to(pixel_values.device)
+        crops = self.project_kept(pixel_values, [ImageIndex(image_index), *split.hooks])
         dense, kept = self._dense(crops)
-        feats, poss, full = [], [], []
+        feats, poss, lays, full = [], [], [], []
         for i, start in enumerate(torch.tensor([0] + n_crops).cumsum(0)[:-1].tolist()):
-            f, p, n = self.pack(dense[start : start + n_crops[i]], kept[start : start + n_crops[i]], grids[i], sizes[i])
+            crop_rows = slice(start, start + n_crops[i])
+            f, p, lay, n = self.pack(dense[crop_rows], kept[crop_rows], grids[i], sizes[i], newlines)
             feats.append(f)
             poss.append(p)
+            lays.append(lay)
             full.append(n)
         device = crops.features.device
         return AnyresTokens(
@@ -110,6 +137,7 @@ class LlavaNextRunner(LlavaRunner):
             counts=torch.tensor([f.shape[0] for f in feats], device=device),
             positions=pad_sequence(poss, batch_first=True, padding_value=-1),
             full_count=torch.tensor(full, device=device),
+            layout=pad_sequence(lays, batch_first=True) if newlines else None,
             crops=crops,
             crops_per_image=torch.tensor(n_crops, device=device),
         )
@@ -125,21 +153,28 @@ class LlavaNextRunner(LlavaRunner):
         kept = torch.zeros(c, hw + 1, dtype=torch.bool, device=valid.device).scatter(1, index, valid)
         return dense[:, :hw], kept[:, :hw]
 
-    def pack(self, dense: Tensor, kept: Tensor, grid: tuple[int, int], size: tuple[int, int]) -> tuple[Tensor, Tensor, int]:
-        """One image: base view then the unpadded sub-crop grid with row newlines (module docstring).
-        Returns the kept features ``[n, D]``, their indices in the unpruned packed sequence ``[n]``,
-        and that sequence's length."""
+    def pack(
+        self, dense: Tensor, kept: Tensor, grid: tuple[int, int], size: tuple[int, int], newlines: bool = True
+    ) -> tuple[Tensor, Tensor, Tensor, int]:
+        """One image: base view then the unpadded sub-crop grid, with row newlines if ``newlines``
+        (module docstring). Returns the kept features ``[n, D]``, their indices in the unpruned packed
+        sequence ``[n]``, which of them are newlines ``[n]`` (bool), and that sequence's length."""
         r, c = grid
         s, d = self.side, dense.shape[-1]
         grid_f = dense[1:].view(r, c, s, s, d).permute(0, 2, 1, 3, 4).reshape(r * s, c * s, d)
         grid_k = kept[1:].view(r, c, s, s).permute(0, 2, 1, 3).reshape(r * s, c * s)
         top, bottom, left, right = unpad_bounds(r * s, c * s, *size)
         grid_f, grid_k = grid_f[top:bottom, left:right], grid_k[top:bottom, left:right]
-        newline = self.image_newline.to(grid_f).expand(grid_f.shape[0], 1, d)
-        grid_f = torch.cat([grid_f, newline], 1).reshape(-1, d)
-        grid_k = torch.cat([grid_k, grid_k.any(1, keepdim=True)], 1).reshape(-1)
+        grid_nl = torch.zeros_like(grid_k)
+        if newlines:
+            newline = self.image_newline.to(grid_f).expand(grid_f.shape[0], 1, d)
+            grid_f = torch.cat([grid_f, newline], 1)
+            grid_nl = torch.cat([grid_nl, torch.ones_like(grid_k[:, :1])], 1)
+            grid_k = torch.cat([grid_k, grid_k.any(1, keepdim=True)], 1)
+        grid_f, grid_k, grid_nl = grid_f.reshape(-1, d), grid_k.reshape(-1), grid_nl.reshape(-1)
         hw = s * s
         base_pos = kept[0].nonzero().flatten()
         grid_pos = grid_k.nonzero().flatten()
         features = torch.cat([dense[0, base_pos], grid_f[grid_pos]])
-        return features, torch.cat([base_pos, hw + grid_pos]), hw + grid_k.numel()
+        layout = torch.cat([torch.zeros_like(base_pos, dtype=torch.bool), grid_nl[grid_pos]])
+        return features, torch.cat([base_pos, hw + grid_pos]), layout, hw + grid_k.numel()

@@ -8,14 +8,13 @@ norm, pooling and projection. Hooks see every block of every tower in the same w
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional, Protocol, Sequence
 
-import torch
 from torch import Tensor
 
-from vlm.hooks import HookList, TowerHook
+from vlm.hooks import HookList, TowerHook, active_hooks
 from vlm.kernels import AttnSpec
-from vlm.tokens import SCRATCH_NUM_BLOCKS, TokenState, TokenType
+from vlm.tokens import SCRATCH_NUM_BLOCKS, TokenState
 from vlm.towers.blocks import BlockAdapter
 
 
@@ -47,41 +46,35 @@ def run_blocks(
     return hl.end(state)
 
 
+class TextPrefix(Protocol):
+    """What :func:`trim_text` needs from a text runner."""
+
+    trim: bool
+
+    def prefix_length(self, tokens: Tensor) -> Optional[int]: ...
+
+
+def trim_text(
+    runner: TextPrefix, tokens: Tensor, embeds: Optional[Tensor], hooks: Optional[Iterable[TowerHook]]
+) -> tuple[Tensor, Optional[Tensor]]:
+    """Cut ``tokens [B, L]`` (and ``embeds [B, L, D]``) to the leading positions that can change
+    the pooled text feature: ``runner.prefix_length(tokens)`` (the longest prompt of the batch).
+
+    Under a causal mask nothing after EOT reaches EOT; under a key-padding mask padding reaches
+    nothing. Running the tower at the longest prompt instead of the full context (77) is then exact,
+    and the positional embedding is sliced to the same length where the state is built. Kept full
+    when ``runner.trim`` is off, when the runner returns ``None`` (the pooled feature may read every
+    position), or when a text hook sets ``needs_full_text`` (it reads positions past the cut).
+    """
+    if not runner.trim or any(getattr(h, "needs_full_text", False) for h in active_hooks(hooks, "text")):
+        return tokens, embeds
+    n = runner.prefix_length(tokens)
+    if n is None or n >= tokens.shape[1]:
+        return tokens, embeds
+    return tokens[:, :n], None if embeds is None else embeds[:, :n]
+
+
 def start_hooks(tower: str, state: TokenState, hooks: Optional[Iterable[TowerHook]]) -> TokenState:
     return HookList(hooks, tower).start(state)
 
 
-def valid_mask(state: TokenState) -> Tensor:
-    """``[B, N]`` bool: tokens before each sample's length."""
-    b, n, _ = state.x.shape
-    if state.lengths is None:
-        return torch.ones(b, n, dtype=torch.bool, device=state.x.device)
-    return torch.arange(n, device=state.x.device)[None] < state.lengths[:, None]
-
-
-def type_mask(state: TokenState, *types: TokenType) -> Tensor:
-    """``[B, N]`` bool: valid tokens whose type is one of ``types``."""
-    t = state.batch_types
-    m = torch.zeros_like(t, dtype=torch.bool)
-    for ty in types:
-        m |= t == int(ty)
-    return m & valid_mask(state)
-
-
-def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``x [B, N, D]`` over tokens where ``mask [B, N]``."""
-    w = mask.to(x.dtype).unsqueeze(-1)
-    return (x * w).sum(1) / w.sum(1).clamp(min=1)
-
-
-def masked_max(x: Tensor, mask: Tensor) -> Tensor:
-    return x.masked_fill(~mask.unsqueeze(-1), torch.finfo(x.dtype).min).amax(1)
-
-
-def first_of_type(state: TokenState, ty: TokenType) -> Tensor:
-    """``[B, D]`` the first token of type ``ty`` in each sample (e.g. CLS, EOT)."""
-    m = type_mask(state, ty)
-    if not bool(m.any(1).all()):
-        raise ValueError(f"Pooling needs a {ty.name} token in every sample, but some have none.")
-    idx = m.int().argmax(1)
-    return state.x[torch.arange(state.x.shape[0], device=state.x.device), idx]

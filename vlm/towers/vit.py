@@ -16,7 +16,8 @@ from torch import Tensor, nn
 from vlm.hooks import TowerHook
 from vlm.tokens import TokenState, TokenType
 from vlm.towers.blocks import TimmBlock
-from vlm.towers.runner import TowerOutput, first_of_type, masked_max, masked_mean, run_blocks, start_hooks, type_mask
+from vlm.tokens import masked_max, masked_mean
+from vlm.towers.runner import TowerOutput, run_blocks, start_hooks
 
 
 class TimmViTRunner:
@@ -56,13 +57,13 @@ class TimmViTRunner:
         m = self.model
         kind = m.global_pool
         if kind == "token":
-            return first_of_type(state, TokenType.CLS)
+            return state.first_of_type(TokenType.CLS)
         if not kind:
             return state.x
         reduce_types = [TokenType.PATCH]
         if getattr(m, "pool_include_prefix", False):
             reduce_types += [TokenType.CLS, TokenType.REGISTER]
-        mask = type_mask(state, *reduce_types)
+        mask = state.type_mask(*reduce_types)
         if kind == "avg":
             return masked_mean(state.x, mask)
         if kind == "max":

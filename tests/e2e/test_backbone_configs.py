@@ -1,0 +1,71 @@
+"""The backbone configs document local weights, random weights and the image-size rule, and what
+they document works: each config's commented `model_cfg:`/`model_kwargs:` example builds a random
+model, a local file of that model's weights loads into it bit for bit, and data at another size
+than the backbone's is an error naming both sizes."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from tests.e2e.flow import REPO
+from vlm.backbones import ClipBackbone, ViTBackbone
+from vlm.links import check_image_size
+
+CONFIGS = sorted((REPO / "configs" / "backbone").glob("*.yaml"))
+
+
+def _comments(path: Path) -> str:
+    return "\n".join(line[1:].strip() for line in path.read_text().splitlines() if line.startswith("#"))
+
+
+def _example(path: Path, key: str) -> dict:
+    """The commented one-line YAML example `key: {...}` of a backbone config."""
+    match = re.search(rf"^{key}: (\{{.*\}})$", _comments(path), re.M)
+    assert match, f"{path.name} has no `{key}:` example"
+    return yaml.safe_load(match.group(1))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_backbone_config_documents_weights_and_image_size(path: Path) -> None:
+    text = _comments(path)
+    backbone = yaml.safe_load(path.read_text())["model"]["init_args"]["backbone"]
+    local_key = "pretrained" if backbone["class_path"].endswith("ClipBackbone") else "checkpoint_path"
+    assert re.search(rf"--model\.init_args\.backbone\.init_args\.{local_key} /\S+", text), "a local weights file"
+    assert "Random weights" in text and ("model_cfg" in text or "model_kwargs" in text)
+    assert re.search(r"Image size\. The data's image_size .* must be the\s+backbone's input size: 224 here", text, re.S)
+    assert "names both sizes" in text
+
+
+def test_clip_random_model_cfg_and_local_weights_file(tmp_path: Path) -> None:
+    cfg = _example(REPO / "configs" / "backbone" / "clip_vit_b16.yaml", "model_cfg")
+    random_clip = ClipBackbone("tiny", pretrained=None, model_cfg=cfg)
+    assert random_clip.image_size == cfg["vision_cfg"]["image_size"]
+    weights = tmp_path / "tiny_clip.pt"
+    torch.save(random_clip.model.state_dict(), weights)
+    torch.manual_seed(123)  # a different random init, which the file must replace entirely
+    loaded = ClipBackbone("tiny", pretrained=str(weights), model_cfg=cfg)
+    for name, value in random_clip.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], value), name
+    with pytest.raises(ValueError, match=r"data gives 64 px images .* backbone 'tiny' takes 32 px"):
+        check_image_size(loaded, SimpleNamespace(image_size=64))
+
+
+def test_vit_random_model_kwargs_and_local_checkpoint_path(tmp_path: Path) -> None:
+    kwargs = _example(REPO / "configs" / "backbone" / "vit_b16_in21k.yaml", "model_kwargs")
+    random_vit = ViTBackbone("vit_base_patch16_224", pretrained=False, model_kwargs=kwargs)
+    weights = tmp_path / "tiny_vit.safetensors"
+    save_file({k: v.contiguous() for k, v in random_vit.model.state_dict().items()}, str(weights))
+    torch.manual_seed(123)
+    loaded = ViTBackbone("vit_base_patch16_224", checkpoint_path=str(weights), model_kwargs=kwargs)
+    for name, value in random_vit.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], value), name
+    check_image_size(loaded, SimpleNamespace(image_size=kwargs["img_size"]))
+    with pytest.raises(ValueError, match=rf"data gives 224 px images .* takes {kwargs['img_size']} px"):
+        check_image_size(loaded, SimpleNamespace(image_size=224))

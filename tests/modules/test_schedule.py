@@ -1,4 +1,4 @@
-"""The learning-rate schedules against transcriptions of the released trainers, lr at every step.
+"""The learning-rate schedules against the released trainers' schedules, lr at every step.
 
 * TCPA (zhoujiahuan1991/ICML2025-TCPA @ dce8b3a): ``train/utils.py`` ``cosine_lr``, called once per
   iteration by ``train/trainer.py`` with ``warmup_length = len(loader) * n_epochs // 5``.
@@ -8,9 +8,10 @@
 * VPT (KMnP/vpt ``src/solver/lr_scheduler.py``, also VFPT's): ``WarmupCosineSchedule(warmup_steps=
   WARMUP_EPOCH, t_total=TOTAL_EPOCH)``, stepped after every epoch by ``src/engine/trainer.py``.
 
-The released scheduler classes are copied below (only the deprecated ``verbose`` argument is
-dropped) and driven the way their trainers drive them. Ours runs through a real Lightning fit of
-``LearnedOnlyModule.configure_optimizers`` and the rate each optimiser step used is recorded.
+Each released schedule is written out below as the plain per-step (or per-epoch) rate its trainer
+produces, including Dassl's cosine restarting after the warm-up and VPT's warm-up from 0. Ours runs
+through a real Lightning fit of ``LearnedOnlyModule.configure_optimizers`` and the rate each
+optimiser step used is recorded.
 """
 
 from __future__ import annotations
@@ -18,11 +19,9 @@ from __future__ import annotations
 import math
 
 import lightning as L
-import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.optim.lr_scheduler import LambdaLR, _LRScheduler
 from torch.utils.data import DataLoader, TensorDataset
 
 from vlm.modules.base import LearnedOnlyModule
@@ -56,111 +55,34 @@ def fit_lrs(optim: OptimConfig, batches_per_epoch: int, epochs: int) -> list[flo
     return rec.lrs
 
 
-# --- TCPA: train/utils.py, verbatim ------------------------------------------------------------
-def assign_learning_rate(optimizer, new_lr):
-    for param_group in optimizer.param_groups:
-        param_group["lr"] = new_lr
-
-
-def _warmup_lr(base_lr, warmup_length, step):
-    return base_lr * (step + 1) / warmup_length
-
-
-def cosine_lr(optimizer, base_lr, warmup_length, steps):
-    def _lr_adjuster(step):
-        if step < warmup_length:
-            lr = _warmup_lr(base_lr, warmup_length, step)
-        else:
-            e = step - warmup_length
-            es = steps - warmup_length
-            lr = 0.5 * (1 + np.cos(np.pi * e / es)) * base_lr
-        assign_learning_rate(optimizer, lr)
-        return lr
-
-    return _lr_adjuster
-
-
+# --- the released schedules, written out plainly from what each trainer does ------------------
 def tcpa_official(base_lr: float, len_loader: int, n_epochs: int) -> list[float]:
-    """The rate of every iteration, driven as ``train/trainer.py`` does (``scheduler(global_step)``
-    before each step)."""
-    opt = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=base_lr)
-    scheduler = cosine_lr(opt, base_lr, len_loader * n_epochs // 5, len_loader * n_epochs)
-    out = []
-    for epoch in range(n_epochs):
-        for i in range(len_loader):
-            scheduler(len_loader * epoch + i)
-            out.append(opt.param_groups[0]["lr"])
-    return out
-
-
-# --- Dassl: dassl/optim/lr_scheduler.py, verbatim (less ``verbose``) ----------------------------
-class _BaseWarmupScheduler(_LRScheduler):
-    def __init__(self, optimizer, successor, warmup_epoch, last_epoch=-1):
-        self.successor = successor
-        self.warmup_epoch = warmup_epoch
-        super().__init__(optimizer, last_epoch)
-
-    def get_lr(self):
-        raise NotImplementedError
-
-    def step(self, epoch=None):
-        if self.last_epoch >= self.warmup_epoch:
-            self.successor.step(epoch)
-            self._last_lr = self.successor.get_last_lr()
-        else:
-            super().step(epoch)
-
-
-class ConstantWarmupScheduler(_BaseWarmupScheduler):
-    def __init__(self, optimizer, successor, warmup_epoch, cons_lr, last_epoch=-1):
-        self.cons_lr = cons_lr
-        super().__init__(optimizer, successor, warmup_epoch, last_epoch)
-
-    def get_lr(self):
-        if self.last_epoch >= self.warmup_epoch:
-            return self.successor.get_last_lr()
-        return [self.cons_lr for _ in self.base_lrs]
+    """TCPA's trainer sets the rate before every iteration ``t`` of ``T = len_loader * n_epochs``:
+    ``base (t + 1) / W`` while ``t < W = T // 5``, then ``base (1 + cos(pi (t - W) / (T - W))) / 2``."""
+    total = len_loader * n_epochs
+    warm = total // 5
+    return [base_lr * (t + 1) / warm if t < warm else base_lr * 0.5 * (1 + math.cos(math.pi * (t - warm) / (total - warm)))
+            for t in range(total)]
 
 
 def dassl_official(base_lr: float, cons_lr: float, warmup_epoch: int, max_epoch: int) -> list[float]:
-    """The rate of every epoch under Dassl's ``build_lr_scheduler`` (cosine, constant warm-up),
-    stepped once per epoch (``update_lr`` at the last batch)."""
-    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=base_lr)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, float(max_epoch))
-    if warmup_epoch > 0:
-        scheduler = ConstantWarmupScheduler(opt, scheduler, warmup_epoch, cons_lr)
-    out = []
-    for _ in range(max_epoch):
-        out.append(opt.param_groups[0]["lr"])
-        opt.step()  # no gradients: a no-op that keeps torch's step-order check quiet
-        scheduler.step()
-    return out
-
-
-# --- VPT / VFPT: src/solver/lr_scheduler.py, verbatim ------------------------------------------
-class WarmupCosineSchedule(LambdaLR):
-    def __init__(self, optimizer, warmup_steps, t_total, cycles=0.5, last_epoch=-1):
-        self.warmup_steps = warmup_steps
-        self.t_total = t_total
-        self.cycles = cycles
-        super(WarmupCosineSchedule, self).__init__(optimizer, self.lr_lambda, last_epoch=last_epoch)
-
-    def lr_lambda(self, step):
-        if step < self.warmup_steps:
-            return float(step) / float(max(1.0, self.warmup_steps))
-        progress = float(step - self.warmup_steps) / float(max(1, self.t_total - self.warmup_steps))
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * float(self.cycles) * 2.0 * progress)))
+    """Dassl's rate in epoch ``e`` (its scheduler steps once per epoch): ``cons_lr`` for the
+    ``warmup_epoch`` warm-up epochs; after them its cosine successor (``T_max = max_epoch``), which
+    did not step during the warm-up, starts from its own epoch 0: ``base (1 + cos(pi (e - W) / T)) / 2``."""
+    return [cons_lr if e < warmup_epoch else base_lr * 0.5 * (1 + math.cos(math.pi * (e - warmup_epoch) / max_epoch))
+            for e in range(max_epoch)]
 
 
 def vpt_official(base_lr: float, warmup_epoch: int, total_epoch: int) -> list[float]:
-    """The rate of every epoch, ``scheduler.step()`` after each epoch as VPT's trainer does."""
-    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=base_lr)
-    scheduler = WarmupCosineSchedule(opt, warmup_epoch, total_epoch)
+    """VPT's rate in epoch ``e`` (stepped once per epoch): ``base e / W`` while ``e < W``, then
+    ``base (1 + cos(pi (e - W) / (T - W))) / 2``, never below 0."""
     out = []
-    for _ in range(total_epoch):
-        out.append(opt.param_groups[0]["lr"])
-        opt.step()
-        scheduler.step()
+    for e in range(total_epoch):
+        if e < warmup_epoch:
+            out.append(base_lr * e / max(1, warmup_epoch))
+        else:
+            progress = (e - warmup_epoch) / max(1, total_epoch - warmup_epoch)
+            out.append(base_lr * max(0.0, 0.5 * (1 + math.cos(math.pi * progress))))
     return out
 
 

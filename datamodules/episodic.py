@@ -219,7 +219,7 @@ class EpisodicDataModule(L.LightningDataModule):
         query: query images per class (15 in the papers).
         train_episodes: episodes per training epoch.
         val_episodes: validation episodes (600 in SAA).
-        test_episodes: test episodes (2,000 in KTPP's protocol).
+        test_episodes: test episodes (2,000 in the released episodic protocol).
         seed: episode seed (fixed val/test episodes).
         episodes_dir: if set, val/test episodes are stored there as index files on first use and
             replayed from them afterwards (:func:`load_or_create_episodes`).

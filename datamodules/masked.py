@@ -1,8 +1,9 @@
-"""Images with foreground masks for DAPT (Zhang et al., TPAMI 2025): reading, paired transforms, data.
+"""Images with foreground masks (for learners that decouple foreground and background; Zhang et
+al., TPAMI 2025): reading, paired transforms, data.
 
-DAPT decouples every training image x into a foreground view x*M and a background view x*(1-M)
-(paper Sec. 3, "decouple"), with M a per-image segmentation mask. The official code (DAPT-S)
-reads SEEM masks from disk and pushes image and mask through the *same* random-resized-crop and
+Such a learner decouples every training image x into a foreground view x*M and a background view
+x*(1-M) (paper Sec. 3, "decouple"), with M a per-image segmentation mask. The official code
+(its segmentation-mask variant) reads SEEM masks from disk and pushes image and mask through the *same* random-resized-crop and
 flip (its pair transforms), then binarises the mask. This module does the same.
 
 On-disk mask format (documented here, converted once from the official per-dataset download):
@@ -56,8 +57,8 @@ def read_mask(path: str | Path, void_value: Optional[int] = 255) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"Mask '{path}' does not exist. DAPT-S masks live at <mask_root>/<image relpath with the mask suffix> "
-            "(see vlm.datamodules.masked); use the CLS-attention fallback (DAPT learner, masks from the frozen "
+            f"Mask '{path}' does not exist. Segmentation masks live at <mask_root>/<image relpath with the mask suffix> "
+            "(see vlm.datamodules.masked); use the learner's CLS-attention mask source (masks from the frozen "
             "CLIP) when no masks are available."
         )
     with Image.open(path) as img:
@@ -187,7 +188,7 @@ class CollateMasked(CollateSkipCorrupt):
 class MaskedFewShotDataModule(FewShotDataModule):
     """``FewShotDataModule`` whose training batches are ``{"image", "label", "index", "mask"}``.
 
-    Validation, test and predict batches carry no mask (DAPT uses masks only in training).
+    Validation, test and predict batches carry no mask (the masks are used in training only).
 
     Args:
         root, dataset: as :class:`FewShotDataModule` (optional here only so that a config fragment can

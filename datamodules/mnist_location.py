@@ -5,7 +5,7 @@ the label is the quadrant (top left, top right, bottom left, bottom right), not 
 VTAB-1k's dSprites-location and SmallNORB tasks, it asks a frozen tower that was pretrained for
 *what* is in the image to say *where* it is. The quickstart tower's CLS was trained to name digits,
 so the answer is only weakly linear in its pooled feature: the case where prompts, which change
-what CLS attends to in every layer, beat a linear probe (VPT's and TCPA's structured-task gains).
+what CLS attends to in every layer, beat a linear probe (the structured-task gains reported for visual prompts).
 
 The images reuse the digit split's train/val/test rows (`prepare_mnist`), so no digit is shared
 across train and test; within each digit and split, the quadrants are balanced (25 of the 100 train

@@ -5,7 +5,7 @@
   Hyper-parameters are tuned on train800 -> val200; final runs train on train800val200.
 * FGVC (VPT's split JSONs): `<root>/{train,val,test}.json`, each `{relpath: class id}`. Class ids are
   mapped to 0..K-1 once, over all splits (VPT remaps per split, which shifts NABirds' val labels).
-* HTA (TCPA's `_DATA_DIR_CATALOG` under one base folder): four FGVC sets, DTD partition 1,
+* HTA (the released `_DATA_DIR_CATALOG` of the HTA benchmark code, under one base folder): four FGVC sets, DTD partition 1,
   Food-101 / GTSRB (train pool shuffled with a stored seed, then 80/20), and CIFAR-10/100 / SVHN
   (first 80 % / last 20 % of the official train set). CIFAR and SVHN ship as pickles / .mat
   files; `prepare` exports them once to PNG folders + list files, which the reader then reads.
@@ -35,7 +35,7 @@ from vlm.datamodules.dataset_specs import (
 from vlm.datamodules.downloads import TorchvisionDownload
 from vlm.datamodules.readers_coop import prepare_download_only
 
-HTA_SPLIT_SEED = 3407  # TCPA's default seed, used here for the Food-101 / GTSRB 80/20 shuffles
+HTA_SPLIT_SEED = 3407  # the HTA benchmark code's default seed, used here for the Food-101 / GTSRB 80/20 shuffles
 VTAB_LISTS = {"train": "train800", "val": "val200", "train800val200": "train800val200", "test": "test"}
 VTAB_TASKS: dict[str, int] = {
     "caltech101": 102, "cifar": 100, "dtd": 47, "oxford_flowers102": 102, "oxford_iiit_pet": 37, "svhn": 10,
@@ -175,7 +175,7 @@ for _name, (_img, _kind, _hta) in _FGVC.items():
 
 # ----------------------------------------------------------------------------- HTA: shuffled 80/20 helpers
 def head_tail_split(items: list, fraction: float = 0.8, seed: int | None = None) -> tuple[list, list]:
-    """First `fraction` / the rest of `items`, after a seeded shuffle when `seed` is given (TCPA's 80/20)."""
+    """First `fraction` / the rest of `items`, after a seeded shuffle when `seed` is given (the HTA code's 80/20)."""
     items = list(items)
     if seed is not None:
         random.Random(seed).shuffle(items)

@@ -104,7 +104,7 @@ def _bits(shape: tuple, seed: int):
 
 
 def _tcpa_groups():
-    """ViT-B/16 TCPA: keys CLS + 2x18 prompts + 196 patches, queries CLS + patches."""
+    """ViT-B/16 with a role-split prompt pool: keys CLS + 2x18 prompts + 196 patches, queries CLS + patches."""
     import torch
 
     kg = torch.cat([torch.zeros(1), torch.full((18,), 1), torch.full((18,), 2), torch.full((196,), 3)]).long()
@@ -116,7 +116,7 @@ def _tcpa_groups():
 
 
 def _dpl_groups():
-    """DPL on ViT-B/16 with 16 prompts: CLS, prompts, patches; prompts do not see patches."""
+    """Segmented groups on ViT-B/16 with 16 prompts: CLS, prompts, patches; prompts do not see patches."""
     import torch
 
     g = torch.cat([torch.zeros(1), torch.ones(16), torch.full((196,), 2)]).long()
@@ -129,13 +129,13 @@ def _model_cases() -> list[Case]:
 
     from vlm.kernels import AttnSpec
 
-    def tcpa(dt, d):  # prompts/tcpa.py: groups + row_subset over the prompt pool, no allow matrix
+    def pool(dt, d):  # groups + row_subset over a prompt pool, no allow matrix
         qg, kg, _ = _tcpa_groups()
         return (*_qkv(2, 12, 197, 233, d, dt), AttnSpec(
             q_groups=qg, k_groups=kg, subset_group=2, row_subset=_ints(2 ** 18, (2, 197), 1),
             normalize="all_keys", probe_rows=torch.tensor([0])))
 
-    def dpl_vision(gate):  # prompts/dpl.py, vision tower: groups + allow, one gate per key group
+    def segmented(gate):  # vision tower: groups + allow, one gate per key group
         def build(dt, d):
             qg, kg, allow = _dpl_groups()
             g = gate() if callable(gate) else gate
@@ -151,12 +151,12 @@ def _model_cases() -> list[Case]:
         Case("LLaVA prefill, causal", lambda dt, d: (*_qkv(1, 32, 700, 700, d, dt), AttnSpec(causal=True))),
         Case("pruned tokens, k_lengths + CLS probe rows", lambda dt, d: (
             *_qkv(2, 12, 120, 120, d, dt), AttnSpec(k_lengths=torch.tensor([120, 77]), probe_rows=torch.tensor([0])))),
-        Case("TCPA all_keys + row_subset + CLS probe", tcpa),
-        Case("DPL segmented, constant gate", dpl_vision(0.9)),
-        Case("DPL segmented, learned gate", dpl_vision(lambda: torch.rand(2, 12, 213, 3).requires_grad_())),
-        Case("KTPP top-k 105 + context epilogue", lambda dt, d: (
+        Case("all_keys + row_subset + CLS probe", pool),
+        Case("segmented, constant gate", segmented(0.9)),
+        Case("segmented, learned gate", segmented(lambda: torch.rand(2, 12, 213, 3).requires_grad_())),
+        Case("top-k 105 + context epilogue", lambda dt, d: (
             *_qkv(2, 6, 210, 210, d, dt), AttnSpec(topk=105, epilogue_add=torch.randn(2, 6, d).to(dt)))),
-        Case("KTPP top-k 200 (k > 128) + epilogue", lambda dt, d: (
+        Case("top-k 200 (k > 128) + epilogue", lambda dt, d: (
             *_qkv(1, 6, 300, 300, d, dt), AttnSpec(topk=200, epilogue_add=torch.randn(1, 6, d).to(dt)))),
         Case("varlen causal (packed prefill)", lambda dt, d: (
             *_qkv(0, 8, 600, 600, d, dt), AttnSpec(cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True))),
@@ -256,7 +256,7 @@ def _test_cases() -> list[Case]:
         dtypes=("fp16", "bf16"), head_dims=(64,))
     for n in (1, 17, 130, 197, 233):
         add(f"odd length {n}", lambda dt, d, n=n: (*_qkv(1, 1, n, n, d, dt), AttnSpec(causal=n % 2 == 1)))
-    add("TCPA 197x233, d32", lambda dt, d: (*_qkv(1, 1, 197, 233, d, dt), AttnSpec(
+    add("all_keys + row_subset 197x233, d32", lambda dt, d: (*_qkv(1, 1, 197, 233, d, dt), AttnSpec(
         **dict(zip(("q_groups", "k_groups", "allow"), _tcpa_groups())), subset_group=2,
         row_subset=_bits((1, 197), 25) & 0x3FFFF, normalize="all_keys", probe_rows=torch.tensor([0]))))
     out = []
@@ -454,8 +454,7 @@ def compile_one(launch: Launch, cap: int, drv: FakeDriver) -> dict:
     rec: dict = dict(kernel=launch.kernel.__name__, cap=cap, case=launch.case, group=launch.group,
                      dtype=launch.dtype, head_dim=launch.head_dim, num_warps=kw.get("num_warps"),
                      num_stages=kw.get("num_stages"),
-                     flags={k: str(v) for k, v in kw.items()
-                            if v is not False and k not in ("num_warps", "num_stages")})
+                     flags={k: str(v) for k, v in config_of(launch).items() if v is not False})
     knobs.nvidia.dump_ptxas_log = True
     log = io.StringIO()
     t0, cpu0 = time.perf_counter(), _cpu_seconds()
@@ -491,11 +490,19 @@ def _worker(task: tuple[int, int]) -> dict:
     return rec
 
 
+def config_of(launch: Launch) -> dict:
+    """The launch's compile-time switches (its :class:`~vlm.kernels.triton_attn_args.Cfg`, plain values)."""
+    from vlm.kernels.triton_attn_args import Cfg
+
+    return next(a for a in launch.args if isinstance(a, Cfg)).plain()
+
+
 def _cost(launch: Launch) -> float:
     """Rough compile cost, to start the long compiles first and keep the workers balanced."""
+    cfg = config_of(launch)
     base = {"attn_topk_threshold": 4.0, "attn_bwd_dkdv": 2.0, "attn_bwd_dq": 1.6}.get(launch.kernel.__name__, 1.0)
-    ieee = 3.0 if launch.kwargs.get("DOT") == "ieee" else 1.0
-    return base * ieee * launch.kwargs.get("HEAD_D", 64) * launch.kwargs.get("BLOCK_N", 64)
+    ieee = 3.0 if cfg["DOT"] == "ieee" else 1.0
+    return base * ieee * cfg["HEAD_D"] * cfg["BLOCK_N"]
 
 
 def run(caps=CAPS, dtypes=DTYPES, head_dims=HEAD_DIMS, groups=GROUPS, workers: int = 2, only: Optional[str] = None,

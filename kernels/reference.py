@@ -10,7 +10,7 @@ Mask application order (CONTRACTS.md):
     denominator;
   * *semantic* masks: ``allow`` (group structure) and ``row_subset`` remove keys from the
     denominator under ``softmax``/``segmented``, but under ``all_keys`` they only zero the final
-    weights (TCPA: no renormalisation, gradients still flow through the normaliser).
+    weights (no renormalisation, gradients still flow through the normaliser).
   * ``topk`` keeps, per row, the keys whose logit is >= the k-th largest logit among the keys in
     the row's denominator set (ties keep all) and drops the others from it: for ``softmax`` and
     ``segmented`` that set is what all other masks allow, for ``all_keys`` the structural set.
@@ -105,7 +105,7 @@ def _safe_softmax(scores: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _segmented(scores: Tensor, mask: Tensor, spec: AttnSpec, b: int) -> tuple[Tensor, Tensor]:
-    """DPL's segmented normalisation: one normaliser per key group, recombined by a gate."""
+    """Segmented normalisation: one normaliser per key group, recombined by a gate."""
     kg = _expand_groups(spec.k_groups.to(scores.device), b)  # [B, Nk]
     num_groups = spec.allow.shape[1] if spec.allow is not None else int(kg.max()) + 1
     onehot = torch.nn.functional.one_hot(kg, num_groups).to(scores.dtype)  # [B, Nk, G]

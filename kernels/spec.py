@@ -42,7 +42,7 @@ class AttnSpec:
     subset_group: the key group that ``row_subset`` indexes into.
     row_subset:   int64 ``[B, Nq]`` (or ``[B, Nq, W]`` words for groups over 64 keys); bit m set
                   means the query may attend the m-th key of ``subset_group`` in key order.
-    normalize:    ``softmax`` | ``all_keys`` (TCPA) | ``segmented`` (DPL).
+    normalize:    ``softmax`` | ``all_keys`` | ``segmented``.
     segment_gate: gate per key group for ``segmented``, broadcastable to ``[B, H, Nq, Gk]``;
                   ``None`` is the exact gate ``Z_g / sum Z`` which reproduces ``softmax``.
     topk:         keep, per row, keys whose logit >= the row's k-th largest allowed logit.

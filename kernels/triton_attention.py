@@ -5,29 +5,34 @@ PyTorch's SDPA kernels cannot express (plain, padded and causal calls go to SDPA
 under ``TRITON_INTERPRET=1`` with ``VLM_ATTENTION_BACKEND=triton``, which is how the CPU tests
 reach it. ``reference.py`` is the definition this module reproduces.
 
-How each field is computed (kernels in ``triton_attn_kernels.py``, masks in
-``triton_attn_masks.py``, launches in ``triton_attn_ops.py``):
+How each field is computed (kernels in ``triton_attn_kernels.py``, masks and tile helpers in
+``triton_attn_masks.py``, argument bundles in ``triton_attn_args.py``, launches in
+``triton_attn_ops.py``):
 
 * **Flash attention**: online softmax over key tiles, fp32 accumulation, per-row
   ``lse = log sum_j e^{s_ij}`` saved; the backward recomputes ``P = e^{s - lse}`` tile by tile
   (FlashAttention-2: one kernel for dK/dV, one for dQ, ``D = rowsum(dO ⊙ (O - epilogue))``).
+* **Tiles**: per query tile (per key tile for ``dK/dV``) a host-built compact list of the key
+  tiles that run, full ones first (FlexAttention's block-mask idea). Empty tiles are not listed
+  (under ``all_keys`` they still feed the denominator and run masked); full tiles -- inside every
+  bound and every pair allowed -- run with unconditional, pipelined K/V loads and no mask; only
+  partial tiles evaluate masks. The lists are cached per set of mask tensors
+  (``triton_attn_ops.LAYOUT_CACHE``), so only the first call of a pass builds them.
 * **Groups + allow**: each query group's allowed key groups are two int32 bit words (at most 64
-  key groups), read per row; no N x N mask. A host-built
-  table of the groups present per tile marks tiles empty (skipped; under ``all_keys`` they still
-  feed the denominator), full (no mask gathers) or mixed.
+  key groups), read per row; no N x N mask.
 * **k_lengths / varlen / causal / Nq != Nk**: loop bounds plus an index predicate (causal is
   bottom-right aligned: ``j <= i + Nk - Nq``); packed ``[T, H, D]`` input indexes rows from
   ``cu_seqlens``.
-* **row_subset** (TCPA): bit ``r % 64`` of word ``r // 64`` of the row, ``r`` the key's rank inside
+* **row_subset**: bit ``r % 64`` of word ``r // 64`` of the row, ``r`` the key's rank inside
   ``subset_group``. With ``normalize="all_keys"`` the denominator runs over the structural keys,
   the semantic mask ``M`` only zeroes weights, and
   ``dS = P_all ⊙ (M ⊙ dP - rowsum(M ⊙ P_all ⊙ dP))`` (the rowsum is still ``dO · O``).
-* **segmented** (DPL): the exact gate ``Z_g / sum Z`` *is* softmax and runs as such. A given gate
+* **segmented**: the exact gate ``Z_g / sum Z`` *is* softmax and runs as such. A given gate
   (float or tensor broadcastable to ``[B, H, Nq, Gk]``) runs two passes: row max ``m`` and
   ``Z_g = sum_{j in g} e^{s_j - m}``, then ``O = sum_j (gate_g / Z_g) e^{s_j - m} v_j``. Its
   backward uses ``D_g = sum_{j in g} (e^{s_j - m} / Z_g) dP_j`` per group, which is also
   ``d gate_g``: a gate tensor that requires grad gets it (summed to its own shape).
-* **topk** (KTPP): pass 1 finds each row's k-th largest logit of its base set with a running
+* **topk**: pass 1 finds each row's k-th largest logit of its base set with a running
   sorted top-k list (``k <= 256``; ``k >= Nk`` is dropped as a no-op) merged with each key tile; the
   attention passes keep ``s >= threshold`` (ties keep all). Logits are computed with identical tile
   shapes in every pass so the comparison is bit-exact.
@@ -48,7 +53,9 @@ breaks that remain are data-dependent host values: a fixed segment gate without 
 ``k_groups.max()`` to size the groups, and varlen ``probe_rows`` splits the probes per sequence
 with ``cu_seqlens_k.tolist()``.
 
-Inputs are made contiguous (a copy for strided views) before the launch.
+Inputs are read through their strides (views of a fused qkv or a transposed layout are not
+copied) as long as the head dim is contiguous; program ids are flat (no 65535 grid-axis limit)
+and batch/head offsets are int64.
 """
 
 from __future__ import annotations

@@ -1,17 +1,19 @@
 """Triton kernels of the fused masked attention (forward, top-k thresholds, segment sums, probes, backward).
 
-All kernels share one argument block (tensors made contiguous by the host, see
-``triton_attn_ops.py``):
+All kernels take one argument block, ``Q, K, V, S, M, T, H, NQ, NK, scale`` (the bundles of
+``triton_attn_args.py``), then their own outputs, then ``C`` (every constexpr switch):
 
-* ``Q``/``K``/``V`` with strides ``(sb, sh, sn)`` per (batch, head, row); the head dim is
-  contiguous. Padded input uses ``[B, H, N, D]``; packed varlen ``[T, H, D]`` uses ``sb = 0``
-  and row ``q0 + i`` with ``q0 = cu_seqlens[b]``.
-* per-row auxiliaries (lse, top-k threshold, shift, D) share the strides ``(a_sb, a_sh, a_sn)``
-  (``[B, H, Nq]`` padded, ``[Tq, H]`` varlen); per-(row, key group) arrays append a trailing
-  ``NG`` axis.
-* group ids ``QG``/``KG``, subset ranks ``KR`` (rank of a key inside ``subset_group``, -1 outside),
-  the ``allow`` matrix as two int32 bit words per query group (``Allow [Gq, 2]``), the
-  ``row_subset`` words ``RS`` and the per-tile class table ``Tab`` (0 = empty, 1 = mixed, 2 = full).
+* ``Q``/``K``/``V`` are :class:`View` s (pointer + strides per batch, head, row; head dim
+  contiguous). Padded input is ``[B, H, N, D]``; packed varlen ``[T, H, D]`` has ``sb = 0`` and
+  row ``q0 + i`` with ``q0 = cu_seqlens[b]``.
+* per-row auxiliaries (lse, top-k threshold, shift, D) are ``[B, H, Nq]`` padded, ``[Tq, H]``
+  varlen (``aux_index``); per-(row, key group) arrays append a trailing ``NG`` axis.
+* ``M`` holds the group ids, the subset ranks (rank of a key inside ``subset_group``, -1
+  outside), the ``allow`` matrix as two int32 bit words per query group and the ``row_subset``
+  words; ``T`` the compact tile lists: per query tile (per key tile for ``dK/dV``) the full tiles,
+  which run without a mask, then the partial ones. Empty tiles are not listed at all.
+
+Every program is one tile of one (batch, head) on a flat grid (``program_tile``).
 
 Notation: ``s = scale q k^T``; ``lse_i = log sum_{j in denom(i)} e^{s_ij}``;
 ``P_ij = e^{s_ij - lse_i}`` on the denominator set. Exponentials are base 2
@@ -22,7 +24,7 @@ Forward (online softmax, FlashAttention-2): per key tile, ``m' = max(m, rowmax s
 weight mask (the semantic mask under ``all_keys``, the denominator set otherwise);
 ``O = acc / l (+ epilogue)``, ``lse = m + log l``.
 
-Segmented with a fixed gate (DPL) runs in two passes: ``attn_group_sums`` gives the row max ``m``
+Segmented with a fixed gate runs in two passes: ``attn_group_sums`` gives the row max ``m``
 and ``Z_g = sum_{j in g} e^{s_j - m}``; the host forms ``c_g = gate_g / Z_g``; the forward then
 accumulates ``O = sum_j e^{s_j - m} c_{g(j)} v_j`` (``FIXED``).
 
@@ -38,140 +40,85 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from vlm.kernels.triton_attn_masks import group_rows, mm, mm_onehot, per_key, scores, seq_bounds, tile_masks
+from vlm.kernels.triton_attn_masks import (aux_index, group_rows, key_range_end, key_tile, mm, mm_onehot, per_key,
+                                           program_tile, query_program, query_rows, scores, seq_bounds, tile_counts,
+                                           tile_masks, view_ptrs)
 
 #: ``log2(e)``. Bound as a ``tl.constexpr`` *object*: compiled Triton rejects plain (or merely
 #: annotated) module globals inside ``@triton.jit`` code; the interpreter never checks.
 LOG2E = tl.constexpr(1.4426950408889634)
 
-#: Integer arguments that are sizes, not strides of the contiguous head dim: they are not
-#: specialised on ``== 1`` / divisibility by 16, so a new sequence length, head count or group
-#: count reuses the compiled kernel instead of compiling another variant (the alignment of the
-#: strides, which vectorises loads, stays specialised).
-_SIZE_ARGS = ["a_sb", "a_sh", "g_qsb", "g_ksb", "rs_sb", "rs_sn", "tab_sb", "tab_sq", "tab_sk",
-              "H", "NQ", "NK"]
+#: Scalar sizes: not specialised on ``== 1`` / divisibility by 16, so a new sequence length, head
+#: count or group count reuses the compiled kernel instead of compiling another variant.
+_SIZES = ["H", "NQ", "NK", "NG"]
 
 
 @triton.jit
-def _fwd_tile(
-    acc, m_i, l_i, q, qg, rs_rows, thr, shift, aux, offs_m, row_ok, start_n,
-    b, h, k0, nq, nk, nk_eff, K, V, KG, KR, cmat, k_sb, k_sh, k_sn, g_ksb, Allow, scale,
-    CAUSAL: tl.constexpr, HAS_ALLOW: tl.constexpr, HAS_SUBSET: tl.constexpr,
-    ALL_KEYS: tl.constexpr, HAS_TOPK: tl.constexpr, HAS_KG: tl.constexpr, FIXED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, UPCAST: tl.constexpr,
-    DOT: tl.constexpr, G_PAD: tl.constexpr,
-):
+def _online_softmax_step(s, denom, m_i):
+    """One tile of the online softmax: the new row max ``m'``, the rescale ``e^{m - m'}`` of what
+    was accumulated, and ``p = e^{s - m'}`` on the denominator set (0 elsewhere; a row with no
+    key yet keeps ``m' = -inf`` and shifts by 0)."""
+    s_m = tl.where(denom, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s_m, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, tl.exp2((m_i - m_safe) * LOG2E), tl.exp2((s_m - m_safe[:, None]) * LOG2E)
+
+
+@triton.jit
+def _fwd_tile(acc, m_i, l_i, q, qg, rs_rows, thr, shift, cmat, offs_m, row_ok, start_n, b, h, k0, nq, nk,
+              nk_eff, K, V, M, NK, scale, C, MASKED: tl.constexpr):
     """One key tile of the forward: update ``(acc, m_i, l_i)``."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_D)
-    col_ok = offs_n < nk_eff
-    k_rows = b * k_sb + h * k_sh + (k0 + offs_n) * k_sn
-    k = tl.load(K + k_rows[:, None] + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + k_rows[:, None] + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    kg = offs_n * 0
-    kr = offs_n * 0 - 1
-    if HAS_KG:
-        kg = tl.load(KG + b * g_ksb + k0 + offs_n, mask=col_ok, other=0)
-    if HAS_SUBSET:
-        kr = tl.load(KR + b * g_ksb + k0 + offs_n, mask=col_ok, other=-1)
-    s = scores(q, k, scale, DOT)
-    denom, sem = tile_masks(s, thr, offs_m, offs_n, row_ok, col_ok, nq, nk, nk_eff, qg, kg, kr,
-                            rs_rows, Allow, CAUSAL, HAS_ALLOW, HAS_SUBSET, ALL_KEYS,
-                            HAS_TOPK, BLOCK_M, BLOCK_N)
-    if FIXED:
-        p = tl.where(denom, tl.exp2((s - shift[:, None]) * LOG2E) * per_key(cmat, kg, G_PAD), 0.0)
-        acc += mm(p.to(v.dtype), v, DOT)
+    offs_n, col_ok, k, v, kg, kr = key_tile(K, V, M, b, h, k0, start_n, nk_eff, NK, C, MASKED, True)
+    s = scores(q, k, scale, C.DOT)
+    denom, sem = tile_masks(s, thr, offs_m, offs_n, row_ok, col_ok, nq, nk, nk_eff, qg, kg, kr, rs_rows,
+                            M.allow, C.CAUSAL, C.HAS_ALLOW, C.HAS_SUBSET, C.ALL_KEYS, C.HAS_TOPK, C.BLOCK_M,
+                            C.BLOCK_N, MASKED)
+    if C.FIXED:
+        p = tl.where(denom, tl.exp2((s - shift[:, None]) * LOG2E) * per_key(cmat, kg, C.G_PAD), 0.0)
+        acc += mm(p.to(v.dtype), v, C.DOT)
     else:
-        s_m = tl.where(denom, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s_m, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2((m_i - m_safe) * LOG2E)
-        p = tl.exp2((s_m - m_safe[:, None]) * LOG2E)
+        m_new, alpha, p = _online_softmax_step(s, denom, m_i)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if ALL_KEYS:
+        if C.ALL_KEYS:
             p = tl.where(sem, p, 0.0)
-        acc = acc * alpha[:, None] + mm(p.to(v.dtype), v, DOT)
+        acc = acc * alpha[:, None] + mm(p.to(v.dtype), v, C.DOT)
         m_i = m_new
     return acc, m_i, l_i
 
 
-@triton.jit(do_not_specialize=_SIZE_ARGS + ["NG"])
-def attn_fwd(
-    Q, K, V, q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, a_sb, a_sh, a_sn, CuQ, CuK, KLen,
-    QG, KG, KR, g_qsb, g_ksb, Allow, RS, rs_sb, rs_sn, Tab, tab_sb, tab_sq, tab_sk, Thr,
-    H, NQ, NK, scale,
-    Out, Lse, Epi, Shift, Mult, NG,
-    VARLEN: tl.constexpr, HAS_KLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALLOW: tl.constexpr,
-    HAS_SUBSET: tl.constexpr, HAS_TABLE: tl.constexpr, ALL_KEYS: tl.constexpr,
-    HAS_TOPK: tl.constexpr, HAS_KG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_D: tl.constexpr, UPCAST: tl.constexpr, DOT: tl.constexpr,
-    FIXED: tl.constexpr, HAS_EPI: tl.constexpr, G_PAD: tl.constexpr,
-):
-    """Forward: one program per (query tile, batch x head). Writes ``Out`` and ``Lse``."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    q0, nq, k0, nk, nk_eff = seq_bounds(b, CuQ, CuK, KLen, NQ, NK, VARLEN, HAS_KLEN)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_D)
-    row_ok = offs_m < nq
-    q_rows = b * q_sb + h * q_sh + (q0 + offs_m) * q_sn
-    q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-    aux = b * a_sb + h * a_sh + (q0 + offs_m) * a_sn
-    qg = offs_m * 0
-    if HAS_ALLOW:
-        qg = tl.load(QG + b * g_qsb + q0 + offs_m, mask=row_ok, other=0)
-    rs_rows = RS + b * rs_sb + (q0 + offs_m) * rs_sn
-    thr = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if HAS_TOPK:
-        thr = tl.load(Thr + aux, mask=row_ok, other=float("-inf"))
-    shift = tl.zeros([BLOCK_M], dtype=tl.float32)
-    cmat = tl.zeros([BLOCK_M, G_PAD], dtype=tl.float32)
-    if FIXED:
+@triton.jit(do_not_specialize=_SIZES)
+def attn_fwd(Q, K, V, S, M, T, H, NQ, NK, scale, O, Lse, Epi, Shift, Mult, NG, C):
+    """Forward: one program per (query tile, batch x head). Writes ``O`` and (unless ``FIXED``) ``Lse``."""
+    pid_m, n_m, b, h, q0, nq, k0, nk, nk_eff, offs_m, row_ok, aux = query_program(S, H, NQ, NK, C)
+    q, qg, rs_rows, thr = query_rows(Q, M, b, h, q0, offs_m, row_ok, aux, NQ, C)
+    shift = tl.zeros([C.BLOCK_M], dtype=tl.float32)
+    cmat = tl.zeros([C.BLOCK_M, C.G_PAD], dtype=tl.float32)
+    if C.FIXED:
         shift = tl.load(Shift + aux, mask=row_ok, other=float("-inf"))
         shift = tl.where(shift == float("-inf"), 0.0, shift)
-        cmat = group_rows(Mult, aux, row_ok, NG, G_PAD)
-    hi = nk_eff
-    if CAUSAL:
-        hi = tl.minimum(hi, (pid_m + 1) * BLOCK_M + nk - nq)
-    hi = tl.where(pid_m * BLOCK_M < nq, hi, 0)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
-    for start_n in range(0, hi, BLOCK_N):
-        if HAS_TABLE:
-            cls = tl.load(Tab + b * tab_sb + pid_m * tab_sq + (start_n // BLOCK_N) * tab_sk)
-            run = cls != 0
-            if ALL_KEYS:
-                run = cls >= 0  # empty tiles still feed the all-key denominator
-            if run:
-                acc, m_i, l_i = _fwd_tile(
-                    acc, m_i, l_i, q, qg, rs_rows, thr, shift, aux, offs_m, row_ok, start_n,
-                    b, h, k0, nq, nk, nk_eff, K, V, KG, KR, cmat, k_sb, k_sh, k_sn, g_ksb,
-                    Allow, scale, CAUSAL, HAS_ALLOW, HAS_SUBSET, ALL_KEYS, HAS_TOPK,
-                    HAS_KG, FIXED, BLOCK_M, BLOCK_N, HEAD_D, UPCAST, DOT, G_PAD)
-        else:
-            acc, m_i, l_i = _fwd_tile(
-                acc, m_i, l_i, q, qg, rs_rows, thr, shift, aux, offs_m, row_ok, start_n,
-                b, h, k0, nq, nk, nk_eff, K, V, KG, KR, cmat, k_sb, k_sh, k_sn, g_ksb,
-                Allow, scale, CAUSAL, HAS_ALLOW, HAS_SUBSET, ALL_KEYS, HAS_TOPK,
-                HAS_KG, FIXED, BLOCK_M, BLOCK_N, HEAD_D, UPCAST, DOT, G_PAD)
-    if FIXED:
+        cmat = group_rows(Mult, aux, row_ok, NG, C.G_PAD)
+    m_i = tl.full([C.BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([C.BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([C.BLOCK_M, C.HEAD_D], dtype=tl.float32)
+    base, n_full, n_part = tile_counts(T, b, pid_m, n_m, tl.cdiv(NK, C.BLOCK_N), C.TAB_B)
+    for i in range(0, n_full):
+        start_n = tl.load(T.lst + base + i) * C.BLOCK_N
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, qg, rs_rows, thr, shift, cmat, offs_m, row_ok, start_n, b, h,
+                                  k0, nq, nk, nk_eff, K, V, M, NK, scale, C, False)
+    for i in range(n_full, n_full + n_part):
+        start_n = tl.load(T.lst + base + i) * C.BLOCK_N
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, qg, rs_rows, thr, shift, cmat, offs_m, row_ok, start_n, b, h,
+                                  k0, nq, nk, nk_eff, K, V, M, NK, scale, C, True)
+    if C.FIXED:
         out = acc
     else:
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
         out = acc / l_safe[:, None]
         lse = tl.where(l_i > 0.0, m_i + tl.log(l_safe), float("-inf"))
         tl.store(Lse + aux, lse, mask=row_ok)
-    if HAS_EPI:
-        out += tl.load(Epi + (b * H + h) * HEAD_D + offs_d).to(tl.float32)[None, :]
-    tl.store(Out + q_rows[:, None] + offs_d[None, :], out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    if C.HAS_EPI:
+        out += tl.load(Epi + (b * H + h) * C.HEAD_D + tl.arange(0, C.HEAD_D)).to(tl.float32)[None, :]
+    tl.store(view_ptrs(O, b, h, q0, offs_m, C.HEAD_D), out.to(O.ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
@@ -217,252 +164,150 @@ def _merge_topk_by_sort(buf, tile, BLOCK_M: tl.constexpr, TOPK_W: tl.constexpr, 
     return tl.bitonic_merge(merged, descending=True)
 
 
-@triton.jit(do_not_specialize=_SIZE_ARGS + ["TOPK"])
-def attn_topk_threshold(
-    Q, K, V, q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, a_sb, a_sh, a_sn, CuQ, CuK, KLen,
-    QG, KG, KR, g_qsb, g_ksb, Allow, RS, rs_sb, rs_sn, Tab, tab_sb, tab_sq, tab_sk, Thr,
-    H, NQ, NK, scale,
-    TOPK,
-    VARLEN: tl.constexpr, HAS_KLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALLOW: tl.constexpr,
-    HAS_SUBSET: tl.constexpr, HAS_TABLE: tl.constexpr, ALL_KEYS: tl.constexpr,
-    HAS_TOPK: tl.constexpr, HAS_KG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_D: tl.constexpr, UPCAST: tl.constexpr, DOT: tl.constexpr,
-    SORT: tl.constexpr, TOPK_W: tl.constexpr,
-):
-    """KTPP pass 1: each row's k-th largest logit over its base set (``-inf`` if fewer keys).
+@triton.jit
+def _topk_tile(buf, q, qg, rs_rows, offs_m, row_ok, start_n, b, h, k0, nq, nk, nk_eff, K, V, M, NK, scale, C,
+               MASKED: tl.constexpr):
+    """Merge one key tile's base-set logits into the running top-``TOPK_W`` list ``buf``."""
+    offs_n, col_ok, k, v, kg, kr = key_tile(K, V, M, b, h, k0, start_n, nk_eff, NK, C, MASKED, False)
+    s = scores(q, k, scale, C.DOT)
+    base, sem = tile_masks(s, s, offs_m, offs_n, row_ok, col_ok, nq, nk, nk_eff, qg, kg, kr, rs_rows, M.allow,
+                           C.CAUSAL, C.HAS_ALLOW, C.HAS_SUBSET, C.ALL_KEYS, False, C.BLOCK_M, C.BLOCK_N, MASKED)
+    tile = tl.where(base, s, float("-inf"))
+    if C.SORT:
+        buf = _merge_topk_by_sort(buf, tile, C.BLOCK_M, C.TOPK_W, C.BLOCK_N)
+    else:
+        buf = _merge_topk_by_rank(buf, tile, C.TOPK_W, C.BLOCK_N)
+    return buf
+
+
+@triton.jit(do_not_specialize=_SIZES + ["TOPK"])
+def attn_topk_threshold(Q, K, V, S, M, T, H, NQ, NK, scale, TOPK, C):
+    """Top-k pass 1: each row's k-th largest logit over its base set (``-inf`` if fewer keys).
 
     Logits come in the same ``BLOCK_M x BLOCK_N`` tiles as in the attention passes (bit-exact
     ``s >= threshold`` there). A running top-``TOPK_W`` list per row (``TOPK_W >= k``, a power of
     two, at least ``BLOCK_N``), sorted descending, is merged with each tile: by sorting networks
     when ``SORT`` (GPU), else by ranks (interpreter, where ``tl.sort`` costs seconds).
     """
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    q0, nq, k0, nk, nk_eff = seq_bounds(b, CuQ, CuK, KLen, NQ, NK, VARLEN, HAS_KLEN)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_D)
-    row_ok = offs_m < nq
-    q = tl.load(Q + (b * q_sb + h * q_sh + (q0 + offs_m) * q_sn)[:, None] + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-    aux = b * a_sb + h * a_sh + (q0 + offs_m) * a_sn
-    qg = offs_m * 0
-    if HAS_ALLOW:
-        qg = tl.load(QG + b * g_qsb + q0 + offs_m, mask=row_ok, other=0)
-    rs_rows = RS + b * rs_sb + (q0 + offs_m) * rs_sn
-    hi = nk_eff
-    if CAUSAL:
-        hi = tl.minimum(hi, (pid_m + 1) * BLOCK_M + nk - nq)
-    hi = tl.where(pid_m * BLOCK_M < nq, hi, 0)
-    buf = tl.full([BLOCK_M, TOPK_W], float("-inf"), dtype=tl.float32)
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < nk_eff
-        k = tl.load(K + (b * k_sb + h * k_sh + (k0 + offs_n) * k_sn)[:, None] + offs_d[None, :],
-                    mask=col_ok[:, None], other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-        kg = offs_n * 0
-        kr = offs_n * 0 - 1
-        if HAS_KG:
-            kg = tl.load(KG + b * g_ksb + k0 + offs_n, mask=col_ok, other=0)
-        if HAS_SUBSET:
-            kr = tl.load(KR + b * g_ksb + k0 + offs_n, mask=col_ok, other=-1)
-        s = scores(q, k, scale, DOT)
-        base, sem = tile_masks(s, s, offs_m, offs_n, row_ok, col_ok, nq, nk, nk_eff, qg, kg, kr,
-                               rs_rows, Allow, CAUSAL, HAS_ALLOW, HAS_SUBSET, ALL_KEYS, False,
-                               BLOCK_M, BLOCK_N)
-        tile = tl.where(base, s, float("-inf"))
-        if SORT:
-            buf = _merge_topk_by_sort(buf, tile, BLOCK_M, TOPK_W, BLOCK_N)
-        else:
-            buf = _merge_topk_by_rank(buf, tile, TOPK_W, BLOCK_N)
-    cols = tl.arange(0, TOPK_W)
+    pid_m, n_m, b, h, q0, nq, k0, nk, nk_eff, offs_m, row_ok, aux = query_program(S, H, NQ, NK, C)
+    q, qg, rs_rows, thr = query_rows(Q, M, b, h, q0, offs_m, row_ok, aux, NQ, C)  # C.HAS_TOPK is off here
+    buf = tl.full([C.BLOCK_M, C.TOPK_W], float("-inf"), dtype=tl.float32)
+    base, n_full, n_part = tile_counts(T, b, pid_m, n_m, tl.cdiv(NK, C.BLOCK_N), C.TAB_B)
+    for i in range(0, n_full):
+        start_n = tl.load(T.lst + base + i) * C.BLOCK_N
+        buf = _topk_tile(buf, q, qg, rs_rows, offs_m, row_ok, start_n, b, h, k0, nq, nk, nk_eff, K, V, M, NK,
+                         scale, C, False)
+    for i in range(n_full, n_full + n_part):
+        start_n = tl.load(T.lst + base + i) * C.BLOCK_N
+        buf = _topk_tile(buf, q, qg, rs_rows, offs_m, row_ok, start_n, b, h, k0, nq, nk, nk_eff, K, V, M, NK,
+                         scale, C, True)
+    cols = tl.arange(0, C.TOPK_W)
     kth = tl.max(tl.where(cols[None, :] == TOPK - 1, buf, float("-inf")), 1)
-    tl.store(Thr + aux, kth, mask=row_ok)
+    tl.store(M.thr + aux, kth, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=_SIZE_ARGS + ["NG"])
-def attn_group_sums(
-    Q, K, V, q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, a_sb, a_sh, a_sn, CuQ, CuK, KLen,
-    QG, KG, KR, g_qsb, g_ksb, Allow, RS, rs_sb, rs_sn, Tab, tab_sb, tab_sq, tab_sk, Thr,
-    H, NQ, NK, scale,
-    Shift, Zout, DO, NG,
-    VARLEN: tl.constexpr, HAS_KLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALLOW: tl.constexpr,
-    HAS_SUBSET: tl.constexpr, HAS_TABLE: tl.constexpr, ALL_KEYS: tl.constexpr,
-    HAS_TOPK: tl.constexpr, HAS_KG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_D: tl.constexpr, UPCAST: tl.constexpr, DOT: tl.constexpr,
-    WITH_DO: tl.constexpr, G_PAD: tl.constexpr,
-):
+@triton.jit
+def _sums_tile(z, m_i, q, do, qg, rs_rows, thr, offs_m, row_ok, start_n, b, h, k0, nq, nk, nk_eff, K, V, M, NK,
+               scale, C, MASKED: tl.constexpr):
+    """One key tile of :func:`attn_group_sums`: update ``(z, m_i)``."""
+    offs_n, col_ok, k, v, kg, kr = key_tile(K, V, M, b, h, k0, start_n, nk_eff, NK, C, MASKED, C.WITH_DO)
+    s = scores(q, k, scale, C.DOT)
+    denom, sem = tile_masks(s, thr, offs_m, offs_n, row_ok, col_ok, nq, nk, nk_eff, qg, kg, kr, rs_rows, M.allow,
+                            C.CAUSAL, C.HAS_ALLOW, C.HAS_SUBSET, C.ALL_KEYS, C.HAS_TOPK, C.BLOCK_M, C.BLOCK_N,
+                            MASKED)
+    gcols = tl.arange(0, C.G_PAD)
+    onehot = ((kg[:, None] == gcols[None, :]) & col_ok[:, None]).to(tl.float32)
+    if C.WITH_DO:
+        e = tl.where(denom, tl.exp2((s - m_i[:, None]) * LOG2E), 0.0)
+        dp = mm(do, tl.trans(v), C.DOT)
+        z += mm_onehot(e * dp, onehot, C.DOT)
+    else:
+        m_new, alpha, p = _online_softmax_step(s, denom, m_i)
+        z = z * alpha[:, None] + mm_onehot(p, onehot, C.DOT)
+        m_i = m_new
+    return z, m_i
+
+
+@triton.jit(do_not_specialize=_SIZES)
+def attn_group_sums(Q, K, V, S, M, T, H, NQ, NK, scale, Shift, Zout, DO, NG, C):
     """Per-(row, key group) sums for the segmented fixed gate.
 
     Without ``WITH_DO``: online ``m = max_j s_j`` and ``Z_g = sum_{j in g} e^{s_j - m}`` (writes
     ``Shift = m``). With ``WITH_DO`` (backward): ``R_g = sum_{j in g} e^{s_j - m} (dO · v_j)`` for
     the given ``Shift``. Group sums are a dot with the key tile's one-hot ``[BLOCK_N, G_PAD]``.
     """
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    q0, nq, k0, nk, nk_eff = seq_bounds(b, CuQ, CuK, KLen, NQ, NK, VARLEN, HAS_KLEN)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_D)
-    gcols = tl.arange(0, G_PAD)
-    row_ok = offs_m < nq
-    q_rows = b * q_sb + h * q_sh + (q0 + offs_m) * q_sn
-    q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-    aux = b * a_sb + h * a_sh + (q0 + offs_m) * a_sn
-    qg = offs_m * 0
-    if HAS_ALLOW:
-        qg = tl.load(QG + b * g_qsb + q0 + offs_m, mask=row_ok, other=0)
-    rs_rows = RS + b * rs_sb + (q0 + offs_m) * rs_sn
-    thr = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if HAS_TOPK:
-        thr = tl.load(Thr + aux, mask=row_ok, other=float("-inf"))
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    if WITH_DO:
-        do = tl.load(DO + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        if UPCAST:
+    pid_m, n_m, b, h, q0, nq, k0, nk, nk_eff, offs_m, row_ok, aux = query_program(S, H, NQ, NK, C)
+    q, qg, rs_rows, thr = query_rows(Q, M, b, h, q0, offs_m, row_ok, aux, NQ, C)
+    m_i = tl.full([C.BLOCK_M], float("-inf"), dtype=tl.float32)
+    do = q
+    if C.WITH_DO:
+        do = tl.load(view_ptrs(DO, b, h, q0, offs_m, C.HEAD_D), mask=row_ok[:, None], other=0.0)
+        if C.UPCAST:
             do = do.to(tl.float32)
         m_i = tl.load(Shift + aux, mask=row_ok, other=float("-inf"))
         m_i = tl.where(m_i == float("-inf"), 0.0, m_i)
-    z = tl.zeros([BLOCK_M, G_PAD], dtype=tl.float32)
-    hi = nk_eff
-    if CAUSAL:
-        hi = tl.minimum(hi, (pid_m + 1) * BLOCK_M + nk - nq)
-    hi = tl.where(pid_m * BLOCK_M < nq, hi, 0)
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < nk_eff
-        k_rows = b * k_sb + h * k_sh + (k0 + offs_n) * k_sn
-        k = tl.load(K + k_rows[:, None] + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-        kg = tl.load(KG + b * g_ksb + k0 + offs_n, mask=col_ok, other=0)
-        kr = offs_n * 0 - 1
-        if HAS_SUBSET:
-            kr = tl.load(KR + b * g_ksb + k0 + offs_n, mask=col_ok, other=-1)
-        s = scores(q, k, scale, DOT)
-        denom, sem = tile_masks(s, thr, offs_m, offs_n, row_ok, col_ok, nq, nk, nk_eff, qg, kg,
-                                kr, rs_rows, Allow, CAUSAL, HAS_ALLOW, HAS_SUBSET, ALL_KEYS, HAS_TOPK,
-                                BLOCK_M, BLOCK_N)
-        onehot = ((kg[:, None] == gcols[None, :]) & col_ok[:, None]).to(tl.float32)
-        if WITH_DO:
-            v = tl.load(V + k_rows[:, None] + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-            if UPCAST:
-                v = v.to(tl.float32)
-            e = tl.where(denom, tl.exp2((s - m_i[:, None]) * LOG2E), 0.0)
-            dp = mm(do, tl.trans(v), DOT)
-            z += mm_onehot(e * dp, onehot, DOT)
-        else:
-            s_m = tl.where(denom, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s_m, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2((m_i - m_safe) * LOG2E)
-            p = tl.exp2((s_m - m_safe[:, None]) * LOG2E)
-            z = z * alpha[:, None] + mm_onehot(p, onehot, DOT)
-            m_i = m_new
-    if not WITH_DO:
+    z = tl.zeros([C.BLOCK_M, C.G_PAD], dtype=tl.float32)
+    # A pre-pass of the fixed gate: every key tile up to the bounds, masked, in one small loop
+    # (the tile lists' two loops and indirect loads cost this kernel its register budget).
+    for start_n in range(0, key_range_end(pid_m, nq, nk, nk_eff, C.BLOCK_M, C.CAUSAL), C.BLOCK_N):
+        z, m_i = _sums_tile(z, m_i, q, do, qg, rs_rows, thr, offs_m, row_ok, start_n, b, h, k0, nq, nk, nk_eff,
+                            K, V, M, NK, scale, C, True)
+    if not C.WITH_DO:
         tl.store(Shift + aux, m_i, mask=row_ok)
-    tl.store(Zout + aux[:, None] * NG + gcols[None, :], z,
-             mask=row_ok[:, None] & (gcols[None, :] < NG))
+    gcols = tl.arange(0, C.G_PAD)
+    tl.store(Zout + aux[:, None] * NG + gcols[None, :], z, mask=row_ok[:, None] & (gcols[None, :] < NG))
 
 
-@triton.jit(do_not_specialize=_SIZE_ARGS + ["P", "p_sb", "p_sh", "p_sp", "NG"])
-def attn_probes(
-    Q, K, V, q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, a_sb, a_sh, a_sn, CuQ, CuK, KLen,
-    QG, KG, KR, g_qsb, g_ksb, Allow, RS, rs_sb, rs_sn, Tab, tab_sb, tab_sq, tab_sk, Thr,
-    H, NQ, NK, scale,
-    Probe, ProbeRows, P, p_sb, p_sh, p_sp, Lse, Mult, NG,
-    VARLEN: tl.constexpr, HAS_KLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALLOW: tl.constexpr,
-    HAS_SUBSET: tl.constexpr, HAS_TABLE: tl.constexpr, ALL_KEYS: tl.constexpr,
-    HAS_TOPK: tl.constexpr, HAS_KG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_D: tl.constexpr, UPCAST: tl.constexpr, DOT: tl.constexpr,
-    FIXED: tl.constexpr,
-):
+@triton.jit(do_not_specialize=_SIZES + ["P", "p_sb", "p_sh", "p_sp"])
+def attn_probes(Q, K, V, S, M, T, H, NQ, NK, scale, Probe, ProbeRows, P, p_sb, p_sh, p_sp, Lse, Mult, NG, C):
     """Final weights of the probe rows, recomputed from the saved ``lse`` (or shift and ``c_g``).
 
-    One program per (key tile, batch x head, probe chunk): ``W_pj = M_pj e^{s_pj - lse_p}``
-    (times ``c_{g(j)}`` for the fixed gate). Cost: ``P x Nk`` logits, no ``N x N`` buffer.
+    One program per (key tile, batch x head) on axis 0 and per probe chunk on axis 1:
+    ``W_pj = M_pj e^{s_pj - lse_p}`` (times ``c_{g(j)}`` for the fixed gate). Cost: ``P x Nk``
+    logits, no ``N x N`` buffer. Every tile runs masked (probe rows are scattered).
     """
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    pid_p = tl.program_id(2)
-    b = pid_bh // H
-    h = pid_bh % H
-    q0, nq, k0, nk, nk_eff = seq_bounds(b, CuQ, CuK, KLen, NQ, NK, VARLEN, HAS_KLEN)
-    offs_p = pid_p * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_D)
+    pid_n, b, h = program_tile(tl.program_id(0), tl.cdiv(NK, C.BLOCK_N), H)
+    pid_p = tl.program_id(1)
+    q0, nq, k0, nk, nk_eff = seq_bounds(b, S, NQ, NK, C.VARLEN, C.HAS_KLEN)
+    offs_p = pid_p * C.BLOCK_M + tl.arange(0, C.BLOCK_M)
     p_ok = offs_p < P
     rows = tl.load(ProbeRows + offs_p, mask=p_ok, other=0).to(tl.int32)
     row_ok = p_ok & (rows < nq) & (rows >= 0)
     rows = tl.where(row_ok, rows, 0)
-    q = tl.load(Q + (b * q_sb + h * q_sh + (q0 + rows) * q_sn)[:, None] + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-    aux = b * a_sb + h * a_sh + (q0 + rows) * a_sn
-    qg = rows * 0
-    if HAS_ALLOW:
-        qg = tl.load(QG + b * g_qsb + q0 + rows, mask=row_ok, other=0)
-    rs_rows = RS + b * rs_sb + (q0 + rows) * rs_sn
-    thr = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if HAS_TOPK:
-        thr = tl.load(Thr + aux, mask=row_ok, other=float("-inf"))
+    aux = aux_index(b, h, q0, rows, H, NQ, C.VARLEN)
+    q, qg, rs_rows, thr = query_rows(Q, M, b, h, q0, rows, row_ok, aux, NQ, C)
     shift = tl.load(Lse + aux, mask=row_ok, other=float("-inf"))
     shift = tl.where(shift == float("-inf"), 0.0, shift)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = offs_n < nk_eff
-    k = tl.load(K + (b * k_sb + h * k_sh + (k0 + offs_n) * k_sn)[:, None] + offs_d[None, :],
-                mask=col_ok[:, None], other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-    kg = offs_n * 0
-    kr = offs_n * 0 - 1
-    if HAS_KG:
-        kg = tl.load(KG + b * g_ksb + k0 + offs_n, mask=col_ok, other=0)
-    if HAS_SUBSET:
-        kr = tl.load(KR + b * g_ksb + k0 + offs_n, mask=col_ok, other=-1)
-    s = scores(q, k, scale, DOT)
-    denom, sem = tile_masks(s, thr, rows, offs_n, row_ok, col_ok, nq, nk, nk_eff, qg, kg, kr,
-                            rs_rows, Allow, CAUSAL, HAS_ALLOW, HAS_SUBSET, ALL_KEYS,
-                            HAS_TOPK, BLOCK_M, BLOCK_N)
+    offs_n, col_ok, k, v, kg, kr = key_tile(K, V, M, b, h, k0, pid_n * C.BLOCK_N, nk_eff, NK, C, True, False)
+    s = scores(q, k, scale, C.DOT)
+    denom, sem = tile_masks(s, thr, rows, offs_n, row_ok, col_ok, nq, nk, nk_eff, qg, kg, kr, rs_rows, M.allow,
+                            C.CAUSAL, C.HAS_ALLOW, C.HAS_SUBSET, C.ALL_KEYS, C.HAS_TOPK, C.BLOCK_M, C.BLOCK_N, True)
     w = tl.where(denom, tl.exp2((s - shift[:, None]) * LOG2E), 0.0)
-    if FIXED:
+    if C.FIXED:
         w = w * tl.load(Mult + aux[:, None] * NG + kg[None, :], mask=denom, other=0.0)
-    if ALL_KEYS:
+    if C.ALL_KEYS:
         w = tl.where(sem, w, 0.0)
     ptrs = Probe + b * p_sb + h * p_sh + offs_p[:, None] * p_sp + (k0 + offs_n)[None, :]
     tl.store(ptrs, w, mask=p_ok[:, None] & (offs_n < nk)[None, :])
 
 
 @triton.jit
-def _bwd_tile(
-    q, do, k, v, qg, kg, kr, rs_rows, thr, shift, dl_row, aux, offs_m, offs_n, row_ok, col_ok,
-    nq, nk, nk_eff, Allow, cmat, dmat, scale,
-    CAUSAL: tl.constexpr, HAS_ALLOW: tl.constexpr, HAS_SUBSET: tl.constexpr,
-    ALL_KEYS: tl.constexpr, HAS_TOPK: tl.constexpr, FIXED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr, G_PAD: tl.constexpr,
-):
+def _bwd_tile(q, do, k, v, qg, kg, kr, rs_rows, thr, shift, dl_row, offs_m, offs_n, row_ok, col_ok, nq, nk, nk_eff,
+              M, cmat, dmat, scale, C, MASKED: tl.constexpr):
     """Recompute one tile's weights and return ``(M ⊙ P, dS)`` (``dS`` without the scale)."""
-    s = scores(q, k, scale, DOT)
-    denom, sem = tile_masks(s, thr, offs_m, offs_n, row_ok, col_ok, nq, nk, nk_eff, qg, kg, kr,
-                            rs_rows, Allow, CAUSAL, HAS_ALLOW, HAS_SUBSET, ALL_KEYS,
-                            HAS_TOPK, BLOCK_M, BLOCK_N)
+    s = scores(q, k, scale, C.DOT)
+    denom, sem = tile_masks(s, thr, offs_m, offs_n, row_ok, col_ok, nq, nk, nk_eff, qg, kg, kr, rs_rows, M.allow,
+                            C.CAUSAL, C.HAS_ALLOW, C.HAS_SUBSET, C.ALL_KEYS, C.HAS_TOPK, C.BLOCK_M, C.BLOCK_N,
+                            MASKED)
     p = tl.where(denom, tl.exp2((s - shift[:, None]) * LOG2E), 0.0)
-    dp = mm(do, tl.trans(v), DOT)
-    if FIXED:
-        p = p * per_key(cmat, kg, G_PAD)
-        dg = per_key(dmat, kg, G_PAD)
+    dp = mm(do, tl.trans(v), C.DOT)
+    if C.FIXED:
+        p = p * per_key(cmat, kg, C.G_PAD)
+        dg = per_key(dmat, kg, C.G_PAD)
         ds = p * (dp - dg)
         pw = p
     else:
-        if ALL_KEYS:
+        if C.ALL_KEYS:
             pw = tl.where(sem, p, 0.0)
             dp = tl.where(sem, dp, 0.0)
         else:
@@ -471,167 +316,98 @@ def _bwd_tile(
     return pw, ds
 
 
-@triton.jit(do_not_specialize=_SIZE_ARGS + ["NG"])
-def attn_bwd_dkdv(
-    Q, K, V, q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, a_sb, a_sh, a_sn, CuQ, CuK, KLen,
-    QG, KG, KR, g_qsb, g_ksb, Allow, RS, rs_sb, rs_sn, Tab, tab_sb, tab_sq, tab_sk, Thr,
-    H, NQ, NK, scale,
-    DO, DK, DV, Lse, DL, Mult, NG,
-    VARLEN: tl.constexpr, HAS_KLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALLOW: tl.constexpr,
-    HAS_SUBSET: tl.constexpr, HAS_TABLE: tl.constexpr, ALL_KEYS: tl.constexpr,
-    HAS_TOPK: tl.constexpr, HAS_KG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_D: tl.constexpr, UPCAST: tl.constexpr, DOT: tl.constexpr,
-    FIXED: tl.constexpr, G_PAD: tl.constexpr,
-):
-    """Backward for one key tile: stream query tiles, ``dV += (M⊙P)^T dO``, ``dK += scale dS^T Q``."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    q0, nq, k0, nk, nk_eff = seq_bounds(b, CuQ, CuK, KLen, NQ, NK, VARLEN, HAS_KLEN)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_D)
-    col_ok = offs_n < nk_eff
-    k_rows = b * k_sb + h * k_sh + (k0 + offs_n) * k_sn
-    k = tl.load(K + k_rows[:, None] + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + k_rows[:, None] + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    kg = offs_n * 0
-    kr = offs_n * 0 - 1
-    if HAS_KG:
-        kg = tl.load(KG + b * g_ksb + k0 + offs_n, mask=col_ok, other=0)
-    if HAS_SUBSET:
-        kr = tl.load(KR + b * g_ksb + k0 + offs_n, mask=col_ok, other=-1)
-    dk = tl.zeros([BLOCK_N, HEAD_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_D], dtype=tl.float32)
-    lo = 0
-    if CAUSAL:
-        lo = tl.maximum(pid_n * BLOCK_N - (nk - nq), 0) // BLOCK_M * BLOCK_M
-    hi = tl.where(pid_n * BLOCK_N < nk_eff, nq, 0)
-    for start_m in range(lo, hi, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        row_ok = offs_m < nq
-        run = True
-        if HAS_TABLE:
-            cls = tl.load(Tab + b * tab_sb + (start_m // BLOCK_M) * tab_sq + pid_n * tab_sk)
-            run = cls != 0
-            if ALL_KEYS:
-                run = cls >= 0
-        if run:
-            q_rows = b * q_sb + h * q_sh + (q0 + offs_m) * q_sn
-            q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-            do = tl.load(DO + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-            if UPCAST:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
-            aux = b * a_sb + h * a_sh + (q0 + offs_m) * a_sn
-            qg = offs_m * 0
-            if HAS_ALLOW:
-                qg = tl.load(QG + b * g_qsb + q0 + offs_m, mask=row_ok, other=0)
-            rs_rows = RS + b * rs_sb + (q0 + offs_m) * rs_sn
-            thr = tl.zeros([BLOCK_M], dtype=tl.float32)
-            if HAS_TOPK:
-                thr = tl.load(Thr + aux, mask=row_ok, other=float("-inf"))
-            shift = tl.load(Lse + aux, mask=row_ok, other=float("-inf"))
-            shift = tl.where(shift == float("-inf"), 0.0, shift)
-            dl_row = tl.zeros([BLOCK_M], dtype=tl.float32)
-            cmat = tl.zeros([BLOCK_M, G_PAD], dtype=tl.float32)
-            dmat = cmat
-            if FIXED:
-                cmat = group_rows(Mult, aux, row_ok, NG, G_PAD)
-                dmat = group_rows(DL, aux, row_ok, NG, G_PAD)
-            else:
-                dl_row = tl.load(DL + aux, mask=row_ok, other=0.0)
-            pw, ds = _bwd_tile(q, do, k, v, qg, kg, kr, rs_rows, thr, shift, dl_row, aux, offs_m,
-                               offs_n, row_ok, col_ok, nq, nk, nk_eff, Allow, cmat, dmat,
-                               scale, CAUSAL, HAS_ALLOW, HAS_SUBSET, ALL_KEYS, HAS_TOPK,
-                               FIXED, BLOCK_M, BLOCK_N, DOT, G_PAD)
-            dv += mm(tl.trans(pw).to(do.dtype), do, DOT)
-            dk += mm(tl.trans(ds).to(q.dtype), q, DOT)
-    st = offs_n < nk
-    tl.store(DK + k_rows[:, None] + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
-             mask=st[:, None])
-    tl.store(DV + k_rows[:, None] + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=st[:, None])
-
-
-@triton.jit(do_not_specialize=_SIZE_ARGS + ["NG"])
-def attn_bwd_dq(
-    Q, K, V, q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, a_sb, a_sh, a_sn, CuQ, CuK, KLen,
-    QG, KG, KR, g_qsb, g_ksb, Allow, RS, rs_sb, rs_sn, Tab, tab_sb, tab_sq, tab_sk, Thr,
-    H, NQ, NK, scale,
-    DO, DQ, Lse, DL, Mult, NG,
-    VARLEN: tl.constexpr, HAS_KLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_ALLOW: tl.constexpr,
-    HAS_SUBSET: tl.constexpr, HAS_TABLE: tl.constexpr, ALL_KEYS: tl.constexpr,
-    HAS_TOPK: tl.constexpr, HAS_KG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_D: tl.constexpr, UPCAST: tl.constexpr, DOT: tl.constexpr,
-    FIXED: tl.constexpr, G_PAD: tl.constexpr,
-):
-    """Backward for one query tile: stream key tiles, ``dQ += scale dS K``."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    q0, nq, k0, nk, nk_eff = seq_bounds(b, CuQ, CuK, KLen, NQ, NK, VARLEN, HAS_KLEN)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_D)
-    row_ok = offs_m < nq
-    q_rows = b * q_sb + h * q_sh + (q0 + offs_m) * q_sn
-    q = tl.load(Q + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
-    aux = b * a_sb + h * a_sh + (q0 + offs_m) * a_sn
-    qg = offs_m * 0
-    if HAS_ALLOW:
-        qg = tl.load(QG + b * g_qsb + q0 + offs_m, mask=row_ok, other=0)
-    rs_rows = RS + b * rs_sb + (q0 + offs_m) * rs_sn
-    thr = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if HAS_TOPK:
-        thr = tl.load(Thr + aux, mask=row_ok, other=float("-inf"))
+@triton.jit
+def _row_grads(M, b, h, q0, offs_m, row_ok, aux, Lse, DL, Mult, NG, C):
+    """Per-row backward inputs: ``(shift, dl_row, cmat, dmat)`` (the lse or fixed-gate shift, ``D``
+    per row, and for the fixed gate ``c_g`` and ``D_g`` per (row, group))."""
     shift = tl.load(Lse + aux, mask=row_ok, other=float("-inf"))
     shift = tl.where(shift == float("-inf"), 0.0, shift)
-    dl_row = tl.zeros([BLOCK_M], dtype=tl.float32)
-    cmat = tl.zeros([BLOCK_M, G_PAD], dtype=tl.float32)
+    dl_row = tl.zeros([C.BLOCK_M], dtype=tl.float32)
+    cmat = tl.zeros([C.BLOCK_M, C.G_PAD], dtype=tl.float32)
     dmat = cmat
-    if FIXED:
-        cmat = group_rows(Mult, aux, row_ok, NG, G_PAD)
-        dmat = group_rows(DL, aux, row_ok, NG, G_PAD)
+    if C.FIXED:
+        cmat = group_rows(Mult, aux, row_ok, NG, C.G_PAD)
+        dmat = group_rows(DL, aux, row_ok, NG, C.G_PAD)
     else:
         dl_row = tl.load(DL + aux, mask=row_ok, other=0.0)
-    dq = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
-    hi = nk_eff
-    if CAUSAL:
-        hi = tl.minimum(hi, (pid_m + 1) * BLOCK_M + nk - nq)
-    hi = tl.where(pid_m * BLOCK_M < nq, hi, 0)
-    for start_n in range(0, hi, BLOCK_N):
-        run = True
-        if HAS_TABLE:
-            cls = tl.load(Tab + b * tab_sb + pid_m * tab_sq + (start_n // BLOCK_N) * tab_sk)
-            run = cls != 0
-            if ALL_KEYS:
-                run = cls >= 0
-        if run:
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            col_ok = offs_n < nk_eff
-            k_rows = b * k_sb + h * k_sh + (k0 + offs_n) * k_sn
-            k = tl.load(K + k_rows[:, None] + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-            v = tl.load(V + k_rows[:, None] + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            kg = offs_n * 0
-            kr = offs_n * 0 - 1
-            if HAS_KG:
-                kg = tl.load(KG + b * g_ksb + k0 + offs_n, mask=col_ok, other=0)
-            if HAS_SUBSET:
-                kr = tl.load(KR + b * g_ksb + k0 + offs_n, mask=col_ok, other=-1)
-            pw, ds = _bwd_tile(q, do, k, v, qg, kg, kr, rs_rows, thr, shift, dl_row, aux, offs_m,
-                               offs_n, row_ok, col_ok, nq, nk, nk_eff, Allow, cmat, dmat,
-                               scale, CAUSAL, HAS_ALLOW, HAS_SUBSET, ALL_KEYS, HAS_TOPK,
-                               FIXED, BLOCK_M, BLOCK_N, DOT, G_PAD)
-            dq += mm(ds.to(k.dtype), k, DOT)
-    tl.store(DQ + q_rows[:, None] + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+    return shift, dl_row, cmat, dmat
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, k, v, kg, kr, offs_n, col_ok, start_m, b, h, q0, nq, nk, nk_eff, Q, DO, M, H, NQ, scale,
+               Lse, DL, Mult, NG, C, MASKED: tl.constexpr):
+    """One query tile of :func:`attn_bwd_dkdv`: ``dV += (M⊙P)^T dO``, ``dK += dS^T Q``."""
+    offs_m = start_m + tl.arange(0, C.BLOCK_M)
+    row_ok = offs_m < nq
+    aux = aux_index(b, h, q0, offs_m, H, NQ, C.VARLEN)
+    q, qg, rs_rows, thr = query_rows(Q, M, b, h, q0, offs_m, row_ok, aux, NQ, C)
+    dop = view_ptrs(DO, b, h, q0, offs_m, C.HEAD_D)
+    if MASKED:
+        do = tl.load(dop, mask=row_ok[:, None], other=0.0)
+    else:
+        do = tl.load(dop)
+    if C.UPCAST:
+        do = do.to(tl.float32)
+    shift, dl_row, cmat, dmat = _row_grads(M, b, h, q0, offs_m, row_ok, aux, Lse, DL, Mult, NG, C)
+    pw, ds = _bwd_tile(q, do, k, v, qg, kg, kr, rs_rows, thr, shift, dl_row, offs_m, offs_n, row_ok, col_ok, nq, nk,
+                       nk_eff, M, cmat, dmat, scale, C, MASKED)
+    dv += mm(tl.trans(pw).to(do.dtype), do, C.DOT)
+    dk += mm(tl.trans(ds).to(q.dtype), q, C.DOT)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=_SIZES)
+def attn_bwd_dkdv(Q, K, V, S, M, T, H, NQ, NK, scale, DO, DK, DV, Lse, DL, Mult, NG, C):
+    """Backward for one key tile: stream its listed query tiles, ``dV += (M⊙P)^T dO``,
+    ``dK += scale dS^T Q``. ``T`` lists query tiles per key tile (full ones cover only valid rows)."""
+    n_n = tl.cdiv(NK, C.BLOCK_N)
+    pid_n, b, h = program_tile(tl.program_id(0), n_n, H)
+    q0, nq, k0, nk, nk_eff = seq_bounds(b, S, NQ, NK, C.VARLEN, C.HAS_KLEN)
+    offs_n, col_ok, k, v, kg, kr = key_tile(K, V, M, b, h, k0, pid_n * C.BLOCK_N, nk_eff, NK, C, True, True)
+    dk = tl.zeros([C.BLOCK_N, C.HEAD_D], dtype=tl.float32)
+    dv = tl.zeros([C.BLOCK_N, C.HEAD_D], dtype=tl.float32)
+    base, n_full, n_part = tile_counts(T, b, pid_n, n_n, tl.cdiv(NQ, C.BLOCK_M), C.TAB_B)
+    for i in range(0, n_full):
+        start_m = tl.load(T.lst + base + i) * C.BLOCK_M
+        dk, dv = _dkdv_tile(dk, dv, k, v, kg, kr, offs_n, col_ok, start_m, b, h, q0, nq, nk, nk_eff, Q, DO, M, H,
+                            NQ, scale, Lse, DL, Mult, NG, C, False)
+    for i in range(n_full, n_full + n_part):
+        start_m = tl.load(T.lst + base + i) * C.BLOCK_M
+        dk, dv = _dkdv_tile(dk, dv, k, v, kg, kr, offs_n, col_ok, start_m, b, h, q0, nq, nk, nk_eff, Q, DO, M, H,
+                            NQ, scale, Lse, DL, Mult, NG, C, True)
+    st = (offs_n < nk)[:, None]
+    tl.store(view_ptrs(DK, b, h, k0, offs_n, C.HEAD_D), (dk * scale).to(DK.ptr.dtype.element_ty), mask=st)
+    tl.store(view_ptrs(DV, b, h, k0, offs_n, C.HEAD_D), dv.to(DV.ptr.dtype.element_ty), mask=st)
+
+
+@triton.jit
+def _dq_tile(dq, q, do, qg, rs_rows, thr, shift, dl_row, cmat, dmat, offs_m, row_ok, start_n, b, h, k0, nq, nk,
+             nk_eff, K, V, M, NK, scale, C, MASKED: tl.constexpr):
+    """One key tile of :func:`attn_bwd_dq`: ``dQ += dS K``."""
+    offs_n, col_ok, k, v, kg, kr = key_tile(K, V, M, b, h, k0, start_n, nk_eff, NK, C, MASKED, True)
+    pw, ds = _bwd_tile(q, do, k, v, qg, kg, kr, rs_rows, thr, shift, dl_row, offs_m, offs_n, row_ok, col_ok, nq, nk,
+                       nk_eff, M, cmat, dmat, scale, C, MASKED)
+    return dq + mm(ds.to(k.dtype), k, C.DOT)
+
+
+@triton.jit(do_not_specialize=_SIZES)
+def attn_bwd_dq(Q, K, V, S, M, T, H, NQ, NK, scale, DO, DQ, Lse, DL, Mult, NG, C):
+    """Backward for one query tile: stream its listed key tiles, ``dQ += scale dS K``."""
+    pid_m, n_m, b, h, q0, nq, k0, nk, nk_eff, offs_m, row_ok, aux = query_program(S, H, NQ, NK, C)
+    q, qg, rs_rows, thr = query_rows(Q, M, b, h, q0, offs_m, row_ok, aux, NQ, C)
+    do = tl.load(view_ptrs(DO, b, h, q0, offs_m, C.HEAD_D), mask=row_ok[:, None], other=0.0)
+    if C.UPCAST:
+        do = do.to(tl.float32)
+    shift, dl_row, cmat, dmat = _row_grads(M, b, h, q0, offs_m, row_ok, aux, Lse, DL, Mult, NG, C)
+    dq = tl.zeros([C.BLOCK_M, C.HEAD_D], dtype=tl.float32)
+    base, n_full, n_part = tile_counts(T, b, pid_m, n_m, tl.cdiv(NK, C.BLOCK_N), C.TAB_B)
+    for i in range(0, n_full):
+        start_n = tl.load(T.lst + base + i) * C.BLOCK_N
+        dq = _dq_tile(dq, q, do, qg, rs_rows, thr, shift, dl_row, cmat, dmat, offs_m, row_ok, start_n, b, h, k0, nq,
+                      nk, nk_eff, K, V, M, NK, scale, C, False)
+    for i in range(n_full, n_full + n_part):
+        start_n = tl.load(T.lst + base + i) * C.BLOCK_N
+        dq = _dq_tile(dq, q, do, qg, rs_rows, thr, shift, dl_row, cmat, dmat, offs_m, row_ok, start_n, b, h, k0, nq,
+                      nk, nk_eff, K, V, M, NK, scale, C, True)
+    tl.store(view_ptrs(DQ, b, h, q0, offs_m, C.HEAD_D), (dq * scale).to(DQ.ptr.dtype.element_ty),
              mask=row_ok[:, None])

@@ -6,7 +6,7 @@ decide, for such a tile, which (query, key) pairs are in play:
 * ``structural``: padding (``k_lengths``, varlen ends) and bottom-right aligned causality,
   ``j <= i + (Nk - Nq)``. These keys never enter any denominator.
 * ``semantic``: the group ``allow`` matrix (one bit word pair per query group, so no N x N
-  mask exists anywhere) and TCPA's ``row_subset`` bitmask: for a key of rank ``r`` inside
+  mask exists anywhere) and the ``row_subset`` bitmask: for a key of rank ``r`` inside
   ``subset_group``, bit ``r % 64`` of word ``r // 64`` of the query row's words decides.
 * the per-tile class table built on the host from the groups present in each tile (0 = no pair
   allowed, 1 = mixed, 2 = every pair allowed) lets the kernels skip empty tiles. The semantic
@@ -69,17 +69,45 @@ def scores(q, k, scale, DOT: tl.constexpr):
 
 
 @triton.jit
-def seq_bounds(b, CuQ, CuK, KLen, NQ, NK, VARLEN: tl.constexpr, HAS_KLEN: tl.constexpr):
+def program_tile(pid, NT, H):
+    """Flat program id -> ``(tile, b, h)``: tiles of one (batch, head) are neighbours (they share
+    its K/V in L2); ``b`` and ``h`` are int64 so that ``b * stride`` may pass 2^31. A flat grid
+    axis allows 2^31 - 1 programs (the y/z axes stop at 65535)."""
+    t = pid % NT
+    bh = pid // NT
+    return t, (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+
+
+@triton.jit
+def view_ptrs(X, b, h, r0, offs, HEAD_D: tl.constexpr):
+    """Pointers ``[len(offs), HEAD_D]`` to rows ``r0 + offs`` of (batch ``b``, head ``h``) of a
+    :class:`View` ``X``; the scalar base is int64, the in-tile offsets int32."""
+    base = b * X.sb + h * X.sh + (r0 + b * 0) * X.sn
+    return X.ptr + base + offs[:, None] * X.sn + tl.arange(0, HEAD_D)[None, :]
+
+
+@triton.jit
+def aux_index(b, h, r0, offs, H, NQ, VARLEN: tl.constexpr):
+    """Index of rows ``r0 + offs`` in the per-row fp32 arrays (lse, thresholds, shifts):
+    ``[B, H, NQ]`` padded, ``[Tq, H]`` packed."""
+    if VARLEN:
+        return (r0 + b * 0 + offs) * H + h
+    else:
+        return (b * H + h) * NQ + offs
+
+
+@triton.jit
+def seq_bounds(b, S, NQ, NK, VARLEN: tl.constexpr, HAS_KLEN: tl.constexpr):
     """Start rows and lengths of sequence ``b``: ``(q0, nq, k0, nk, nk_eff)``.
 
     ``nk`` is the full key length (it fixes the causal diagonal), ``nk_eff`` additionally
     drops ``k_lengths`` padding.
     """
     if VARLEN:
-        q0 = tl.load(CuQ + b)
-        nq = tl.load(CuQ + b + 1) - q0
-        k0 = tl.load(CuK + b)
-        nk = tl.load(CuK + b + 1) - k0
+        q0 = tl.load(S.cu_q + b)
+        nq = tl.load(S.cu_q + b + 1) - q0
+        k0 = tl.load(S.cu_k + b)
+        nk = tl.load(S.cu_k + b + 1) - k0
     else:
         q0 = 0
         nq = NQ
@@ -87,8 +115,103 @@ def seq_bounds(b, CuQ, CuK, KLen, NQ, NK, VARLEN: tl.constexpr, HAS_KLEN: tl.con
         nk = NK
     nk_eff = nk
     if HAS_KLEN:
-        nk_eff = tl.minimum(nk, tl.load(KLen + b).to(tl.int32))
+        nk_eff = tl.minimum(nk, tl.load(S.k_len + b).to(tl.int32))
     return q0, nq, k0, nk, nk_eff
+
+
+@triton.jit
+def query_program(S, H, NQ, NK, C):
+    """Prologue of a program that owns one query tile of one (batch, head): ``(pid_m, n_m, b, h,
+    q0, nq, k0, nk, nk_eff, offs_m, row_ok, aux)`` (tile, tile count, batch, head, sequence
+    bounds, the tile's rows, which exist, and their index in the per-row arrays)."""
+    n_m = tl.cdiv(NQ, C.BLOCK_M)
+    pid_m, b, h = program_tile(tl.program_id(0), n_m, H)
+    q0, nq, k0, nk, nk_eff = seq_bounds(b, S, NQ, NK, C.VARLEN, C.HAS_KLEN)
+    offs_m = pid_m * C.BLOCK_M + tl.arange(0, C.BLOCK_M)
+    return pid_m, n_m, b, h, q0, nq, k0, nk, nk_eff, offs_m, offs_m < nq, aux_index(b, h, q0, offs_m, H, NQ, C.VARLEN)
+
+
+@triton.jit
+def query_rows(Q, M, b, h, q0, offs_m, row_ok, aux, NQ, C):
+    """A query tile and its per-row mask inputs: ``(q, qg, rs_rows, thr)``.
+
+    ``qg`` the query group ids, ``rs_rows`` pointers to each row's first ``row_subset`` word,
+    ``thr`` the top-k thresholds (``-inf`` where a row keeps all its keys).
+    """
+    q = tl.load(view_ptrs(Q, b, h, q0, offs_m, C.HEAD_D), mask=row_ok[:, None], other=0.0)
+    if C.UPCAST:
+        q = q.to(tl.float32)
+    qg = offs_m * 0
+    if C.HAS_ALLOW:
+        g_base = q0 + b * 0
+        if C.QG_B:
+            g_base += b * NQ
+        qg = tl.load(M.qg + g_base + offs_m, mask=row_ok, other=0)
+    rs_rows = offs_m * 0
+    if C.HAS_SUBSET:
+        r_base = q0 + b * 0
+        if C.RS_B:
+            r_base += b * NQ
+        rs_rows = M.rs + (r_base + offs_m) * M.rs_sn
+    thr = tl.zeros(offs_m.shape, dtype=tl.float32)
+    if C.HAS_TOPK:
+        thr = tl.load(M.thr + aux, mask=row_ok, other=float("-inf"))
+    return q, qg, rs_rows, thr
+
+
+@triton.jit
+def key_tile(K, V, M, b, h, k0, start_n, nk_eff, NK, C, MASKED: tl.constexpr, WITH_V: tl.constexpr):
+    """Keys (and values) of one key tile with their group ids and subset ranks:
+    ``(offs_n, col_ok, k, v, kg, kr)``. A full tile (``MASKED`` off) loads without a mask, so the
+    loads are unconditional and the compiler pipelines them."""
+    offs_n = start_n + tl.arange(0, C.BLOCK_N)
+    col_ok = offs_n < nk_eff
+    kp = view_ptrs(K, b, h, k0, offs_n, C.HEAD_D)
+    if MASKED:
+        k = tl.load(kp, mask=col_ok[:, None], other=0.0)
+    else:
+        k = tl.load(kp)
+    v = k
+    if WITH_V:
+        vp = view_ptrs(V, b, h, k0, offs_n, C.HEAD_D)
+        if MASKED:
+            v = tl.load(vp, mask=col_ok[:, None], other=0.0)
+        else:
+            v = tl.load(vp)
+    if C.UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    g_base = k0 + b * 0
+    if C.KG_B:
+        g_base += b * NK
+    kg = offs_n * 0
+    if C.HAS_KG:
+        kg = tl.load(M.kg + g_base + offs_n, mask=col_ok, other=0)
+    kr = offs_n * 0 - 1
+    if C.HAS_SUBSET:
+        kr = tl.load(M.kr + g_base + offs_n, mask=col_ok, other=-1)
+    return offs_n, col_ok, k, v, kg, kr
+
+
+@triton.jit
+def key_range_end(pid_m, nq, nk, nk_eff, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    """End of the keys query tile ``pid_m`` can see: ``nk_eff``, the causal diagonal of its last
+    row (bottom-right aligned), 0 for a tile past the sequence."""
+    hi = nk_eff
+    if CAUSAL:
+        hi = tl.minimum(hi, (pid_m + 1) * BLOCK_M + nk - nq)
+    return tl.where(pid_m * BLOCK_M < nq, hi, 0)
+
+
+@triton.jit
+def tile_counts(T, b, t, n_outer, n_inner, TAB_B: tl.constexpr):
+    """``(base, n_full, n_partial)`` of the compact tile list of outer tile ``t`` of batch ``b``."""
+    row = t + b * 0
+    if TAB_B:
+        row += b * n_outer
+    n_full = tl.load(T.cnt + row * 2)
+    n_part = tl.load(T.cnt + row * 2 + 1)
+    return row * n_inner, n_full, n_part
 
 
 @triton.jit
@@ -139,16 +262,22 @@ def tile_masks(
     s, thr, offs_m, offs_n, row_ok, col_ok, nq, nk, nk_eff, qg, kg, kr, rs_rows, Allow,
     CAUSAL: tl.constexpr, HAS_ALLOW: tl.constexpr, HAS_SUBSET: tl.constexpr,
     ALL_KEYS: tl.constexpr, HAS_TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
 ):
     """``(denom, sem)`` of a tile.
 
     ``denom`` is the row's denominator set: structural & semantic (& top-k) for
     ``softmax``/``segmented``; structural (& top-k) for ``all_keys``, whose semantic mask ``sem``
     only zeroes weights after normalisation. Top-k keeps ``s >= thr`` (the row's k-th largest
-    logit of its base set, ``-inf`` when the row has fewer than k keys).
+    logit of its base set, ``-inf`` when the row has fewer than k keys). A full tile (``MASKED``
+    off: inside every bound and every pair allowed) has constant-true masks, which fold away.
     """
-    ok = structural(offs_m, offs_n, nq, nk, nk_eff, CAUSAL)
-    sem = semantic(qg, kg, kr, rs_rows, row_ok, col_ok, Allow, HAS_ALLOW, HAS_SUBSET, BLOCK_M, BLOCK_N)
+    if MASKED:
+        ok = structural(offs_m, offs_n, nq, nk, nk_eff, CAUSAL)
+        sem = semantic(qg, kg, kr, rs_rows, row_ok, col_ok, Allow, HAS_ALLOW, HAS_SUBSET, BLOCK_M, BLOCK_N)
+    else:
+        ok = tl.full((BLOCK_M, BLOCK_N), 1, tl.int1)
+        sem = ok
     if ALL_KEYS:
         denom = ok
     else:

@@ -1,20 +1,22 @@
 """Host side of the fused attention: argument preparation, launches, and the two custom ops.
 
-``prepare`` turns an attention call into the flat argument block every kernel in
-``triton_attn_kernels.py`` shares (contiguous q/k/v, strides, int32 group ids, subset ranks, the
-per-tile class table). ``vlm::triton_attn_fwd`` and ``vlm::triton_attn_bwd`` wrap the launches as
+``prepare`` turns an attention call into the argument block every kernel in
+``triton_attn_kernels.py`` shares (the bundles of ``triton_attn_args.py``: q/k/v views with their
+strides, the cached :class:`Layout` -- int32 group ids, subset ranks, ``allow`` words, compact tile
+lists -- and the constexpr switches). ``vlm::triton_attn_fwd`` and ``vlm::triton_attn_bwd`` wrap the launches as
 ``torch.library`` custom ops with shape-only fake implementations, so ``torch.compile`` sees each
 as one opaque node (no graph break inside; the host-side ``.item()``/``.tolist()`` calls here are
 invisible to the tracer).
 
 Options shared by both ops (all plain Python values): ``causal``; ``subset_group`` (-1: none);
-``mode`` = ``"softmax"`` (also DPL's exact gate, which is softmax), ``"all_keys"`` or ``"fixed"``
+``mode`` = ``"softmax"`` (also the segmented exact gate, which is softmax), ``"all_keys"`` or ``"fixed"``
 (segmented with a given gate); ``gate_value`` (the float gate when no gate tensor is given);
 ``topk`` (0: none); ``scale``; ``num_groups`` (key groups of the fixed gate, else 0).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 from typing import Any, Optional
@@ -24,6 +26,7 @@ import triton
 from torch import Tensor
 
 from vlm.kernels import triton_attn_kernels as K
+from vlm.kernels.triton_attn_args import Cfg, Masks, Seqs, Tiles, View
 
 #: True when kernels run under the Triton CPU interpreter (read once, like ``triton.jit`` does).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -60,11 +63,11 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 @dataclasses.dataclass
 class Prepared:
-    """Everything the launches need for one call (built per call, never traced)."""
+    """Everything the launches of one call need (built per call from the cached :class:`Layout`)."""
 
-    q: Tensor
-    k: Tensor
-    v: Tensor
+    q: View
+    k: View
+    v: View
     varlen: bool
     batch: int
     heads: int
@@ -72,32 +75,91 @@ class Prepared:
     max_nq: int
     max_nk: int
     aux_shape: tuple[int, ...]
-    common: list[Any]
-    flags: dict[str, Any]
-    block_m: int
-    block_n: int
-    seg_q: Optional[Tensor]  # varlen: sequence id of every packed query row
-    thr: Tensor  # per-row top-k threshold (1-element dummy without top-k)
+    layout: "Layout"
+    cfg: Cfg
+    scale: float
+    thr: Optional[Tensor]  # per-row top-k thresholds (None without top-k)
 
-    def launch(self, kernel, grid, *extra, **constexprs) -> None:
-        """Launch ``kernel`` with the shared argument block, ``extra`` runtime args, constexprs."""
+    @property
+    def block_m(self) -> int:
+        return self.cfg.BLOCK_M.value
+
+    @property
+    def block_n(self) -> int:
+        return self.cfg.BLOCK_N.value
+
+    def grid(self, by: str, chunks: int = 0) -> tuple[int, ...]:
+        """Flat grid over (tile, batch x head): ``by`` = ``"q"`` (query tiles) or ``"k"`` (key tiles)."""
+        tiles = triton.cdiv(self.max_nq, self.block_m) if by == "q" else triton.cdiv(self.max_nk, self.block_n)
+        flat = tiles * self.batch * self.heads
+        return (flat,) if not chunks else (flat, chunks)
+
+    def launch(self, kernel, grid, *extra, by: str = "q", **switches) -> None:
+        """Launch ``kernel`` with the shared argument block, ``extra`` runtime args and switches."""
         if any(g == 0 for g in grid):
             return
-        warps, stages = launch_config(self.block_m, self.block_n, self.head_dim)
-        kwargs = dict(**self.flags, **constexprs, num_warps=warps, num_stages=stages)
-        LAUNCHER(kernel, tuple(grid), (*self.common, *extra), kwargs)
+        lay = self.layout
+        cfg = self.cfg.with_(**switches) if switches else self.cfg
+        masks = lay.masks._replace(thr=self.thr)
+        tiles = lay.tiles_q if by == "q" else lay.tiles_k
+        warps, stages = launch_config(kernel.__name__, self.block_m, self.block_n, self.head_dim,
+                                      self.q.ptr.element_size(), bool(self.cfg.HAS_TOPK.value))
+        args = (self.q, self.k, self.v, lay.seqs, masks, tiles, self.heads, lay.nq_arg, lay.nk_arg, self.scale,
+                *extra, cfg)
+        LAUNCHER(kernel, tuple(grid), args, dict(num_warps=warps, num_stages=stages, maxnreg=MAX_REGISTERS))
 
 
-def launch_config(block_m: int, block_n: int, head_dim: int) -> tuple[int, int]:
-    """``(num_warps, num_stages)`` of every kernel of one call.
+def launch_config(kernel: str, block_m: int, block_n: int, head_dim: int, itemsize: int,
+                  same_layout: bool) -> tuple[int, int]:
+    """``(num_warps, num_stages)`` of ``kernel`` in one call.
 
-    One value for all kernels of a call: top-k compares logits of different kernels bit for bit,
-    so they must be computed by the same MMA layout. ``d = 128`` tiles take 8 warps, which keeps
-    the fp32 accumulator and the masked forward within the register file (4 warps spill there).
+    Warps: 8 for ``d = 128`` query tiles and for K tiles of 8 KiB or more (fp32 ``d >= 32``, 16-bit
+    ``d >= 64``), else 4. ``same_layout`` (top-k: kernels compare each other's logits bit for bit,
+    so all must use one MMA layout) keeps that one value for every kernel. Otherwise the backward
+    kernels, which hold two ``[BLOCK, D]`` accumulators and both K and V (or Q and dO), take 8
+    warps from ``64 x 64`` tiles on, and the fixed gate's group sums (16-32 row tiles, where more
+    warps only split the key axis) take 4. Stages (K/V tiles in flight through the async-copy
+    pipeline) do not change the arithmetic and come from :data:`STAGES` by the bytes of one K tile.
+    These are the choices under which the offline compile table shows no forward-kernel spill
+    (``maxnreg`` = :data:`MAX_REGISTERS`).
     """
-    warps = 8 if block_m * head_dim >= 64 * 128 else 4
-    stages = 1 if block_n * head_dim > 16384 else 2
+    warps = 8 if block_m * head_dim >= 64 * 128 or block_n * head_dim * itemsize >= 8192 else 4
+    if not same_layout and kernel.startswith("attn_bwd") and block_n * head_dim >= 64 * 64:
+        warps = 8
+    if not same_layout and kernel == "attn_group_sums":
+        warps = 4
+    tile_bytes = block_n * head_dim * itemsize
+    small, mid, large = STAGES.get(kernel, STAGES["default"])
+    stages = small if tile_bytes <= 8192 else mid if tile_bytes <= 16384 else large
     return warps, stages
+
+
+#: Registers per thread ptxas may use (``.maxnreg``). Without it ptxas aims at a lower count for
+#: occupancy and spills a few bytes at 96-168 registers; the attention tiles want the whole
+#: budget (at 8 warps 255 x 256 threads still fits the 64K register file).
+MAX_REGISTERS = 255
+
+#: ``kernel -> (stages for K tiles <= 8 KiB, <= 16 KiB, larger)``.
+STAGES: dict[str, tuple[int, int, int]] = {
+    "default": (3, 2, 1),
+    "attn_bwd_dkdv": (2, 1, 1),
+    "attn_bwd_dq": (2, 1, 1),
+}
+
+
+def tile_shape(head_dim: int, itemsize: int, mode: str, topk_w: int) -> tuple[int, int]:
+    """``(BLOCK_M, BLOCK_N)`` of one call (every kernel of the call uses it: top-k's logits must be
+    computed in the same tiles in every pass). fp32 ``d = 128`` key tiles are 32 wide (a
+    ``64 x 128`` fp32 K tile plus V is most of the register file); the top-k pass keeps a
+    ``[BLOCK_M, topk_w]`` list, so wide lists take 32 rows; the fixed segment gate holds
+    per-(row, group) multipliers, so it takes 32 rows (16 in fp32 or at ``d = 128``)."""
+    bn = 32 if head_dim >= 128 and itemsize >= 4 else BLOCK_N
+    bm = BLOCK_M
+    if topk_w > 128:
+        bm = min(bm, 32)
+    elif mode == "fixed":
+        bm = min(bm, 16 if head_dim > 64 or itemsize >= 4 else 32)
+    return bm, bn
 
 
 def launch_on_device(kernel, grid: tuple[int, ...], args: tuple, kwargs: dict) -> None:
@@ -109,10 +171,6 @@ def launch_on_device(kernel, grid: tuple[int, ...], args: tuple, kwargs: dict) -
 #: ``vlm.kernels.offline_compile`` swaps in a recorder to compile the exact specialisations for a
 #: GPU target without one.
 LAUNCHER = launch_on_device
-
-
-def _dummy(ref: Tensor, dtype: torch.dtype) -> Tensor:
-    return torch.zeros(1, dtype=dtype, device=ref.device)
 
 
 def _padded_per_seq(packed: Tensor, cu: Tensor, max_n: int) -> Tensor:
@@ -181,112 +239,209 @@ def _tile_table(qg: Tensor, kg: Tensor, kr: Optional[Tensor], allow: Optional[Te
     return cls.to(torch.int8).contiguous()
 
 
-def prepare(q: Tensor, k: Tensor, v: Tensor, cu_q: Optional[Tensor], cu_k: Optional[Tensor],
-            klen: Optional[Tensor], qg: Optional[Tensor], kg: Optional[Tensor], allow: Optional[Tensor],
-            row_subset: Optional[Tensor], causal: bool, subset_group: int, mode: str, topk: int,
-            scale: float, thr: Optional[Tensor] = None) -> Prepared:
-    """Build the shared argument block of one call (see ``triton_attn_kernels`` docstring)."""
+def _key(t: Optional[Tensor]) -> Any:
+    """Identity of a mask tensor for the layout cache: object, storage, shape, strides, version.
+
+    Inference tensors carry no version counter: an in-place edit of a mask tensor between two
+    calls under ``inference_mode`` would go unseen (the runners build new tensors per pass).
+    """
+    if t is None:
+        return None
+    try:
+        version = t._version
+    except RuntimeError:
+        version = -1
+    return (id(t), t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device, version)
+
+
+@dataclasses.dataclass
+class Layout:
+    """What a call's masks and sizes fix: mask tensors in kernel form and the compact tile lists.
+
+    Built once and cached (:data:`LAYOUT_CACHE`): every block of a tower passes the same group,
+    subset and length tensors, so only the first attention call of a pass builds it.
+    """
+
+    seqs: Seqs
+    masks: Masks
+    tiles_q: Tiles
+    tiles_k: Tiles
+    nq_arg: int
+    nk_arg: int
+    flags: dict[str, Any]
+    seg_q: Optional[Tensor]  # varlen: sequence id of every packed query row
+    refs: tuple  # the key tensors, held so that their storage is not reused while cached
+
+
+#: Most layouts kept (least recently used goes first).
+LAYOUT_CACHE_SIZE = 16
+LAYOUT_CACHE: "collections.OrderedDict[tuple, Layout]" = collections.OrderedDict()
+
+
+def _tile_lists(cls: Optional[Tensor], nq: Tensor, nk: Tensor, nke: Tensor, tm: int, tn: int, bm: int, bn: int,
+                causal: bool, all_keys: bool) -> tuple[Tiles, Tiles]:
+    """Compact lists of the tiles to run, full ones first: per query tile and per key tile.
+
+    ``nq``/``nk``/``nke`` ``[Bt]``: query, key and unpadded key lengths per sequence. A tile runs
+    when some pair in it is inside the bounds (padding, causal diagonal) and, unless ``all_keys``
+    (whose empty tiles still feed the denominator), its class is not empty. It is *full* (runs
+    without masks) when its class is full and every key column is inside the bounds of every
+    row; for ``dK/dV`` also every query row must exist (rows past ``nq`` would add to the sums).
+    """
+    dev = nq.device
+    i = torch.arange(tm, device=dev)[None, :, None]
+    j = torch.arange(tn, device=dev)[None, None, :]
+    nq, nk, nke = nq[:, None, None], nk[:, None, None], nke[:, None, None]
+    off = nk - nq
+    r0, r1 = i * bm, torch.minimum((i + 1) * bm, nq)
+    c0, c1 = j * bn, (j + 1) * bn
+    live = (r0 < nq) & (c0 < nke)
+    inner = c1 <= nke
+    if causal:
+        live = live & (c0 <= r1 - 1 + off)
+        inner = inner & (c1 - 1 <= r0 + off)
+    run, full = live, live & inner
+    if cls is not None:
+        run = run & ((cls != 0) | all_keys)
+        full = full & run & (cls == 2)
+    full_k = full & ((i + 1) * bm <= nq)
+
+    def lists(full: Tensor, run: Tensor) -> Tiles:
+        n = full.shape[-1]
+        order = torch.where(full, 0, torch.where(run, 1, 2)) * n + torch.arange(n, device=dev)
+        lst = order.argsort(-1).to(torch.int32).contiguous()
+        cnt = torch.stack([full.sum(-1), (run & ~full).sum(-1)], -1).to(torch.int32).contiguous()
+        return Tiles(lst, cnt)
+
+    return lists(full, run), lists(full_k.transpose(1, 2), run.transpose(1, 2))
+
+
+def _build_layout(q: Tensor, k: Tensor, cu_q: Optional[Tensor], cu_k: Optional[Tensor], klen: Optional[Tensor],
+                  qg: Optional[Tensor], kg: Optional[Tensor], allow: Optional[Tensor], row_subset: Optional[Tensor],
+                  causal: bool, subset_group: int, all_keys: bool, bm: int, bn: int, refs: tuple) -> Layout:
     varlen = cu_q is not None
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     dev = q.device
     i32 = torch.int32
     if varlen:
-        tq, heads, d = q.shape
-        tk = k.shape[0]
-        batch = cu_q.numel() - 1
         cu_q, cu_k = cu_q.to(device=dev, dtype=i32).contiguous(), cu_k.to(device=dev, dtype=i32).contiguous()
-        max_nq = int((cu_q[1:] - cu_q[:-1]).max()) if batch > 0 else 0
-        max_nk = int((cu_k[1:] - cu_k[:-1]).max()) if batch > 0 else 0
-        nq_arg, nk_arg = max_nq, max_nk
-        q_str = (0, d, heads * d)
-        k_str = (0, d, heads * d)
-        a_str = (0, 1, heads)
-        aux_shape: tuple[int, ...] = (tq, heads)
-        seg_q = torch.repeat_interleave(torch.arange(batch, device=dev), (cu_q[1:] - cu_q[:-1]).long(),
-                                        output_size=tq)
+        batch = cu_q.numel() - 1
+        lens_q, lens_k = (cu_q[1:] - cu_q[:-1]).long(), (cu_k[1:] - cu_k[:-1]).long()
+        nq_arg = int(lens_q.max()) if batch > 0 else 0  # sync: grid size (once per cached layout)
+        nk_arg = int(lens_k.max()) if batch > 0 else 0
+        seg_q = torch.repeat_interleave(torch.arange(batch, device=dev), lens_q, output_size=q.shape[0])
     else:
-        batch, heads, nq_arg, d = q.shape
-        nk_arg = k.shape[2]
-        max_nq, max_nk = nq_arg, nk_arg
-        q_str = (heads * nq_arg * d, nq_arg * d, d)
-        k_str = (heads * nk_arg * d, nk_arg * d, d)
-        a_str = (heads * nq_arg, nq_arg, 1)
-        aux_shape = (batch, heads, nq_arg)
+        batch, nq_arg, nk_arg = q.shape[0], q.shape[2], k.shape[2]
+        lens_q = torch.full((1,), nq_arg, device=dev)
+        lens_k = torch.full((1,), nk_arg, device=dev)
         seg_q = None
-    use_topk = topk > 0 and topk < max_nk
-    topk_w = topk_block(topk) if use_topk else 0
-    bn = BLOCK_N
-    bm = BLOCK_M
-    if topk_w > 128:  # the threshold pass keeps a [bm, topk_w] list in registers
-        bm = min(bm, 32)
-    elif mode == "fixed":  # per-(row, group) multipliers and the gate's extra terms: more live tiles
-        bm = min(bm, 32 if d <= 64 else 16)
-    has_allow = allow is not None
-    has_subset = row_subset is not None
-    has_kg = kg is not None and (has_allow or mode == "fixed")
+    klen_t = klen.to(device=dev, dtype=torch.int64).contiguous() if klen is not None else None
+    lens_e = torch.minimum(lens_k, klen_t) if klen_t is not None else lens_k
+    has_allow, has_subset = allow is not None, row_subset is not None
 
-    def groups(g: Optional[Tensor]) -> tuple[Tensor, int]:
+    def groups(g: Optional[Tensor]) -> tuple[Optional[Tensor], bool]:
         if g is None:
-            return _dummy(q, i32), 0
+            return None, False
         g = g.to(device=dev, dtype=i32).contiguous()
-        return g, (g.shape[-1] if g.dim() == 2 and g.shape[0] > 1 else 0)
+        return g, g.dim() == 2 and g.shape[0] > 1
 
-    qg_t, g_qsb = groups(qg)
-    kg_t, g_ksb = groups(kg)
-    if qg is not None and kg is not None and g_qsb != 0 and g_ksb == 0:
-        kg_t, g_ksb = kg_t.expand(batch, -1).contiguous(), kg_t.shape[-1]
+    qg_t, qg_b = groups(qg)
+    kg_t, kg_b = groups(kg)
     kr = _subset_rank(kg_t, subset_group, cu_k) if has_subset else None
+    rs, rs_b, words = None, False, 1
     if has_subset:
         rs = row_subset.to(device=dev, dtype=torch.int64)
         words = rs.shape[-1] if rs.dim() == (2 if varlen else 3) else 1
         rs = rs.reshape(*rs.shape[: (1 if varlen else 2)], words).contiguous()
-        rs_sb = 0 if varlen or rs.shape[0] == 1 else rs.shape[1] * words
-        rs_sn = words
-    else:
-        rs, rs_sb, rs_sn = _dummy(q, torch.int64), 0, 0
-    allow_t = allow_bits(allow.to(dev)) if has_allow else _dummy(q, i32)
-    has_table = has_allow or has_subset
-    if has_table:
+        rs_b = not varlen and rs.shape[0] > 1
+    cls = None
+    if has_allow or has_subset:
         if varlen:
-            qg_b = _padded_per_seq(qg_t, cu_q, max_nq)
-            kg_b = _padded_per_seq(kg_t, cu_k, max_nk)
-            kr_b = _padded_per_seq(kr, cu_k, max_nk) if kr is not None else None
+            qg_p = _padded_per_seq(qg_t, cu_q, nq_arg)
+            kg_p = _padded_per_seq(kg_t, cu_k, nk_arg)
+            kr_p = _padded_per_seq(kr, cu_k, nk_arg) if kr is not None else None
         else:
-            qg_b = qg_t.long().reshape(-1, nq_arg)
-            kg_b = kg_t.long().reshape(-1, nk_arg)
-            kr_b = kr.long().reshape(-1, nk_arg) if kr is not None else None
-        tab = _tile_table(qg_b, kg_b, kr_b, allow.to(dev) if has_allow else None, bm, bn)
-        tab_str = (0 if tab.shape[0] == 1 else tab.shape[1] * tab.shape[2], tab.shape[2], 1)
+            qg_p = qg_t.long().reshape(-1, nq_arg)
+            kg_p = kg_t.long().reshape(-1, nk_arg)
+            kr_p = kr.long().reshape(-1, nk_arg) if kr is not None else None
+        cls = _tile_table(qg_p, kg_p, kr_p, allow.to(dev) if has_allow else None, bm, bn)
+    bt = max(lens_q.shape[0], lens_e.shape[0], cls.shape[0] if cls is not None else 1)
+    expand = (lambda t: t.expand(bt)) if bt > 1 else (lambda t: t)
+    tm, tn = triton.cdiv(max(nq_arg, 1), bm), triton.cdiv(max(nk_arg, 1), bn)
+    tiles_q, tiles_k = _tile_lists(cls, expand(lens_q), expand(lens_k), expand(lens_e), tm, tn, bm, bn, causal,
+                                   all_keys)
+    masks = Masks(qg_t if has_allow else None, kg_t, kr, allow_bits(allow.to(dev)) if has_allow else None, rs,
+                  words, None)
+    flags = dict(QG_B=qg_b, KG_B=kg_b, RS_B=rs_b, TAB_B=tiles_q.lst.shape[0] > 1)
+    return Layout(Seqs(cu_q if varlen else None, cu_k if varlen else None, klen_t), masks, tiles_q, tiles_k,
+                  nq_arg, nk_arg, flags, seg_q, refs)
+
+
+def layout(q: Tensor, k: Tensor, cu_q: Optional[Tensor], cu_k: Optional[Tensor], klen: Optional[Tensor],
+           qg: Optional[Tensor], kg: Optional[Tensor], allow: Optional[Tensor], row_subset: Optional[Tensor],
+           causal: bool, subset_group: int, all_keys: bool, bm: int, bn: int) -> Layout:
+    """The call's :class:`Layout`, from :data:`LAYOUT_CACHE` when its mask tensors were seen."""
+    refs = (cu_q, cu_k, klen, qg, kg, allow, row_subset)
+    sizes = (q.shape[0], q.shape[2]) if cu_q is None else (q.shape[0],)
+    key = (*map(_key, refs), sizes, k.shape[0] if cu_q is not None else k.shape[2], q.device, bool(causal),
+           subset_group, all_keys, bm, bn)
+    hit = LAYOUT_CACHE.get(key)
+    if hit is not None:
+        LAYOUT_CACHE.move_to_end(key)
+        return hit
+    lay = _build_layout(q, k, cu_q, cu_k, klen, qg, kg, allow, row_subset, causal, subset_group, all_keys, bm, bn,
+                        refs)
+    LAYOUT_CACHE[key] = lay
+    while len(LAYOUT_CACHE) > LAYOUT_CACHE_SIZE:
+        LAYOUT_CACHE.popitem(last=False)
+    return lay
+
+
+def as_view_input(t: Tensor) -> Tensor:
+    """``t`` itself when its head dim is contiguous (strides go to the kernel), else a copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def prepare(q: Tensor, k: Tensor, v: Tensor, cu_q: Optional[Tensor], cu_k: Optional[Tensor],
+            klen: Optional[Tensor], qg: Optional[Tensor], kg: Optional[Tensor], allow: Optional[Tensor],
+            row_subset: Optional[Tensor], causal: bool, subset_group: int, mode: str, topk: int,
+            scale: float, thr: Optional[Tensor] = None) -> Prepared:
+    """Build the argument block of one call (see ``triton_attn_args``); runs the top-k pass."""
+    varlen = cu_q is not None
+    q, k, v = as_view_input(q), as_view_input(k), as_view_input(v)
+    if varlen:
+        tq, heads, d = q.shape
+        batch = cu_q.numel() - 1
     else:
-        tab, tab_str = _dummy(q, torch.int8), (0, 0, 0)
-    klen_t = klen.to(device=dev, dtype=torch.int64).contiguous() if klen is not None else _dummy(q, torch.int64)
+        batch, heads, _, d = q.shape
+    max_nk_total = k.shape[0] if varlen else k.shape[2]
+    use_topk = 0 < topk < max_nk_total
+    topk_w = topk_block(topk) if use_topk else 0
+    bm, bn = tile_shape(d, q.element_size(), mode, topk_w)
+    lay = layout(q, k, cu_q, cu_k, klen, qg, kg, allow, row_subset, causal, subset_group, mode == "all_keys", bm, bn)
+    max_nq, max_nk = lay.nq_arg, lay.nk_arg
+    use_topk = use_topk and topk < max_nk  # k >= every sequence's length keeps all keys
+    aux_shape = (tq, heads) if varlen else (batch, heads, max_nq)
+    has_allow = allow is not None
+    upcast = INTERPRET and q.dtype in (torch.float16, torch.bfloat16)
+    cfg = Cfg.make(
+        VARLEN=varlen, HAS_KLEN=klen is not None, CAUSAL=bool(causal), HAS_ALLOW=has_allow,
+        HAS_SUBSET=row_subset is not None, ALL_KEYS=mode == "all_keys", HAS_TOPK=use_topk,
+        HAS_KG=kg is not None and (has_allow or mode == "fixed"), BLOCK_M=bm, BLOCK_N=bn, HEAD_D=d, UPCAST=upcast,
+        DOT=dot_precision(q.dtype), **lay.flags)
     compute_thr = use_topk and (thr is None or thr.numel() == 0)
     if compute_thr:
-        thr = torch.empty(aux_shape, dtype=torch.float32, device=dev)
+        thr = torch.empty(aux_shape, dtype=torch.float32, device=q.device)
     elif not use_topk:
-        thr = _dummy(q, torch.float32)
-    common: list[Any] = [
-        q, k, v, *q_str, *k_str, *a_str,
-        cu_q if varlen else _dummy(q, i32), cu_k if varlen else _dummy(q, i32), klen_t,
-        qg_t, kg_t, kr if kr is not None else _dummy(q, i32), g_qsb, g_ksb,
-        allow_t, rs, rs_sb, rs_sn, tab, *tab_str, thr,
-        heads, nq_arg, nk_arg, float(scale),
-    ]
-    upcast = INTERPRET and q.dtype in (torch.float16, torch.bfloat16)
-    flags = dict(
-        VARLEN=varlen, HAS_KLEN=klen is not None, CAUSAL=bool(causal), HAS_ALLOW=has_allow,
-        HAS_SUBSET=has_subset, HAS_TABLE=has_table, ALL_KEYS=mode == "all_keys", HAS_TOPK=use_topk,
-        HAS_KG=has_kg, BLOCK_M=bm, BLOCK_N=bn, HEAD_D=d, UPCAST=upcast, DOT=dot_precision(q.dtype),
-    )
-    prep = Prepared(q, k, v, varlen, batch, heads, d, max_nq, max_nk, aux_shape, common, flags, bm, bn, seg_q, thr)
-    if compute_thr:
-        prep.launch(K.attn_topk_threshold, (triton.cdiv(max_nq, bm), batch * heads), topk, SORT=TOPK_SORT,
-                    TOPK_W=topk_w)
+        thr = None
+    prep = Prepared(View.of(q, varlen), View.of(k, varlen), View.of(v, varlen), varlen, batch, heads, d, max_nq,
+                    max_nk, aux_shape, lay, cfg, float(scale), thr)
+    if compute_thr:  # the threshold pass reads no threshold
+        prep.launch(K.attn_topk_threshold, prep.grid("q"), topk, HAS_TOPK=False, SORT=TOPK_SORT, TOPK_W=topk_w)
     return prep
 
 
 def _aux_empty(prep: Prepared, *tail: int) -> Tensor:
-    return torch.empty(*prep.aux_shape, *tail, dtype=torch.float32, device=prep.q.device)
+    return torch.empty(*prep.aux_shape, *tail, dtype=torch.float32, device=prep.q.ptr.device)
 
 
 def _g_pad(num_groups: int) -> int:
@@ -297,8 +452,13 @@ def _epi_rows(prep: Prepared, epi: Tensor, nq: int) -> Tensor:
     """``epilogue_add`` broadcast to the output layout (fp32)."""
     epi = epi.float()
     if prep.varlen:
-        return epi[prep.seg_q]  # [Tq, H, D]
+        return epi[prep.layout.seg_q]  # [Tq, H, D]
     return epi[:, :, None, :].expand(-1, -1, nq, -1)
+
+
+def _none(dev: torch.device) -> Tensor:
+    """A fresh empty tensor for an unused op output (op outputs must not alias one another)."""
+    return torch.empty(0, dtype=torch.float32, device=dev)
 
 
 def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, epi: Optional[Tensor], gate: Optional[Tensor],
@@ -308,21 +468,15 @@ def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, epi: Optional[Tensor], gate: Opti
               topk: int, scale: float, num_groups: int) -> tuple[Tensor, ...]:
     prep = prepare(q, k, v, cu_q, cu_k, klen, qg, kg, allow, row_subset, causal, subset_group, mode, topk, scale)
     dev = q.device
-    bh = prep.batch * prep.heads
-    grid_m = (triton.cdiv(prep.max_nq, prep.block_m), bh)
-    out = torch.empty_like(prep.q)
-    lse = _aux_empty(prep)
-    def none() -> Tensor:  # a fresh empty tensor per unused output (outputs must not alias)
-        return torch.empty(0, dtype=torch.float32, device=dev)
-
-    shift, mult, z = none(), none(), none()
-    ng = 0
+    out = torch.empty(q.shape, dtype=q.dtype, device=dev)
+    o_view = View.of(out, prep.varlen)
+    epi = epi.contiguous() if epi is not None else None  # read as [B, H, D]
     fixed = mode == "fixed"
+    ng = num_groups if fixed else 0
     if fixed:
-        ng = num_groups
         shift = _aux_empty(prep)
         z = torch.zeros(*prep.aux_shape, ng, dtype=torch.float32, device=dev)
-        prep.launch(K.attn_group_sums, grid_m, shift, z, prep.q, ng, WITH_DO=False, G_PAD=_g_pad(ng))
+        prep.launch(K.attn_group_sums, prep.grid("q"), shift, z, None, ng, WITH_DO=False, G_PAD=_g_pad(ng))
         g = gate.float() if gate is not None else torch.tensor(gate_value, dtype=torch.float32, device=dev)
         g = g.reshape(()) if prep.varlen else g
         g = g.expand(*prep.aux_shape, ng)
@@ -331,31 +485,29 @@ def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, epi: Optional[Tensor], gate: Opti
         total = z.sum(-1)
         lse = torch.where(total > 0, shift + torch.log(torch.where(total > 0, total, torch.ones_like(total))),
                           torch.full_like(total, float("-inf")))
-    epi_t = epi.contiguous() if epi is not None else _dummy(q, q.dtype)
-    prep.launch(K.attn_fwd, grid_m, out, lse, epi_t, shift if fixed else lse, mult if fixed else lse, ng,
-                FIXED=fixed, HAS_EPI=epi is not None, G_PAD=_g_pad(ng))
-    probes = none()
+        prep.launch(K.attn_fwd, prep.grid("q"), o_view, None, epi, shift, mult, ng, FIXED=True,
+                    HAS_EPI=epi is not None, G_PAD=_g_pad(ng))
+    else:
+        shift, mult, z = _none(dev), _none(dev), _none(dev)
+        lse = _aux_empty(prep)
+        prep.launch(K.attn_fwd, prep.grid("q"), o_view, lse, epi, None, None, 0, HAS_EPI=epi is not None)
+    probes = _none(dev)
     if probe_rows is not None:
         p = probe_rows.numel()
-        rows = probe_rows.to(device=dev, dtype=torch.int64).contiguous()
-        if prep.varlen:
-            tk = k.shape[0]
-            probes = torch.zeros(prep.heads, p, tk, dtype=torch.float32, device=dev)
-            p_str = (0, p * tk, tk)
-        else:
-            nk = k.shape[2]
-            probes = torch.zeros(prep.batch, prep.heads, p, nk, dtype=torch.float32, device=dev)
-            p_str = (prep.heads * p * nk, p * nk, nk)
-        grid = (triton.cdiv(prep.max_nk, prep.block_n), bh, triton.cdiv(p, prep.block_m))
-        prep.launch(K.attn_probes, grid, probes, rows, p, *p_str, shift if fixed else lse,
-                    mult if fixed else lse, ng, FIXED=fixed)
+        rows = probe_rows.to(device=dev, dtype=torch.int64)
+        nk = k.shape[0] if prep.varlen else k.shape[2]
+        shape = (prep.heads, p, nk) if prep.varlen else (prep.batch, prep.heads, p, nk)
+        probes = torch.zeros(shape, dtype=torch.float32, device=dev)
+        p_str = (0, p * nk, nk) if prep.varlen else (prep.heads * p * nk, p * nk, nk)
+        prep.launch(K.attn_probes, prep.grid("k", triton.cdiv(p, prep.block_m)), probes, rows, p, *p_str,
+                    shift if fixed else lse, mult if fixed else None, ng, FIXED=fixed, G_PAD=_g_pad(ng))
     total_k = k.shape[0] if prep.varlen else k.shape[2]
-    if prep.flags["HAS_TOPK"]:
+    if prep.thr is not None:
         thr = prep.thr
     elif 0 < topk < total_k:  # k >= every sequence's length: top-k keeps all, threshold -inf
         thr = torch.full(prep.aux_shape, float("-inf"), dtype=torch.float32, device=dev)
     else:
-        thr = none()
+        thr = _none(dev)
     return out, lse, probes, thr, shift, mult, z
 
 
@@ -367,19 +519,18 @@ def _bwd_impl(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Ten
     prep = prepare(q, k, v, cu_q, cu_k, klen, qg, kg, allow, row_subset, causal, subset_group, mode, topk, scale,
                    thr)
     dev = q.device
-    bh = prep.batch * prep.heads
-    dout = dout.contiguous()
+    dout = as_view_input(dout)
+    do_view = View.of(dout, prep.varlen)
     fixed = mode == "fixed"
     ng = num_groups if fixed else 0
-    dgate = torch.empty(0, dtype=torch.float32, device=dev)
+    dgate = _none(dev)
     if fixed:
         r = torch.zeros(*prep.aux_shape, ng, dtype=torch.float32, device=dev)
-        prep.launch(K.attn_group_sums, (triton.cdiv(prep.max_nq, prep.block_m), bh), shift, r, dout, ng,
-                    WITH_DO=True, G_PAD=_g_pad(ng))
+        prep.launch(K.attn_group_sums, prep.grid("q"), shift, r, do_view, ng, WITH_DO=True, G_PAD=_g_pad(ng))
         has = z > 0
         dl = torch.where(has, r / torch.where(has, z, torch.ones_like(z)), torch.zeros_like(z)).contiguous()
         dgate = dl
-        row_shift = shift
+        row_shift, mult_arg = shift, mult
     else:
         o = out.float()
         if epi is not None:
@@ -388,20 +539,20 @@ def _bwd_impl(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Ten
         if dlse is not None:  # d lse_i / d s_ij = P_ij folds into D: dS = P (M dP - (D - dlse))
             dl = dl - torch.where(torch.isfinite(lse), dlse.float(), torch.zeros_like(dlse.float()))
         dl = dl.contiguous()
-        row_shift = lse
-    dq = torch.empty_like(prep.q)
-    dk = torch.empty_like(prep.k)
-    dv = torch.empty_like(prep.v)
-    mult_arg = mult if fixed else dl
-    prep.launch(K.attn_bwd_dkdv, (triton.cdiv(prep.max_nk, prep.block_n), bh), dout, dk, dv, row_shift, dl,
-                mult_arg, ng, FIXED=fixed, G_PAD=_g_pad(ng))
-    prep.launch(K.attn_bwd_dq, (triton.cdiv(prep.max_nq, prep.block_m), bh), dout, dq, row_shift, dl,
-                mult_arg, ng, FIXED=fixed, G_PAD=_g_pad(ng))
+        row_shift, mult_arg = lse, None
+    dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
+    views = [View.of(t, prep.varlen) for t in (dq, dk, dv)]
+    prep.launch(K.attn_bwd_dkdv, prep.grid("k"), do_view, views[1], views[2], row_shift, dl, mult_arg, ng, by="k",
+                FIXED=fixed, G_PAD=_g_pad(ng))
+    prep.launch(K.attn_bwd_dq, prep.grid("q"), do_view, views[0], row_shift, dl, mult_arg, ng, FIXED=fixed,
+                G_PAD=_g_pad(ng))
     if epi is None:
-        depi = torch.empty(0, dtype=torch.float32, device=dev)
+        depi = _none(dev)
     elif prep.varlen:
         depi = torch.zeros(prep.batch, prep.heads, prep.head_dim, dtype=torch.float32, device=dev)
-        depi.index_add_(0, prep.seg_q, dout.float())
+        depi.index_add_(0, prep.layout.seg_q, dout.float())
     else:
         depi = dout.float().sum(2)
     return dq, dk, dv, depi, dgate

@@ -1,33 +1,33 @@
-"""Deep vision-language prompts on CLIP: the mechanics IVLP, MaPLe (and DPL, DAPT, DiSa) share.
+"""Deep vision-language prompts on CLIP: the mechanics the deep vision-language learners share.
 
 This module implements *where* prompts go; subclasses say *what* the prompt vectors of each layer
 are by implementing :meth:`DeepVLPrompts.text_prompts` and :meth:`DeepVLPrompts.vision_prompts`.
-The placement follows the MaPLe repository's CLIP (``clip/model.py``, the IVLP and MaPLe blocks),
-which both IVLP and MaPLe (Khattak et al., CVPR 2023, Sec. 3.2-3.3) use:
+The placement follows the CLIP of the released code of Khattak et al. (CVPR 2023, Sec. 3.2-3.3;
+``clip/model.py``, its independent and coupled deep-prompt blocks); equations are that paper's:
 
-Text tower (input ``W_0 = [SOS, P_1..P_b, w_1..w_N, EOT, pad]``, MaPLe Eq. 4-5):
+Text tower (input ``W_0 = [SOS, P_1..P_b, w_1..w_N, EOT, pad]``, Eq. 4-5):
   * layer 0: the prompt text ``"<prefix> <classname>."`` is tokenized and embedded (frozen); the
     ``b = n_ctx_text`` token embeddings right after SOS (positions ``1..b``) are replaced by the
     learned context ``text_prompts(0)`` before the positional embedding (``text_inputs``);
   * layers ``1..depth_text-1``: before block ``i`` the outputs at positions ``1..b`` are discarded
     and replaced by ``text_prompts(i)`` (Eq. 5: ``[_, W_i] = L_i([P_{i-1}, W_{i-1}])``);
   * deeper layers process the previous layer's prompt outputs unchanged.
-  The context slots get token type CTX, so attention specs (DPL) can tell them apart.
+  The context slots get token type CTX, so a learner's attention spec can tell them apart.
 
-Vision tower (input ``[CLS, E_1..E_M]`` plus positional embedding, MaPLe Eq. 6-7):
+Vision tower (input ``[CLS, E_1..E_M]`` plus positional embedding, Eq. 6-7):
   * layer 0: ``vision_prompts(0)`` is *appended* after the patch tokens, after the positional
     embedding and before ``ln_pre`` (``on_tower_start``); the prompts carry no positional embedding;
   * layers ``1..depth_vision-1``: the last ``n_ctx_vision`` tokens are replaced by
     ``vision_prompts(i)`` before block ``i``;
   * pooling reads the CLS token (or the mean of PATCH tokens), never the prompts (type PROMPT).
 
-Prompt-text initialisation (as the MaPLe/IVLP trainers do it): with ``ctx_init`` (e.g.
+Prompt-text initialisation (as the released trainers do it): with ``ctx_init`` (e.g.
 ``"a photo of a"``) and ``n_ctx_text <= len(tokens(ctx_init))``, the prefix text is the whole
 phrase and the context starts as the embeddings of its first ``n_ctx_text`` tokens; the remaining
-phrase words stay as frozen tokens (MaPLe's 2 learned tokens replace "a photo", and "of a" stays).
+phrase words stay as frozen tokens (2 learned tokens replace "a photo", and "of a" stays).
 Otherwise the context is N(0, 0.02) and the prefix is ``n_ctx_text`` placeholders ``"X"``.
 
-Public API for subclasses (kept stable for DAPT on MaPLe and DiSa on IVLP):
+Public API for subclasses (kept stable: learners build on the learners built on this class):
   * ``text_prompts(layer) -> Tensor [n_ctx_text, D_text] | None``;
   * ``vision_prompts(layer) -> Tensor [n_ctx_vision, D_vision] | None`` (``None``: no prompt
     insertion or replacement at that layer);
@@ -46,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from vlm.prompts.base import PromptLearner, TextInputs
-from vlm.tokens import TokenState, TokenType
+from vlm.tokens import TokenState, TokenType, check
 
 #: The placeholder word used in the prompt text for randomly initialised context.
 PLACEHOLDER = "X"
@@ -60,7 +60,7 @@ def backbone_ref(backbone: Any) -> Tensor:
 
 
 def normal_(shape: tuple[int, ...], ref: Tensor, std: float) -> Tensor:
-    """A new ``N(0, std)`` tensor with ``ref``'s dtype and device (MaPLe/IVLP prompt init)."""
+    """A new ``N(0, std)`` tensor with ``ref``'s dtype and device (the released deep-prompt init)."""
     return torch.empty(shape, dtype=ref.dtype, device=ref.device).normal_(std=std)
 
 
@@ -81,7 +81,7 @@ class DeepVLPrompts(PromptLearner, ABC):
         depth_text: layers ``0..depth_text-1`` of the text tower get prompts (>= 1).
         depth_vision: layers ``0..depth_vision-1`` of the vision tower get prompts (0: none).
         ctx_init: phrase whose first ``n_ctx_text`` token embeddings initialise the text context.
-        init_std: std of the N(0, std) init of every randomly initialised prompt (0.02 in MaPLe).
+        init_std: std of the N(0, std) init of every randomly initialised prompt (0.02 in the released code).
     """
 
     learns_text = True
@@ -155,7 +155,7 @@ class DeepVLPrompts(PromptLearner, ABC):
 
     # --- text side -----------------------------------------------------------------------------
     def prompt_texts(self, classnames: list[str]) -> list[str]:
-        """``prefix + " " + classname + "."`` with underscores as spaces (MaPLe/IVLP/CoOp)."""
+        """``prefix + " " + classname + "."`` with underscores as spaces (as the released trainers)."""
         return [f"{self.prompt_prefix} {name.replace('_', ' ')}." for name in classnames]
 
     def _prepare(self, classnames: tuple[str, ...]) -> tuple[Tensor, Tensor]:
@@ -201,8 +201,10 @@ class DeepVLPrompts(PromptLearner, ABC):
         if tower == "text":
             n = self.n_ctx_text
             types = state.batch_types.clone()
-            if not bool((types[:, 1 : 1 + n] == int(TokenType.TEXT)).all()):
-                raise ValueError(f"{type(self).__name__}: text positions 1..{n} are not word tokens (use text_inputs()).")
+            check(
+                types[:, 1 : 1 + n] == int(TokenType.TEXT),
+                f"{type(self).__name__}: text positions 1..{n} are not word tokens (use text_inputs()).",
+            )
             types[:, 1 : 1 + n] = int(TokenType.CTX)
             return state.replace(types=types)
         prompts = self.vision_prompts(0)
@@ -230,8 +232,10 @@ class DeepVLPrompts(PromptLearner, ABC):
             end = state.x.shape[1]
             start = end - prompts.shape[0]
             kind = TokenType.PROMPT
-        if not bool((state.batch_types[:, start:end] == int(kind)).all()):
-            raise ValueError(f"{type(self).__name__}: the {tower} prompt tokens are no longer at their slots before layer {layer}.")
+        check(
+            state.batch_types[:, start:end] == int(kind),
+            f"{type(self).__name__}: the {tower} prompt tokens are no longer at their slots before layer {layer}.",
+        )
         x = state.x
         new = prompts.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
         return state.replace(x=torch.cat([x[:, :start], new, x[:, end:]], dim=1))

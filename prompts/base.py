@@ -31,13 +31,14 @@ class PromptLearner(TowerHook):
 
     #: Short registry name, set by ``@register``.
     name: str = ""
-    #: True if the method needs a frozen, prompt-free pass of the same backbone (DiSa).
+    #: True if the method needs a frozen, prompt-free pass of the same backbone (e.g. for a
+    #: consistency loss against the zero-shot model).
     needs_frozen_pass: bool = False
     #: True if the text features depend on learned parameters (no caching of class features).
     learns_text: bool = False
 
-    #: True if the learner reads the text embeddings of the classes at hand (KTPP's pyramid
-    #: prompts); the module then calls :meth:`set_class_text` before every pass.
+    #: True if the learner reads the text embeddings of the classes at hand (e.g. prompts built
+    #: from them); the module then calls :meth:`set_class_text` before every pass.
     needs_class_text: bool = False
     #: Width of those class text embeddings; ``None`` until known (the module sets it before
     #: :meth:`build` when it encodes class text with another model than the backbone).
@@ -61,7 +62,7 @@ class PromptLearner(TowerHook):
 
     def on_fit_start(self, module: Any) -> None:
         """Called once before training with the LightningModule (its trainer and datamodule are
-        reachable), e.g. to compute class prototypes from the training shots (DiSa)."""
+        reachable), e.g. to compute class prototypes from the training shots."""
 
     def set_class_text(self, embeddings: Optional[Tensor]) -> None:
         """The class text embeddings ``[C, E]`` the next passes use (learners with ``needs_class_text``)."""

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vlm.hooks import TowerHook
+from vlm.hooks import TowerHook, cls_query_row
 from vlm.kernels.spec import AttnOutput, AttnSpec
 from vlm.tokens import TokenState, TokenType
 
@@ -33,8 +33,11 @@ NORMALIZE_MODES = ("image", "batch")
 class ClsAttentionProbe(TowerHook):
     """Records the CLS row of the attention weights of one vision block (default: the last).
 
-    After a pass, ``weights`` is ``[B, H, N]`` (fp32, over the block's keys) and ``types`` the
-    ``[B, N]`` token types of those keys.
+    After a pass, ``weights`` is ``[B, H, N]`` (fp32, over the tokens that remain after the block)
+    and ``types`` the ``[B, N]`` token types of those tokens. The CLS row is appended to the spec's
+    ``probe_rows`` (:meth:`~vlm.hooks.TowerHook.request_probe`), so a pruner that probes the same
+    block still gets its own rows. ``weights``/``types`` are handed out after the pass, so they are
+    attributes reset in ``on_tower_start`` (the rule in ``vlm.hooks``).
     """
 
     towers = ("vision",)
@@ -56,15 +59,11 @@ class ClsAttentionProbe(TowerHook):
     def attention_spec(self, tower: str, layer: int, state: TokenState, spec: AttnSpec) -> AttnSpec:
         if self._num_layers is None or layer != self._target(self._num_layers):
             return spec
-        cls = state.batch_types[0] == int(TokenType.CLS)
-        if not bool(cls.any()):
-            raise ValueError("ClsAttentionProbe: the vision sequence has no CLS token.")
-        row = torch.nonzero(cls)[0].to(torch.long)
-        return spec.replace(probe_rows=row)
+        return self.request_probe(state, spec, cls_query_row(state, "ClsAttentionProbe"))
 
     def after_block(self, tower: str, layer: int, state: TokenState, attn: AttnOutput) -> TokenState:
         if self._num_layers is not None and layer == self._target(self._num_layers) and attn.probes is not None:
-            self.weights = attn.probes[:, :, 0]
+            self.weights = self.key_columns(state, self.read_probe(state, attn)[:, :, 0])
             self.types = state.batch_types
         return state
 

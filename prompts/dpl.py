@@ -54,7 +54,7 @@ from vlm.kernels import AttnSpec
 from vlm.prompts._deep import is_prompt
 from vlm.prompts.ivlp import IVLP
 from vlm.prompts.registry import register
-from vlm.tokens import TokenState, TokenType
+from vlm.tokens import TokenState, TokenType, check
 
 GATES = ("exact", "constant", "learned")
 TEXT_MODES = ("language_conditioned", "causal")
@@ -117,9 +117,9 @@ class DPL(IVLP):
             raise ValueError("DPL: instance and prompt queries must each attend to at least one key group.")
         self.gate, self.gate_init, self.text_mode = gate, gate_init, text_mode
         self.decouple = tuple(decouple)
-        self.register_buffer(
-            "allow", torch.tensor([[i2i, i2p], [p2i, p2p], [i2i, False]], dtype=torch.bool), persistent=False
-        )
+        rows = ((bool(i2i), bool(i2p)), (bool(p2i), bool(p2p)), (bool(i2i), False))
+        self._allow_rows = rows  # the same on the host: the gate table reads it without a device sync
+        self.register_buffer("allow", torch.tensor(rows, dtype=torch.bool), persistent=False)
         self.gate_logits = nn.ParameterDict()
 
     def build(self, backbone: Any) -> None:
@@ -146,12 +146,12 @@ class DPL(IVLP):
             g = torch.sigmoid(self.gate_logits[tower][layer]).to(ref.dtype)  # [H, 2]
         else:
             g = torch.full((heads, 2), self.gate_init, dtype=ref.dtype, device=ref.device)
-        allow = self.allow.to(ref.device)
+        allow = self._allow_rows
         rows = []
         for qg in (Q_INSTANCE, Q_PROMPT, Q_NO_PROMPT):
-            both = bool(allow[qg].all())
-            gi = g[:, min(qg, 1)] if both else torch.full_like(g[:, 0], float(allow[qg, 0]))
-            rows.append(torch.stack([gi, 1.0 - gi if both else torch.full_like(gi, float(allow[qg, 1]))], dim=-1))
+            both = all(allow[qg])
+            gi = g[:, min(qg, 1)] if both else torch.full_like(g[:, 0], float(allow[qg][0]))
+            rows.append(torch.stack([gi, 1.0 - gi if both else torch.full_like(gi, float(allow[qg][1]))], dim=-1))
         return torch.stack(rows, dim=1)
 
     def attention_spec(self, tower: str, layer: int, state: TokenState, spec: AttnSpec) -> AttnSpec:
@@ -162,38 +162,42 @@ class DPL(IVLP):
             raise ValueError(f"DPL: another hook already set a structured attention spec for {tower} layer {layer}.")
         types = state.batch_types
         prompt_k = is_prompt(types)  # [B, Nk]
-        if not bool(prompt_k.any()):
+        sc = self.scratch(state)
+        if "has_prompts" not in sc:  # prompt slots are replaced, never added or removed, within a pass
+            sc["has_prompts"] = bool(prompt_k.any())  # sync: once per pass
+        if not sc["has_prompts"]:
             return spec
         b, nk = prompt_k.shape
-        keep_q = torch.ones(nk, dtype=torch.bool, device=types.device) if state.kv_only is None else ~state.kv_only
         pos = torch.arange(nk, device=types.device)
         q_groups = torch.where(prompt_k, Q_PROMPT, Q_INSTANCE)
         if spec.causal:
             first_prompt = torch.where(prompt_k, pos, nk).amin(1, keepdim=True)  # [B, 1]
             q_groups = torch.where(~prompt_k & (pos < first_prompt), Q_NO_PROMPT, q_groups)
-        q_groups = q_groups[:, keep_q]
+        if state.kv_only is not None:  # sync: key/value-only tokens have no query row (a shape)
+            q_groups = q_groups[:, ~state.kv_only]
         k_groups = prompt_k.long()
         gate = self._gate_table(tower, layer, self.backbone_heads(tower), state.x)
         if gate is not None:
             gate = gate[:, q_groups].permute(1, 0, 2, 3)  # [B, H, Nq, 2]
         spec = spec.replace(q_groups=q_groups, k_groups=k_groups, allow=self.allow, normalize="segmented", segment_gate=gate)
         if spec.causal and tower == "text" and self.text_mode == "language_conditioned":
-            spec = self._language_conditioned(spec, types, prompt_k)
+            spec = self._language_conditioned(spec, types, prompt_k, sc)
         return spec
 
-    def _language_conditioned(self, spec: AttnSpec, types: Tensor, prompt_k: Tensor) -> AttnSpec:
+    def _language_conditioned(self, spec: AttnSpec, types: Tensor, prompt_k: Tensor, sc: dict) -> AttnSpec:
         """Causal for instance rows, and prompt rows reading every token up to EOT (item 3)."""
         b, n = types.shape
         if spec.q_groups.shape[1] != n:
             raise ValueError("DPL language-conditioned text prompting does not support key/value-only text tokens.")
         pos = torch.arange(n, device=types.device)
         is_eot = types == int(TokenType.EOT)
-        if not bool(is_eot.any(1).all()):
-            raise ValueError("DPL language-conditioned text prompting needs an EOT token in every text sequence.")
+        check(is_eot.any(1), "DPL language-conditioned text prompting needs an EOT token in every text sequence.")
         lengths = is_eot.int().argmax(1) + 1
         if spec.k_lengths is not None:
             lengths = torch.minimum(lengths, spec.k_lengths.to(lengths.device))
-        inst_order = torch.argsort(prompt_k.int(), dim=1, stable=True)[:, : int((~prompt_k[0]).sum())]  # instance keys in order
+        if "instance_keys" not in sc:  # the text tower keeps its tokens: the count is fixed for the pass
+            sc["instance_keys"] = int((~prompt_k[0]).sum())  # sync: once per pass
+        inst_order = torch.argsort(prompt_k.int(), dim=1, stable=True)[:, : sc["instance_keys"]]  # instance keys in order
         inst_pos = torch.gather(pos.expand(b, n), 1, inst_order)  # [B, K_inst]
         causal = inst_pos[:, None, :] <= pos[None, :, None]  # [B, Nq, K_inst]
         rows_are_prompts = prompt_k[:, :, None]

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from vlm.kernels import AttnSpec
 from vlm.prompts.base import PromptLearner
 from vlm.prompts.registry import register
-from vlm.tokens import TokenState, TokenType
+from vlm.tokens import TokenState, TokenType, check
 
 _PREFIX = (int(TokenType.CLS), int(TokenType.REGISTER))
 
@@ -167,13 +167,15 @@ class KTPP(PromptLearner):
             return state
         types = state.batch_types
         is_patch = types == int(TokenType.PATCH)
-        if not bool((is_patch.sum(1) == is_patch[0].sum()).all()):
-            raise ValueError("KTPP pyramid prompts need the same number of patch tokens in every sample.")
+        check(is_patch.sum(1) == is_patch[0].sum(), "KTPP pyramid prompts need the same number of patch tokens in every sample.")
+        # sync: the patch count sets the shape (a pruner may cut patches between blocks)
         patches = state.x[is_patch].view(state.x.shape[0], -1, state.x.shape[-1])
         prompts = self.class_prompts(self.stage(layer), patches)
-        is_prefix = (types == _PREFIX[0]) | (types == _PREFIX[1])
-        index = int(is_prefix[0].sum())
-        return state.insert(index, prompts, TokenType.PROMPT, kv_only=True)
+        sc = self.scratch(state)
+        if "prefix" not in sc:  # CLS/registers are never cut or moved: the insertion index is fixed for the pass
+            is_prefix = (types == _PREFIX[0]) | (types == _PREFIX[1])
+            sc["prefix"] = int(is_prefix[0].sum())  # sync: once per pass
+        return state.insert(sc["prefix"], prompts, TokenType.PROMPT, kv_only=True)
 
     # --- KCA --------------------------------------------------------------------------------------
     def context_vector(self, layer: int, state: TokenState) -> Tensor:

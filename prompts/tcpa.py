@@ -50,7 +50,7 @@ from vlm.kernels import AttnSpec
 from vlm.prompts.base import PromptLearner
 from vlm.prompts.registry import register
 from vlm.prompts.vfpt import fourier_prompts
-from vlm.tokens import TokenState, TokenType
+from vlm.tokens import TokenState, TokenType, check
 
 GROUP_CLS, GROUP_TOKENS, GROUP_PROMPTS = 0, 1, 2
 _PREFIX = (int(TokenType.CLS), int(TokenType.REGISTER))
@@ -205,6 +205,8 @@ class TCPA(PromptLearner):
 
     # --- hooks ----------------------------------------------------------------------------------
     def on_tower_start(self, tower: str, state: TokenState) -> TokenState:
+        """Reset the pull terms (handed to :meth:`losses` after the pass, so an attribute: the rule
+        in ``vlm.hooks``)."""
         if self.keys_cls is None:
             raise RuntimeError("TCPA used before build(backbone).")
         self._pull = []
@@ -220,13 +222,18 @@ class TCPA(PromptLearner):
         """Match every query token, record the pull terms, insert the fresh key/value-only pools."""
         if layer >= self.keys_cls.shape[0]:
             raise ValueError(f"TCPA was built for {self.keys_cls.shape[0]} layers; got layer {layer}.")
-        if state.kv_only is not None and bool(state.kv_only.any()):
-            raise ValueError("TCPA must be the first hook to insert key/value-only tokens in a block.")
+        if state.kv_only is not None:
+            check(~state.kv_only, "TCPA must be the first hook to insert key/value-only tokens in a block.")
+        sc = self.scratch(state)
         types = state.batch_types
         is_prefix = (types == _PREFIX[0]) | (types == _PREFIX[1])
-        index = int(is_prefix[0].sum())
-        if not bool(is_prefix[:, :index].all()) or not bool((is_prefix.sum(1) == index).all()):
-            raise ValueError("TCPA: the CLS/register tokens must form a common prefix of the sequence.")
+        if "prefix" not in sc:  # the insertion index, found in the first block; later blocks check it
+            sc["prefix"] = int(is_prefix[0].sum())  # sync: once per pass (the prefix length is a shape)
+        index = sc["prefix"]
+        check(
+            is_prefix[:, :index].all(1) & (is_prefix.sum(1) == index),
+            "TCPA: the CLS/register tokens must form a common prefix of the sequence.",
+        )
         is_cls = types == int(TokenType.CLS)
         sel_c, sel_i, sim = self.match(state.x, is_cls, layer)
         valid = torch.ones_like(is_cls)
@@ -238,7 +245,7 @@ class TCPA(PromptLearner):
             pull = pull + self._pull_term(sim[..., mc:], sel_i, ~is_cls & valid)
             self._pull.append(pull)
         sel = torch.cat([sel_c, sel_i], -1).repeat_interleave(self.prompt_length, dim=-1)
-        state.scratch[self.name] = pack_bits(sel)
+        sc["bits"] = pack_bits(sel)
         lp = self.prompt_length
         ptypes = torch.tensor(
             [int(TokenType.PROMPT_CLS)] * (mc * lp) + [int(TokenType.PROMPT_IMG)] * (self.pool_size_img * lp),
@@ -249,17 +256,19 @@ class TCPA(PromptLearner):
 
     def attention_spec(self, tower: str, layer: int, state: TokenState, spec: AttnSpec) -> AttnSpec:
         """Groups CLS / tokens / pools and the per-row bitmask over the pools (see module docstring)."""
-        bits = state.scratch.get(self.name)
+        sc = self.scratch(state)
+        bits = sc.get("bits")
         if bits is None:
             raise RuntimeError("TCPA.attention_spec without before_block for this layer.")
         if spec.q_groups is not None or spec.normalize != "softmax" or spec.topk is not None:
             raise ValueError("TCPA cannot combine with another hook that sets groups, normalisation or top-k.")
         types = state.types.long()
-        k_groups = torch.full_like(types, GROUP_TOKENS)
-        k_groups[types == int(TokenType.CLS)] = GROUP_CLS
+        k_groups = torch.where(types == int(TokenType.CLS), GROUP_CLS, GROUP_TOKENS)
         ours = (types == int(TokenType.PROMPT_CLS)) | (types == int(TokenType.PROMPT_IMG))
-        k_groups[ours & state.kv_only] = GROUP_PROMPTS
-        q_groups = k_groups[..., ~state.kv_only]
+        k_groups = torch.where(ours & state.kv_only, GROUP_PROMPTS, k_groups)
+        # the key/value-only tokens are exactly the pools inserted at the prefix (before_block)
+        start, end = sc["prefix"], sc["prefix"] + self.num_prompt_tokens
+        q_groups = torch.cat([k_groups[..., :start], k_groups[..., end:]], -1)
         return spec.replace(
             q_groups=q_groups,
             k_groups=k_groups,
@@ -269,7 +278,7 @@ class TCPA(PromptLearner):
         )
 
     def after_block(self, tower: str, layer: int, state: TokenState, attn: Any) -> TokenState:
-        state.scratch.pop(self.name, None)
+        self.scratch(state).pop("bits", None)
         return state
 
     def losses(self, outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from vlm.prompts.base import PromptLearner
 from vlm.prompts.registry import register
-from vlm.tokens import TokenState, TokenType
+from vlm.tokens import TokenState, TokenType, check
 
 _PREFIX_TYPES = (int(TokenType.CLS), int(TokenType.REGISTER))
 
@@ -102,7 +102,7 @@ class VPT(PromptLearner):
         index = int(is_prefix[0].sum())
         if not bool(is_prefix[:, :index].all()) or not bool((is_prefix.sum(1) == index).all()):
             raise ValueError("VPT: the CLS/register tokens must form a common prefix of the sequence.")
-        state.scratch[self.name] = index
+        self.scratch(state)["prefix"] = index
         prompts = self._prompts(self.prompt_embeddings, state.x.shape[0])
         return state.insert(index, prompts, TokenType.PROMPT)
 
@@ -113,10 +113,14 @@ class VPT(PromptLearner):
         if layer - 1 >= self.deep_prompt_embeddings.shape[0]:
             built = self.deep_prompt_embeddings.shape[0] + 1
             raise ValueError(f"VPT-Deep was built for {built} layers; got layer {layer}.")
-        start = state.scratch.get(self.name)
-        end = None if start is None else start + self.num_tokens
-        if start is None or not bool((state.batch_types[:, start:end] == int(TokenType.PROMPT)).all()):
+        start = self.scratch(state).get("prefix")
+        if start is None:
             raise ValueError(f"VPT-Deep: the prompt tokens are no longer at their slots before layer {layer}.")
+        end = start + self.num_tokens
+        check(
+            state.batch_types[:, start:end] == int(TokenType.PROMPT),
+            f"VPT-Deep: the prompt tokens are no longer at their slots before layer {layer}.",
+        )
         x = state.x
         prompts = self._prompts(self.deep_prompt_embeddings[layer - 1], x.shape[0]).to(x.dtype)
         return state.replace(x=torch.cat([x[:, :start], prompts, x[:, end:]], dim=1))

@@ -5,23 +5,24 @@ A pruner reads what it needs from the block loop, never from an eager attention 
 * the CLS row of the attention probabilities, by adding the CLS query to ``AttnSpec.probe_rows``
   in :meth:`attention_spec` (the kernels return it in ``AttnOutput.probes``; the fused paths
   recompute it from the row logsumexp in O(N d));
-* the attention values, when it puts ``SCRATCH_VALUES`` into ``state.scratch`` (FlowCut).
+* the attention values, when it puts ``SCRATCH_VALUES`` into ``state.scratch`` (a pruner that scores by the values).
 
 It cuts by gathering tokens (:meth:`TokenPruner.keep_top`): every valid non-patch token (CLS,
 registers, prompts) is kept, and the ``count`` best-scored patches of each sample; the kept tokens
 stay in their original (raster) order. Counts may differ per sample; the state is then ragged
 (``lengths``), so a sample's result never depends on its neighbours in the batch. Per-pass state
-lives in ``state.scratch[self.name]``; the module itself holds none.
+lives in the hook's scratch (``state.scratch["pruner.<name>"]``, the rule in ``vlm.hooks``); the
+module itself holds none.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
-from vlm.hooks import TowerHook
+from vlm.hooks import TowerHook, cls_query_row
 from vlm.kernels import AttnOutput, AttnSpec
 from vlm.tokens import SCRATCH_NUM_BLOCKS, TokenState, TokenType
 
@@ -43,9 +44,10 @@ class TokenPruner(TowerHook):
             raise ValueError(f"{type(self).__name__}: num_tokens must be >= 1, got {num_tokens}.")
         self.num_tokens = int(num_tokens)
 
-    # --- per-pass scratch ---------------------------------------------------------------------
-    def scratch(self, state: TokenState) -> dict[str, Any]:
-        return state.scratch.setdefault(f"pruner.{self.name}", {})
+    # --- per-pass scratch (vlm.hooks: one rule for every hook) --------------------------------
+    @property
+    def scratch_key(self) -> str:
+        return f"pruner.{self.name}"
 
     @staticmethod
     def num_blocks(state: TokenState) -> int:
@@ -64,40 +66,17 @@ class TokenPruner(TowerHook):
 
     # --- probes -------------------------------------------------------------------------------
     @staticmethod
-    def cls_row(state: TokenState) -> int:
-        """Query index of the CLS token (the same in every sample)."""
-        types = state.batch_types
-        if state.kv_only is not None:
-            types = types[:, ~state.kv_only]
-        is_cls = types == int(TokenType.CLS)
-        if not bool(is_cls.any(1).all()):
-            raise ValueError("CLS-based pruning needs a CLS token in every sample.")
-        idx = is_cls.int().argmax(1)
-        if not bool((idx == idx[0]).all()):
-            raise ValueError("CLS-based pruning needs the CLS token at the same index in every sample.")
-        return int(idx[0])
+    def cls_row(state: TokenState) -> Tensor:
+        """long ``[1]``: query index of the CLS token (the same in every sample), on the device."""
+        return cls_query_row(state)
 
     def request_cls_probe(self, state: TokenState, spec: AttnSpec) -> AttnSpec:
-        """Add the CLS query row to ``spec.probe_rows``; remember where it landed and which keys are
-        key/value-only (their columns are dropped from the probe)."""
-        row = torch.tensor([self.cls_row(state)], device=state.x.device)
-        rows = row if spec.probe_rows is None else torch.cat([spec.probe_rows.to(row.device), row])
-        sc = self.scratch(state)
-        sc["probe_index"] = rows.numel() - 1
-        sc["kv_only"] = state.kv_only
-        return spec.replace(probe_rows=rows)
-
-    def key_columns(self, state: TokenState, keys: Tensor) -> Tensor:
-        """``keys [..., Nk]`` restricted to the tokens that remain after the block (key/value-only
-        tokens dropped)."""
-        kv = self.scratch(state).get("kv_only")
-        return keys if kv is None else keys[..., ~kv]
+        """Append the CLS query row to ``spec.probe_rows`` (:meth:`~vlm.hooks.TowerHook.request_probe`)."""
+        return self.request_probe(state, spec, self.cls_row(state))
 
     def cls_attention(self, state: TokenState, attn: AttnOutput) -> Tensor:
         """``[B, N]`` head-mean CLS-row attention over the tokens after the block."""
-        if attn.probes is None:
-            raise RuntimeError(f"{type(self).__name__}: the attention backend returned no probes.")
-        probe = attn.probes[:, :, self.scratch(state)["probe_index"]].mean(1)  # [B, Nk]
+        probe = self.read_probe(state, attn)[:, :, 0].mean(1)  # [B, Nk]
         return self.key_columns(state, probe)
 
     # --- the cut ------------------------------------------------------------------------------
@@ -119,12 +98,15 @@ class TokenPruner(TowerHook):
         order = torch.sort(masked, dim=1, descending=True, stable=True).indices
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=scores.device).expand(b, n))
         keep = (valid & ~patch) | (patch & (rank < count_t[:, None]))
-        if bool((keep == valid).all()):  # nothing to drop (e.g. an entropy cut of 0): no gather
-            return state, list(carry or [])
         kept = keep.sum(1)
-        index = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, : int(kept.max())]
+        # sync: one read of three facts the cut's shapes depend on (whether anything is dropped, the
+        # widest kept row, whether rows differ), instead of one sync each
+        dropping, widest, uneven = torch.stack([(keep != valid).any().long(), kept.max(), (kept != kept[0]).any().long()]).tolist()
+        if not dropping:  # nothing to drop (e.g. an entropy cut of 0): no gather
+            return state, list(carry or [])
+        index = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :widest]
         new = state.select(index)
-        ragged = state.lengths is not None or bool((kept != kept[0]).any())
+        ragged = state.lengths is not None or bool(uneven)
         new = new.replace(lengths=kept if ragged else None)
         return new, [torch.gather(t, 1, index) for t in (carry or [])]
 

@@ -110,12 +110,12 @@ class FlowCut(TokenPruner):
         v = state.scratch[SCRATCH_VALUES]
         kv = self.scratch(state).get("kv_only")
         if kv is not None:
-            v = v[:, :, ~kv]
+            v = v[:, :, ~kv]  # sync: only with key/value-only tokens (a shape)
         v = v.float()  # [B, H, N, d]
         valid = state.valid_mask()
         patch = state.type_mask(TokenType.PATCH)
-        cls = self.cls_row(state)
-        sim = torch.einsum("bhd,bhnd->bhn", v[:, :, cls], v).masked_fill(~valid[:, None], float("-inf"))
+        cls = v.index_select(2, self.cls_row(state))[:, :, 0]  # [B, H, d]
+        sim = torch.einsum("bhd,bhnd->bhn", cls, v).masked_fill(~valid[:, None], float("-inf"))
         m = sim.softmax(-1).mean(1)
         density = v.mean(1).abs().sum(-1)
         a_p, m_p = a * patch, m * patch

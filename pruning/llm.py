@@ -15,7 +15,7 @@ the runner, so a pruner here is only a score.
 
 An LLM-stage pruner may bring a vision stage (``vision_stage``, a vision :class:`TokenPruner`) that
 the runner adds to the vision tower's hooks: one config object then describes a two-stage method
-(FlowCut's anyres recipe). It is a :class:`TokenPruner` (``towers = ("llm",)``), so it goes wherever
+(e.g. a released anyres recipe). It is a :class:`TokenPruner` (``towers = ("llm",)``), so it goes wherever
 a pruner goes (registry, configs, ``LlavaEval(pruner=...)``); the vision block loop skips it.
 """
 

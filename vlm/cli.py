@@ -3,7 +3,7 @@
 Configs compose left to right (``--config backbone.yaml --config prompt.yaml --config data.yaml``)
 and any field can be overridden (``--model.init_args.prompt_learner.init_args.n_ctx 8``). Model
 and data are chosen by ``class_path`` (subclass mode); prompt learners accept a short registry
-name (``class_path: coop``). Every ``test`` run writes ``results.json`` into its log directory.
+name (``class_path: <name>``). Every ``test`` run writes ``results.json`` into its log directory.
 """
 
 from __future__ import annotations

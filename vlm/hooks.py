@@ -10,18 +10,35 @@ block hooks. Its seam is :class:`LlmStage`: a hook that, after one decoder layer
 sample) and says which visual tokens to keep; it may bring a vision-tower hook with it
 (``vision_stage``). :func:`split_stages` splits a hook list once into the vision/text hooks and the
 LLM stage, which is how the runners consume it.
+
+Per-pass state, one rule for every hook (learners and pruners alike):
+
+* State a hook needs *during* a pass (across blocks of one tower) lives in
+  ``state.scratch[hook.scratch_key]``, the dict :meth:`TowerHook.scratch` returns. The state is
+  created fresh for every tower pass, so the scratch starts empty: nothing to reset, and nothing
+  leaks from one pass (or one tower) into the next.
+* Values a hook hands out *after* the pass (to its ``losses``, or to the caller that ran it; e.g. a
+  learner's per-block loss terms, a probe's recorded weights) are attributes of the hook, reset in
+  :meth:`TowerHook.on_tower_start`. The final state is not handed to the loss, so these cannot live
+  in the scratch.
+* A hook that needs attention probes *appends* its query rows to ``spec.probe_rows`` with
+  :meth:`TowerHook.request_probe` and reads its own rows back with :meth:`TowerHook.read_probe`;
+  it never replaces rows another hook asked for, so several probing hooks share one tower.
+* Per-block code reads what is static (shapes, settings, the block count) from Python values and
+  checks invariants with :func:`vlm.tokens.check` (asynchronous on an accelerator), so the block
+  loop does not wait on the device; a remaining host-device sync is marked ``# sync: <why>``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence, Union
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from vlm.kernels.spec import AttnOutput, AttnSpec
-from vlm.tokens import TokenState
+from vlm.tokens import TokenState, TokenType, check
 
 
 class TowerHook(nn.Module):
@@ -45,12 +62,68 @@ class TowerHook(nn.Module):
         return state
 
     def on_tower_start(self, tower: str, state: TokenState) -> TokenState:
-        """Called once after embedding, before block 0 (e.g. to reset per-pass scratch)."""
+        """Called once after embedding, before block 0 (e.g. to reset what the hook hands out after
+        the pass; its scratch starts empty on its own)."""
         return state
+
+    # --- per-pass scratch (the rule in the module docstring) ----------------------------------
+    @property
+    def scratch_key(self) -> str:
+        """This hook's key in ``state.scratch``."""
+        return f"hook.{getattr(self, 'name', '') or type(self).__name__}"
+
+    def scratch(self, state: TokenState) -> dict[str, Any]:
+        """This hook's per-pass state (an empty dict at the start of every tower pass)."""
+        return state.scratch.setdefault(self.scratch_key, {})
+
+    # --- attention probes ---------------------------------------------------------------------
+    def request_probe(self, state: TokenState, spec: AttnSpec, rows: Tensor) -> AttnSpec:
+        """Append query rows ``rows [P]`` (long, indices among the block's query tokens) to
+        ``spec.probe_rows``; remember where they landed and which keys are key/value-only."""
+        rows = rows.to(device=state.x.device, dtype=torch.long)
+        start = 0 if spec.probe_rows is None else spec.probe_rows.numel()
+        if spec.probe_rows is not None:
+            rows = torch.cat([spec.probe_rows.to(rows.device), rows])
+        sc = self.scratch(state)
+        sc["probe_index"] = start
+        sc["probe_count"] = rows.numel() - start
+        sc["kv_only"] = state.kv_only
+        return spec.replace(probe_rows=rows)
+
+    def read_probe(self, state: TokenState, attn: AttnOutput) -> Tensor:
+        """``[B, H, P, Nk]``: the final attention weights of the rows this hook requested in this
+        block (over every key of the block, key/value-only ones included)."""
+        if attn.probes is None:
+            raise RuntimeError(f"{type(self).__name__}: the attention backend returned no probes.")
+        sc = self.scratch(state)
+        start = sc["probe_index"]
+        return attn.probes[:, :, start : start + sc["probe_count"]]
+
+    def key_columns(self, state: TokenState, keys: Tensor) -> Tensor:
+        """``keys [..., Nk]`` restricted to the tokens that remain after the block (the key/value-only
+        tokens of the block that requested the probe dropped)."""
+        kv = self.scratch(state).get("kv_only")
+        return keys if kv is None else keys[..., ~kv]  # sync: only with key/value-only tokens (a shape)
 
     def on_tower_end(self, tower: str, state: TokenState) -> TokenState:
         """Called once after the last block, before the tower's final norm and pooling."""
         return state
+
+
+def cls_query_row(state: TokenState, who: str = "CLS-based pruning") -> Tensor:
+    """long ``[1]``: the query index of the CLS token (key/value-only tokens have no query row),
+    which must be the same in every sample. It stays on the device (no host-device sync)."""
+    types = state.batch_types
+    is_cls = types == int(TokenType.CLS)
+    if state.kv_only is not None:
+        is_cls = is_cls & ~state.kv_only
+    check(is_cls.any(1), f"{who} needs a CLS token in every sample.")
+    idx = is_cls.int().argmax(1)
+    check(idx == idx[:1], f"{who} needs the CLS token at the same index in every sample.")
+    row = idx[:1]
+    if state.kv_only is not None:  # key/value-only tokens before CLS take no query row
+        row = row - state.kv_only.long().cumsum(0).index_select(0, row)
+    return row
 
 
 def active_hooks(hooks: Iterable[TowerHook] | None, tower: str) -> Sequence[TowerHook]:

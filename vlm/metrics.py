@@ -1,6 +1,6 @@
 """The summary statistics every report of the papers uses, defined once.
 
-* :func:`harmonic_mean`: the base-to-novel HM of CoOp/CoCoOp and every learner after them,
+* :func:`harmonic_mean`: the base-to-novel HM of the CLIP prompt-learning protocol,
   ``2 b n / (b + n)`` (0 when both are 0).
 * :func:`mean_ci95`: mean and 95 % interval half-width ``1.96 * std / sqrt(n)`` with the sample
   standard deviation (ddof 1), as Dassl's ``parse_test_res`` reports seeds and the few-shot papers

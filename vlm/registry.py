@@ -1,8 +1,8 @@
 """Name -> class registries for prompt learners and pruners.
 
-``register("coop")`` records a class under a short, lowercase name and publishes an alias subclass
+``register("name")`` records a class under a short, lowercase name and publishes an alias subclass
 with that ``__name__`` in an aliases module, so LightningCLI/jsonargparse accept
-``class_path: coop`` as well as the full class path (jsonargparse resolves bare names by
+``class_path: name`` as well as the full class path (jsonargparse resolves bare names by
 subclass ``__name__``).
 """
 

@@ -12,8 +12,8 @@ Both sides declare what the check needs, so it names no method:
 
 * ``PromptLearner.positional_tail()``: ``(n, last)`` when the learner replaces the last ``n``
   tokens before blocks ``1..last`` (the deep vision-language learners, which append their vision
-  prompts after the patches), else None (VPT-style prompts after the never-pruned prefix, TCPA and
-  KTPP's key/value-only prompts, text-only learners).
+  prompts after the patches), else None (prompts inserted after the never-pruned prefix, key/value-only
+  prompts, text-only learners).
 * ``TokenPruner.cut_layers(num_blocks)``: the blocks after which it may cut and whether its counts
   may differ per sample. A cut that keeps the same number of patches in every sample leaves the
   tail last; one that keeps a different number (entropy-adaptive counts) makes the sequence ragged,

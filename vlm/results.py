@@ -52,7 +52,7 @@ def check_tested_weights(model: L.LightningModule, ckpt_path: Optional[str], all
     """Refuse to test a model whose learned parts neither ``ckpt_path`` nor ``init_from`` restores.
 
     A zero-shot CLIP (nothing learned) needs neither. ``allow_untrained`` tests the initial values
-    anyway (e.g. a CoOp context initialised from a phrase), with a warning and
+    anyway (e.g. a learned context initialised from a phrase), with a warning and
     ``checkpoint.untrained: true`` in ``results.json``.
     """
     learned = learned_names(model)

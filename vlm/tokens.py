@@ -21,6 +21,20 @@ SCRATCH_VALUES = "runner.values"
 SCRATCH_IMAGE_INDEX = "runner.image_index"
 
 
+def check(ok: Tensor, message: str, error: type[Exception] = ValueError) -> None:
+    """Raise ``error(message)`` unless every element of ``ok`` (bool) is true.
+
+    For checks in the block loop: on CPU the check is immediate (there is no device to wait on);
+    on an accelerator it is ``torch._assert_async``, which does not make the host wait for the
+    device (a failure surfaces as a device-side assert at the next synchronisation).
+    """
+    if ok.device.type == "cpu":
+        if not bool(ok.all()):
+            raise error(message)
+    else:
+        torch._assert_async(ok.all(), f"{error.__name__}: {message}")
+
+
 class TokenType(IntEnum):
     """What a token is. Stored as int8 per token; new members go at the end (CONTRACTS.md)."""
 
@@ -91,8 +105,7 @@ class TokenState:
     def first_of_type(self, ty: "TokenType") -> Tensor:
         """``[B, D]`` the first token of type ``ty`` in each sample (e.g. CLS, EOT)."""
         m = self.type_mask(ty)
-        if not bool(m.any(1).all()):
-            raise ValueError(f"Pooling needs a {ty.name} token in every sample, but some have none.")
+        check(m.any(1), f"Pooling needs a {ty.name} token in every sample, but some have none.")
         idx = m.int().argmax(1)
         return self.x[torch.arange(self.x.shape[0], device=self.x.device), idx]
 
@@ -130,26 +143,33 @@ class TokenState:
         x = torch.gather(self.x, 1, index[..., None].expand(b, k, self.x.shape[-1]))
         types = torch.gather(self.batch_types, 1, index)
         positions = None if self.positions is None else torch.gather(self.positions, 1, index)
-        kv = None
         if self.kv_only is not None:
-            if self.kv_only.any():
-                raise ValueError("TokenState.select: drop key/value-only tokens before selecting.")
-        return self.replace(x=x, types=types, positions=positions, kv_only=kv)
+            check(~self.kv_only, "TokenState.select: drop key/value-only tokens before selecting.")
+        return self.replace(x=x, types=types, positions=positions, kv_only=None)
 
-    def drop_kv_only(self, x: Optional[Tensor] = None) -> "TokenState":
+    def query_index(self) -> Tensor | None:
+        """long ``[Nq]``: the tokens that are queries (not key/value-only), or None if all are."""
+        if self.kv_only is None:
+            return None
+        return (~self.kv_only).nonzero().flatten()  # sync: the number of query tokens is a shape
+
+    def drop_kv_only(self, x: Optional[Tensor] = None, keep: Tensor | None = None) -> "TokenState":
         """Remove key/value-only tokens (the tower runner does this after every block).
 
         ``x``, if given, is the new residual of the remaining (query) tokens; by default the
-        current residual is sliced.
+        current residual is sliced. ``keep``, if given, is :meth:`query_index` (already computed).
         """
-        if self.kv_only is None or not bool(self.kv_only.any()):
+        if self.kv_only is None:
             return self.replace(x=self.x if x is None else x, kv_only=None)
-        keep = ~self.kv_only
-        lengths = None if self.lengths is None else self.lengths - int(self.kv_only.sum())
-        positions = None if self.positions is None else self.positions[:, keep]
+        keep = self.query_index() if keep is None else keep
+        dropped = self.kv_only.numel() - keep.numel()
+        if dropped == 0:
+            return self.replace(x=self.x if x is None else x, kv_only=None)
+        lengths = None if self.lengths is None else self.lengths - dropped
+        positions = None if self.positions is None else self.positions.index_select(1, keep)
         return self.replace(
-            x=self.x[:, keep] if x is None else x,
-            types=self.types[..., keep],
+            x=self.x.index_select(1, keep) if x is None else x,
+            types=self.types.index_select(self.types.dim() - 1, keep),
             positions=positions,
             kv_only=None,
             lengths=lengths,

@@ -178,7 +178,7 @@ def test_topk_equal_pool_size_is_role_only():
         torch.testing.assert_close(bb.encode_image(images, [full]), bb.encode_image(images, [role]), atol=0, rtol=0)
         state = TokenState.create(torch.randn(2, 5, 64), torch.tensor([0, 1, 1, 1, 1]))
         role.before_block("vision", 0, state)
-        bits = state.scratch[role.name]
+        bits = role.scratch(state)["bits"]
     cls_bits = (1 << MC) - 1
     assert bits[:, 0].eq(cls_bits).all() and bits[:, 1:].eq(((1 << (MC + MI)) - 1) ^ cls_bits).all()
 
@@ -246,7 +246,7 @@ def test_random_warmup_is_seeded_and_k_subsets():
         t = make(bb, random_epochs=2, seed=seed).train()
         t.on_train_epoch_start(1)
         s = t.before_block("vision", 0, state)
-        draws.append(s.scratch[t.name])
+        draws.append(t.scratch(s)["bits"])
     assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
     t = make(bb, random_epochs=2, seed=5).train()
     t.on_train_epoch_start(0)

@@ -13,8 +13,8 @@ class Backbone(nn.Module):
     """A library model owned by ``self.model`` plus block-loop runners over it.
 
     ``freeze=True`` (prompt learning, pruning) sets ``requires_grad=False`` on every weight and keeps
-    the model in eval mode even while the LightningModule trains (dropout off, as VPT and the
-    CoOp family do). ``identity()`` names the backbone for checkpoints and exports; ``checksum()``
+    the model in eval mode even while the LightningModule trains (dropout off, as the released
+    prompt-learning code does). ``identity()`` names the backbone for checkpoints and exports; ``checksum()``
     hashes its weights so a checkpoint can refuse a different backbone.
     """
 

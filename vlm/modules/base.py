@@ -1,7 +1,7 @@
 """Behaviour shared by every vlm LightningModule: learned-only checkpoints with identity checks.
 
 * ``state_dict()`` holds only trainable parameters (the frozen backbone is referenced by identity
-  and checksum, never copied), so a CoOp checkpoint is kilobytes, not a CLIP.
+  and checksum, never copied), so a prompt learner's checkpoint is kilobytes, not a CLIP.
 * Loading checks that every trainable tensor is restored and nothing unknown is present.
 * ``on_save_checkpoint`` records the backbone identity/checksum and the method; loading a
   checkpoint made with another backbone or method fails with a message naming both.

@@ -1,4 +1,4 @@
-"""CLIP classification with an optional prompt learner (CoOp family protocol).
+"""CLIP classification with an optional prompt learner (the few-shot / base-to-new protocol).
 
 Class names become text features through the learner's text side (or the frozen template when the
 learner does not touch text, in which case features are computed once per class set and cached).
@@ -31,7 +31,7 @@ class CLIPClassifier(HookedClassifier):
 
     Args:
         backbone: the (frozen) CLIP.
-        prompt_learner: a registered learner (``coop``, ``vpt``, ...) or None for zero-shot CLIP.
+        prompt_learner: a registered learner (``vlm.prompts.available()``) or None for zero-shot CLIP.
         classnames: training classes in label order; if None, taken from the datamodule's
             ``classnames`` at setup.
         test_classnames: ``{subset: classnames}`` per test dataloader, in dataloader order; if
@@ -41,7 +41,7 @@ class CLIPClassifier(HookedClassifier):
             "a photo of a {}.".
         optim: optimiser and schedule.
         init_from: an exported directory (``vlm export``) whose learned tensors are loaded.
-        pruner: a visual-token pruner (``vtc_cls``, ``flowcut``, ...) run inside the image tower
+        pruner: a visual-token pruner (``vlm.pruning.available()``) run inside the image tower
             after the prompt learner, trading accuracy for speed; None keeps every token.
     """
 
@@ -170,7 +170,7 @@ class CLIPClassifier(HookedClassifier):
     def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         subset = self.test_subset(dataloader_idx)
         out = self(batch["image"], self.test_classnames[subset])
-        # argmax first: learners may append extra (never-correct) columns, e.g. DAPT's parity option
+        # argmax first: learners may append extra (never-correct) columns, e.g. background columns
         self.test_acc[subset].update(out["logits"].argmax(-1), batch["label"])
 
     def on_test_epoch_end(self) -> None:

@@ -1,11 +1,11 @@
-"""Episodic few-shot classification (N-way K-shot) with an optional prompt learner (KTPP).
+"""Episodic few-shot classification (N-way K-shot) with an optional prompt learner.
 
 Per episode (a batch from :mod:`vlm.datamodules.episodic`): every image is encoded by the frozen
 ViT with the learner's hooks; the class prototype is the mean of the L2-normalised support
 features; query logits are cosine similarities to the prototypes divided by a temperature
 (0.2, as the SP/SAA family); the loss is the cross-entropy of the queries.
 
-Learners that use class text (KTPP's pyramid prompts) get the text embeddings of the *episode's*
+Learners that use class text (``needs_class_text``) get the text embeddings of the *episode's*
 classes, in episode order, through ``set_class_text``: every image, support or query, sees
 all the episode's classes, so no query label leaks. Text comes from a frozen CLIP text tower
 (``text_encoder``, or the backbone itself when it is a CLIP), prompt ``template``, unit-normalised
@@ -44,7 +44,7 @@ class EpisodicClassifier(LearnedOnlyModule):
 
     Args:
         backbone: the frozen ViT (timm) or CLIP (image tower; its text tower gives the class text).
-        prompt_learner: e.g. ``ktpp``; ``None`` is the frozen-feature prototype baseline.
+        prompt_learner: a registered learner (``vlm.prompts.available()``); ``None`` is the frozen-feature prototype baseline.
         text_encoder: a CLIP whose text tower encodes class names (default: the backbone, if CLIP).
         template: class-name prompt for the text tower; ``None`` takes the datamodule's ``template``
             (else "a photo of a {}.").

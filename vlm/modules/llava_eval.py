@@ -28,8 +28,8 @@ VICUNA_V1 = (
 class LlavaEval(L.LightningModule):
     """Args:
     backbone: the LLaVA (or LLaVA-NeXT) model (hub id or path) and its processor.
-    pruner: a visual-token pruner (``vtc_cls``, ``flowcut``, ``cls_attention``, ``random``; the LLM-stage
-        ``flowcut_llm``) or None.
+    pruner: a visual-token pruner (``vlm.pruning.available()``: vision-tower pruners, or an
+        LLM-stage one, :class:`~vlm.hooks.LlmStage`) or None.
     metric: ``vqa``, ``gqa``, ``pope`` or ``mc``; None takes the datamodule's ``metric``.
     max_new_tokens: greedy decoding length (LLaVA uses 128 for short-answer sets).
     prompt_template: the conversation, with ``{question}``.

@@ -4,7 +4,7 @@ Two released schedules are covered exactly (closed forms below; ``t`` is the epo
 ``interval="epoch"`` or the optimiser-step index for ``interval="step"``, ``T`` the number of
 epochs or steps of the run, ``W`` the warm-up length in the same unit):
 
-* **Dassl** (CoOp, CoCoOp, IVLP, MaPLe, PromptSRC, DAPT: ``dassl/optim/lr_scheduler.py``,
+* **Dassl** (the framework of the CLIP prompt learners' released code: ``dassl/optim/lr_scheduler.py``,
   ``ConstantWarmupScheduler`` around ``CosineAnnealingLR(T_max=MAX_EPOCH)`` with the default
   ``WARMUP_RECOUNT=True``, stepped once per epoch): ``warmup="constant"``, ``cosine_over="whole"``,
   ``interval="epoch"``:
@@ -12,19 +12,21 @@ epochs or steps of the run, ``W`` the warm-up length in the same unit):
       lr(t) = warmup_lr                                  for t < W
       lr(t) = lr * (1 + cos(pi * (t - W) / T)) / 2       for t >= W   (the cosine restarts at W)
 
-* **TCPA** (``train/utils.py`` ``cosine_lr`` as called in ``train/trainer.py``, once per
-  iteration with ``W = len(loader) * epochs // 5``): ``warmup="linear"``, ``warmup_fraction=0.2``,
+* **per-step linear warm-up** (``train/utils.py`` ``cosine_lr`` as called in ``train/trainer.py``,
+  once per iteration with ``W = len(loader) * epochs // 5``): ``warmup="linear"``, ``warmup_fraction=0.2``,
   ``cosine_over="remaining"``, ``interval="step"``:
 
       lr(t) = lr * (t + 1) / W                               for t < W
       lr(t) = lr * (1 + cos(pi * (t - W) / (T - W))) / 2     for t >= W
 
-* **VPT / VFPT** (``src/solver/lr_scheduler.py`` ``WarmupCosineSchedule(warmup_steps=WARMUP_EPOCH,
+* **per-epoch warm-up from zero** (``src/solver/lr_scheduler.py`` ``WarmupCosineSchedule(warmup_steps=WARMUP_EPOCH,
   t_total=TOTAL_EPOCH)``, stepped once per epoch by ``src/engine/trainer.py``):
-  ``warmup="linear_from_zero"``, ``cosine_over="remaining"``, ``interval="epoch"``: as TCPA's but
+  ``warmup="linear_from_zero"``, ``cosine_over="remaining"``, ``interval="epoch"``: as the previous but
   ``lr(t) = lr * t / W`` during the warm-up (the first epoch trains at 0).
 
-``schedule="constant"`` keeps ``lr`` after the warm-up (SAA/KTPP meta-tuning: no scheduler).
+``schedule="constant"`` keeps ``lr`` after the warm-up (meta-tuning recipes with no scheduler).
+
+Which recipe uses which is written in its config (``configs/``), not here.
 """
 
 from __future__ import annotations
@@ -49,21 +51,21 @@ class OptimConfig:
 
     Attributes:
         name: ``sgd`` (momentum) or ``adamw``.
-        lr: peak learning rate (CoOp: 0.002).
-        weight_decay: L2 / decoupled weight decay (CoOp: 5e-4).
+        lr: peak learning rate (Dassl's recipes: 0.002).
+        weight_decay: L2 / decoupled weight decay (Dassl's recipes: 5e-4).
         momentum: SGD momentum (0.9).
         schedule: ``cosine`` after the warm-up, or ``constant`` (``lr`` throughout).
-        interval: advance the schedule once per ``epoch`` (Dassl) or per optimiser ``step`` (TCPA).
+        interval: advance the schedule once per ``epoch`` (Dassl) or per optimiser ``step`` (``cosine_lr``).
         warmup: ``constant`` (``warmup_lr`` throughout the warm-up, Dassl's), ``linear``
-            (``lr * (t + 1) / W``, TCPA's ``_warmup_lr``) or ``linear_from_zero`` (``lr * t / W``,
-            VPT's ``WarmupCosineSchedule``).
-        warmup_epochs: warm-up length in epochs (CoOp family: 1); converted to steps for
+            (``lr * (t + 1) / W``, ``cosine_lr``'s ``_warmup_lr``) or ``linear_from_zero`` (``lr * t / W``,
+            ``WarmupCosineSchedule``).
+        warmup_epochs: warm-up length in epochs (Dassl's recipes: 1); converted to steps for
             ``interval="step"``.
-        warmup_fraction: warm-up length as a share of the run, ``floor(T * fraction)`` (TCPA: 0.2);
+        warmup_fraction: warm-up length as a share of the run, ``floor(T * fraction)`` (``cosine_lr``'s: 0.2);
             exclusive with ``warmup_epochs``.
-        warmup_lr: learning rate of the constant warm-up (CoOp family: 1e-5).
+        warmup_lr: learning rate of the constant warm-up (Dassl's recipes: 1e-5).
         cosine_over: the cosine's period: the ``whole`` run ``T`` (Dassl, counted from the end of
-            the warm-up) or the ``remaining`` ``T - W`` (TCPA; the cosine then ends at 0).
+            the warm-up) or the ``remaining`` ``T - W`` (``cosine_lr``; the cosine then ends at 0).
     """
 
     name: str = "sgd"
@@ -101,7 +103,7 @@ def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.o
 
 def warmup_length(cfg: OptimConfig, total: int, per_epoch: float) -> int:
     """``W`` in schedule units: ``floor(total * warmup_fraction)`` (exact rational arithmetic, so
-    0.2 gives TCPA's ``total // 5``) or ``round(warmup_epochs * per_epoch)``."""
+    0.2 gives ``cosine_lr``'s ``total // 5``) or ``round(warmup_epochs * per_epoch)``."""
     if cfg.warmup_fraction:
         return math.floor(total * Fraction(str(cfg.warmup_fraction)))
     return int(round(cfg.warmup_epochs * per_epoch))
@@ -112,7 +114,7 @@ def lr_at(t: int, total: int, warm: int, cfg: OptimConfig) -> float:
     if t < warm:
         if cfg.warmup == "constant":
             return cfg.warmup_lr
-        reached = t + 1 if cfg.warmup == "linear" else t  # TCPA counts the current step, VPT does not
+        reached = t + 1 if cfg.warmup == "linear" else t  # cosine_lr counts the current step, WarmupCosineSchedule does not
         return cfg.lr * reached / warm
     if cfg.schedule == "constant":
         return cfg.lr

@@ -1,4 +1,4 @@
-"""ViT classification with a linear head and an optional visual prompt learner (VPT/TCPA-style).
+"""ViT classification with a linear head and an optional visual prompt learner (prompts in the image tower).
 
 The head scores the classes it was trained on, in their training label order. A test subset whose
 labels mean other classes (base-to-new's "new" classes, relabelled from 0) cannot be scored by it:
@@ -28,10 +28,10 @@ class ViTClassifier(HookedClassifier):
     Args:
         backbone: the frozen ViT.
         num_classes: classes of the head (linked from the datamodule).
-        prompt_learner: a vision prompt learner (``vpt``, ``tcpa``, ...) or None (linear probe).
+        prompt_learner: a vision prompt learner (``vlm.prompts.available()``) or None (linear probe).
         optim: optimiser and schedule.
         init_from: an exported directory (``vlm export``) whose learned tensors are loaded.
-        pruner: a visual-token pruner (``vtc_cls``, ``flowcut``, ...) run inside the image tower
+        pruner: a visual-token pruner (``vlm.pruning.available()``) run inside the image tower
             after the prompt learner, trading accuracy for speed; None keeps every token.
     """
 

@@ -46,14 +46,17 @@ class BlockAdapter(ABC):
     def attn_out(self, o: Tensor) -> Tensor:
         """The block's output projection of the merged heads ``[B, N, H*d]``."""
 
-    def _attend(self, xn: Tensor, state: TokenState, spec: AttnSpec) -> tuple[Tensor, AttnOutput]:
+    def _attend(
+        self, xn: Tensor, state: TokenState, spec: AttnSpec, queries: Tensor | None = None
+    ) -> tuple[Tensor, AttnOutput]:
+        """``queries``: ``state.query_index()`` (None: every token is a query)."""
         q, k, v = self.qkv(xn)
-        if state.kv_only is not None:
-            q = q[:, :, ~state.kv_only]
+        if queries is not None:
+            q = q.index_select(2, queries)
         if spec.scale is None and self.scale is not None:
             spec = spec.replace(scale=self.scale)
         out = attention(q, k, v, spec)
-        if SCRATCH_VALUES in state.scratch:  # a hook asked for the values (FlowCut)
+        if SCRATCH_VALUES in state.scratch:  # a hook asked for the values (e.g. a pruner)
             state.scratch[SCRATCH_VALUES] = v
         return self.attn_out(merge_heads(out.out)), out
 
@@ -77,12 +80,13 @@ class PreNormBlock(BlockAdapter):
 
     def __call__(self, state: TokenState, spec: AttnSpec) -> tuple[TokenState, AttnOutput]:
         x = state.x
-        a, out = self._attend(self.norm1(x), state, spec)
-        if state.kv_only is not None:
-            x = x[:, ~state.kv_only]
+        queries = state.query_index()
+        a, out = self._attend(self.norm1(x), state, spec, queries)
+        if queries is not None:
+            x = x.index_select(1, queries)
         x = x + self.drop1(self.ls1(a))
         x = x + self.drop2(self.ls2(self.mlp(self.norm2(x))))
-        return state.drop_kv_only(x), out
+        return state.drop_kv_only(x, queries), out
 
 
 class OpenClipBlock(PreNormBlock):
@@ -150,12 +154,13 @@ class BertBlock(BlockAdapter):
 
     def __call__(self, state: TokenState, spec: AttnSpec) -> tuple[TokenState, AttnOutput]:
         x = state.x
-        a, out = self._attend(x, state, spec)
-        if state.kv_only is not None:
-            x = x[:, ~state.kv_only]
+        queries = state.query_index()
+        a, out = self._attend(x, state, spec, queries)
+        if queries is not None:
+            x = x.index_select(1, queries)
         h = self.layer.attention.output(a, x)  # dense, dropout, LayerNorm(h + x)
         y = self.layer.output(self.layer.intermediate(h), h)
-        return state.drop_kv_only(y), out
+        return state.drop_kv_only(y, queries), out
 
 
 BlockFactory = Callable[[nn.Module], BlockAdapter]

@@ -25,7 +25,7 @@ from vlm.towers.runner import TowerOutput, run_blocks, start_hooks, trim_text
 class ClipVisionRunner:
     """open_clip ``VisionTransformer``: conv patches + CLS + positions -> hooks -> ln_pre -> blocks
     -> ln_post -> pool -> proj. ``on_tower_start`` hooks see the tokens before ``ln_pre`` (where
-    MaPLe/IVLP/VPT-on-CLIP insert shallow prompts)."""
+    deep vision-language prompt learners insert their first prompts)."""
 
     name = "vision"
 
@@ -84,7 +84,7 @@ class ClipTextRunner:
     """open_clip causal text transformer (CLIP's flattened text tower, or ``TextTransformer``).
 
     ``embeds`` (token embeddings before the positional embedding, ``[B, L, D]``) lets prompt
-    learners such as CoOp replace placeholder embeddings with learned context. ``trim``: run only
+    prompt learners replace placeholder embeddings with learned context. ``trim``: run only
     the positions up to the batch's last EOT (exact under the causal mask; see ``prefix_length``).
     """
 

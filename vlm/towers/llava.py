@@ -5,8 +5,8 @@ projector on the kept tokens only -> LLM inputs built here (text embeddings with
 placeholder run replaced by that image's kept tokens, attention mask, position ids) -> the HF
 language model's own forward (its attention implementation, SDPA or flash, is untouched) -> lm_head.
 
-With an LLM-stage pruner among the hooks (:class:`~vlm.hooks.LlmStage`, e.g.
-``flowcut_llm``) its vision stage joins the vision hooks, and the language model runs layer by layer
+With an LLM-stage pruner among the hooks (:class:`~vlm.hooks.LlmStage`) its
+vision stage joins the vision hooks, and the language model runs layer by layer
 through :class:`~vlm.towers.language_model.CutDecoder`, which cuts the visual tokens after the
 pruner's layer (masks, positions and the per-layer KV cache are described there); the logits then
 cover the cut sequence, laid out by ``LlmInputs.cut``. Without one, the path is the plain

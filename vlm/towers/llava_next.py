@@ -14,12 +14,12 @@ crop). The kept tokens are projected, then packed as ``pack_image_features`` doe
 * after pruning only kept patches remain, and a row's newline remains iff the row keeps a patch
   (so the LLM never sees empty rows; without pruning every row keeps all its patches). Newlines are
   layout (``VisualTokens.layout``): an LLM-stage cut keeps them like text, outside its budget;
-* an LLM-stage pruner that declares ``anyres_newlines = False`` (FlowCut's released recipe) gets the
+* an LLM-stage pruner that declares ``anyres_newlines = False`` (a released recipe does) gets the
   images packed without any newline: base view, then the unpadded grid's kept patches.
 
 The vision hooks see every crop as one batch row, and ``state.scratch[SCRATCH_IMAGE_INDEX]`` says
-which image each row belongs to (so a pruner can treat an image's views together, as FlowCut's
-shared prune count does).
+which image each row belongs to (so a pruner can treat an image's views together, e.g. with one
+prune count per image).
 
 The LLM inputs, forward pass and greedy generation are :class:`~vlm.towers.llava.LlavaRunner`'s.
 Parity contract: with no hooks, logits and greedy tokens equal transformers' (tests, fp32).

@@ -147,15 +147,29 @@ STAGES: dict[str, tuple[int, int, int]] = {
 }
 
 
+def backward_tile_shape(head_dim: int, itemsize: int, mode: str) -> tuple[int, int]:
+    """``(BLOCK_M, BLOCK_N)`` of ``dK/dV`` and ``dQ`` when no top-k ties them to the forward's tiles.
+
+    The backward kernels hold K and V (or Q and dO) *and* two accumulators, so they take at most
+    32-row tiles (fewer where the forward's are smaller), and 32-wide key tiles where a key row is 256 bytes or more (fp32 ``d >= 64``, 16-bit
+    ``d = 128``) or with the fixed gate's per-(row, group) terms: the compile table's ``64 x 64``
+    backward spilled up to ~800 bytes there, these spill nothing.
+    """
+    return 32, 32 if head_dim * itemsize >= 256 or mode == "fixed" else 64
+
+
 def tile_shape(head_dim: int, itemsize: int, mode: str, topk_w: int) -> tuple[int, int]:
-    """``(BLOCK_M, BLOCK_N)`` of one call (every kernel of the call uses it: top-k's logits must be
-    computed in the same tiles in every pass). fp32 ``d = 128`` key tiles are 32 wide (a
-    ``64 x 128`` fp32 K tile plus V is most of the register file); the top-k pass keeps a
-    ``[BLOCK_M, topk_w]`` list, so wide lists take 32 rows; the fixed segment gate holds
-    per-(row, group) multipliers, so it takes 32 rows (16 in fp32 or at ``d = 128``)."""
+    """``(BLOCK_M, BLOCK_N)`` of the forward kernels of one call.
+
+    fp32 ``d = 128`` key tiles are 32 wide (a ``64 x 128`` fp32 K tile plus V is most of the
+    register file). Top-k calls take 32 rows: the threshold pass keeps a ``[BLOCK_M, topk_w]``
+    list, and the backward must use these same tiles (its ``s >= threshold`` test compares
+    logits bit for bit). The fixed segment gate holds per-(row, group) multipliers, so it takes
+    32 rows (16 in fp32 or at ``d = 128``).
+    """
     bn = 32 if head_dim >= 128 and itemsize >= 4 else BLOCK_N
     bm = BLOCK_M
-    if topk_w > 128:
+    if topk_w:
         bm = min(bm, 32)
     elif mode == "fixed":
         bm = min(bm, 16 if head_dim > 64 or itemsize >= 4 else 32)
@@ -404,8 +418,11 @@ def as_view_input(t: Tensor) -> Tensor:
 def prepare(q: Tensor, k: Tensor, v: Tensor, cu_q: Optional[Tensor], cu_k: Optional[Tensor],
             klen: Optional[Tensor], qg: Optional[Tensor], kg: Optional[Tensor], allow: Optional[Tensor],
             row_subset: Optional[Tensor], causal: bool, subset_group: int, mode: str, topk: int,
-            scale: float, thr: Optional[Tensor] = None) -> Prepared:
-    """Build the argument block of one call (see ``triton_attn_args``); runs the top-k pass."""
+            scale: float, thr: Optional[Tensor] = None, backward: bool = False) -> Prepared:
+    """Build the argument block of one call (see ``triton_attn_args``); runs the top-k pass.
+
+    ``backward``: the tiles of the backward kernels, which differ from the forward's unless top-k
+    needs every pass to compute its logits in the same tiles (:func:`backward_tile_shape`)."""
     varlen = cu_q is not None
     q, k, v = as_view_input(q), as_view_input(k), as_view_input(v)
     if varlen:
@@ -417,6 +434,9 @@ def prepare(q: Tensor, k: Tensor, v: Tensor, cu_q: Optional[Tensor], cu_k: Optio
     use_topk = 0 < topk < max_nk_total
     topk_w = topk_block(topk) if use_topk else 0
     bm, bn = tile_shape(d, q.element_size(), mode, topk_w)
+    if backward and not use_topk:
+        bwd_m, bwd_n = backward_tile_shape(d, q.element_size(), mode)
+        bm, bn = min(bm, bwd_m), min(bn, bwd_n)
     lay = layout(q, k, cu_q, cu_k, klen, qg, kg, allow, row_subset, causal, subset_group, mode == "all_keys", bm, bn)
     max_nq, max_nk = lay.nq_arg, lay.nk_arg
     use_topk = use_topk and topk < max_nk  # k >= every sequence's length keeps all keys
@@ -517,7 +537,7 @@ def _bwd_impl(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Ten
               allow: Optional[Tensor], row_subset: Optional[Tensor], causal: bool, subset_group: int,
               mode: str, topk: int, scale: float, num_groups: int) -> tuple[Tensor, ...]:
     prep = prepare(q, k, v, cu_q, cu_k, klen, qg, kg, allow, row_subset, causal, subset_group, mode, topk, scale,
-                   thr)
+                   thr, backward=True)
     dev = q.device
     dout = as_view_input(dout)
     do_view = View.of(dout, prep.varlen)

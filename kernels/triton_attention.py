@@ -6,8 +6,8 @@ under ``TRITON_INTERPRET=1`` with ``VLM_ATTENTION_BACKEND=triton``, which is how
 reach it. ``reference.py`` is the definition this module reproduces.
 
 How each field is computed (kernels in ``triton_attn_kernels.py``, masks and tile helpers in
-``triton_attn_masks.py``, argument bundles in ``triton_attn_args.py``, launches in
-``triton_attn_ops.py``):
+``triton_attn_masks.py``, argument bundles in ``triton_attn_args.py``, mask layout and tile lists
+in ``triton_attn_layout.py``, launches in ``triton_attn_ops.py``):
 
 * **Flash attention**: online softmax over key tiles, fp32 accumulation, per-row
   ``lse = log sum_j e^{s_ij}`` saved; the backward recomputes ``P = e^{s - lse}`` tile by tile
@@ -17,7 +17,7 @@ How each field is computed (kernels in ``triton_attn_kernels.py``, masks and til
   (under ``all_keys`` they still feed the denominator and run masked); full tiles -- inside every
   bound and every pair allowed -- run with unconditional, pipelined K/V loads and no mask; only
   partial tiles evaluate masks. The lists are cached per set of mask tensors
-  (``triton_attn_ops.LAYOUT_CACHE``), so only the first call of a pass builds them.
+  (``triton_attn_layout.LAYOUT_CACHE``), so only the first call of a pass builds them.
 * **Groups + allow**: each query group's allowed key groups are two int32 bit words (at most 64
   key groups), read per row; no N x N mask.
 * **k_lengths / varlen / causal / Nq != Nk**: loop bounds plus an index predicate (causal is
@@ -66,7 +66,8 @@ import torch
 from torch import Tensor
 
 from vlm.kernels.spec import AttnOutput, AttnSpec
-from vlm.kernels.triton_attn_ops import (INTERPRET, MAX_KEY_GROUPS, MAX_TOPK_BLOCK, triton_attn_bwd,
+from vlm.kernels.triton_attn_layout import MAX_KEY_GROUPS
+from vlm.kernels.triton_attn_ops import (INTERPRET, MAX_TOPK_BLOCK, triton_attn_bwd,
                                          triton_attn_fwd)
 
 import triton

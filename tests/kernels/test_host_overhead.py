@@ -2,7 +2,7 @@
 
 Every block of a tower passes the same group, subset and length tensors, so the mask layout
 (tile lists, subset ranks, ``allow`` bit words) is built by the first call of a pass and reused
-by the others (``triton_attn_ops.LAYOUT_CACHE``). What is left per call is the output
+by the others (``triton_attn_layout.LAYOUT_CACHE``). What is left per call is the output
 allocations and the backward's ``D = rowsum(dO * O)``. Before the cache a TCPA call cost 145
 aten ops forward and 153 backward. The shapes are the ViT-B/16 TCPA call of the offline compile
 cases; the launcher is replaced, so nothing runs on a device and no kernel is interpreted.
@@ -15,7 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from vlm.kernels import offline_compile
-from vlm.kernels import triton_attn_ops as ops
+from vlm.kernels import triton_attn_layout, triton_attn_ops as ops
 from vlm.kernels.triton_attention import triton_attention
 
 
@@ -48,7 +48,7 @@ def counted(monkeypatch):
     wrap("_fwd_impl")
     wrap("_bwd_impl")
     monkeypatch.setattr(ops, "LAUNCHER", lambda kernel, grid, args, kwargs: launches.append(kernel.__name__))
-    monkeypatch.setattr(ops, "LAYOUT_CACHE", type(ops.LAYOUT_CACHE)())
+    triton_attn_layout.LAYOUT_CACHE.clear()
     return seen, launches
 
 

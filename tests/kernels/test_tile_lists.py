@@ -1,6 +1,6 @@
 """The compact tile lists of the fused attention, against a brute-force per-tile classification.
 
-``triton_attn_ops._tile_lists`` decides, per query tile, which key tiles run and which of them run
+``triton_attn_layout._tile_lists`` decides, per query tile, which key tiles run and which of them run
 without any mask (and, per key tile, the same for the ``dK/dV`` pass). The reference here builds
 the dense ``[Nq, Nk]`` structural and semantic masks of every sequence and classifies each tile
 by looking at its entries: a tile runs when it holds a denominator pair (any in-bounds pair under
@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlm.kernels import triton_attn_ops as ops
+from vlm.kernels import triton_attn_layout as ops
 
 
 def _dense_allowed(qg, kg, allow, kr, rs):

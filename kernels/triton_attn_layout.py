@@ -5,7 +5,8 @@ the form the kernels read (``triton_attn_args.Masks``/``Tiles``): int32 group id
 inside ``subset_group``, the ``allow`` matrix as bit words, and per query tile (per key tile for
 ``dK/dV``) the list of tiles that run, full ones first. Every block of a tower passes the same mask
 tensors, so :func:`layout` caches the result per set of tensors (:data:`LAYOUT_CACHE`): the first
-attention call of a pass builds it, the others reuse it.
+attention call of a pass builds it, the others reuse it. ``row_subset`` enters the layout by its
+shape only (its words are read per call), so per-block subsets do not rebuild the tile lists.
 """
 
 from __future__ import annotations
@@ -195,12 +196,9 @@ def _build_layout(q: Tensor, k: Tensor, cu_q: Optional[Tensor], cu_k: Optional[T
     qg_t, qg_b = groups(qg)
     kg_t, kg_b = groups(kg)
     kr = _subset_rank(kg_t, subset_group, cu_k) if has_subset else None
-    rs, rs_b, words = None, False, 1
+    rs_b, words = False, 1
     if has_subset:
-        rs = row_subset.to(device=dev, dtype=torch.int64)
-        words = rs.shape[-1] if rs.dim() == (2 if varlen else 3) else 1
-        rs = rs.reshape(*rs.shape[: (1 if varlen else 2)], words).contiguous()
-        rs_b = not varlen and rs.shape[0] > 1
+        words, rs_b = subset_shape(row_subset, varlen)
     cls = None
     if has_allow or has_subset:
         if varlen:
@@ -217,20 +215,35 @@ def _build_layout(q: Tensor, k: Tensor, cu_q: Optional[Tensor], cu_k: Optional[T
     tm, tn = triton.cdiv(max(nq_arg, 1), bm), triton.cdiv(max(nk_arg, 1), bn)
     tiles_q, tiles_k = _tile_lists(cls, expand(lens_q), expand(lens_k), expand(lens_e), tm, tn, bm, bn, causal,
                                    all_keys)
-    masks = Masks(qg_t if has_allow else None, kg_t, kr, allow_bits(allow.to(dev)) if has_allow else None, rs,
-                  words, None)
+    masks = Masks(qg_t if has_allow else None, kg_t, kr, allow_bits(allow.to(dev)) if has_allow else None, None,
+                  words, None)  # the row_subset words and thresholds are the call's own (subset_words)
     flags = dict(QG_B=qg_b, KG_B=kg_b, RS_B=rs_b, TAB_B=tiles_q.lst.shape[0] > 1)
     return Layout(Seqs(cu_q if varlen else None, cu_k if varlen else None, klen_t), masks, tiles_q, tiles_k,
                   nq_arg, nk_arg, flags, seg_q, refs)
+
+
+def subset_shape(row_subset: Tensor, varlen: bool) -> tuple[int, bool]:
+    """``(words per row, one row of words per batch)`` of a ``row_subset`` mask."""
+    words = row_subset.shape[-1] if row_subset.dim() == (2 if varlen else 3) else 1
+    return words, not varlen and row_subset.shape[0] > 1
+
+
+def subset_words(row_subset: Tensor, varlen: bool, device: torch.device) -> Tensor:
+    """``row_subset`` as int64 words ``[B|1, Nq, W]`` (packed ``[Tq, W]``): per call, since a
+    learner may pick new subsets in every block while the rest of the layout stays."""
+    words, _ = subset_shape(row_subset, varlen)
+    rs = row_subset.to(device=device, dtype=torch.int64)
+    return rs.reshape(*rs.shape[: (1 if varlen else 2)], words).contiguous()
 
 
 def layout(q: Tensor, k: Tensor, cu_q: Optional[Tensor], cu_k: Optional[Tensor], klen: Optional[Tensor],
            qg: Optional[Tensor], kg: Optional[Tensor], allow: Optional[Tensor], row_subset: Optional[Tensor],
            causal: bool, subset_group: int, all_keys: bool, bm: int, bn: int) -> Layout:
     """The call's :class:`Layout`, from :data:`LAYOUT_CACHE` when its mask tensors were seen."""
-    refs = (cu_q, cu_k, klen, qg, kg, allow, row_subset)
+    refs = (cu_q, cu_k, klen, qg, kg, allow)
     sizes = (q.shape[0], q.shape[2]) if cu_q is None else (q.shape[0],)
-    key = (*map(_key, refs), sizes, k.shape[0] if cu_q is not None else k.shape[2], q.device, bool(causal),
+    subset = None if row_subset is None else (tuple(row_subset.shape), row_subset.device)
+    key = (*map(_key, refs), subset, sizes, k.shape[0] if cu_q is not None else k.shape[2], q.device, bool(causal),
            subset_group, all_keys, bm, bn)
     hit = LAYOUT_CACHE.get(key)
     if hit is not None:

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from vlm.kernels import triton_attn_kernels as K
 from vlm.kernels.triton_attn_args import Cfg, View
-from vlm.kernels.triton_attn_layout import Layout, layout
+from vlm.kernels.triton_attn_layout import Layout, layout, subset_words
 
 #: True when kernels run under the Triton CPU interpreter (read once, like ``triton.jit`` does).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -79,6 +79,7 @@ class Prepared:
     cfg: Cfg
     scale: float
     thr: Optional[Tensor]  # per-row top-k thresholds (None without top-k)
+    rs: Optional[Tensor]  # the call's row_subset words (None without)
 
     @property
     def block_m(self) -> int:
@@ -100,7 +101,7 @@ class Prepared:
             return
         lay = self.layout
         cfg = self.cfg.with_(**switches) if switches else self.cfg
-        masks = lay.masks._replace(thr=self.thr)
+        masks = lay.masks._replace(thr=self.thr, rs=self.rs)
         tiles = lay.tiles_q if by == "q" else lay.tiles_k
         warps, stages = launch_config(kernel.__name__, self.block_m, self.block_n, self.head_dim,
                                       self.q.ptr.element_size(), bool(self.cfg.HAS_TOPK.value))
@@ -231,7 +232,8 @@ def prepare(q: Tensor, k: Tensor, v: Tensor, cu_q: Optional[Tensor], cu_k: Optio
     elif not use_topk:
         thr = None
     prep = Prepared(View.of(q, varlen), View.of(k, varlen), View.of(v, varlen), varlen, batch, heads, d, max_nq,
-                    max_nk, aux_shape, lay, cfg, float(scale), thr)
+                    max_nk, aux_shape, lay, cfg, float(scale), thr,
+                    subset_words(row_subset, varlen, q.device) if row_subset is not None else None)
     if compute_thr:  # the threshold pass reads no threshold
         prep.launch(K.attn_topk_threshold, prep.grid("q"), topk, HAS_TOPK=False, SORT=TOPK_SORT, TOPK_W=topk_w)
     return prep

@@ -262,13 +262,22 @@ class TCPA(PromptLearner):
             raise RuntimeError("TCPA.attention_spec without before_block for this layer.")
         if spec.q_groups is not None or spec.normalize != "softmax" or spec.topk is not None:
             raise ValueError("TCPA cannot combine with another hook that sets groups, normalisation or top-k.")
-        types = state.types.long()
-        k_groups = torch.where(types == int(TokenType.CLS), GROUP_CLS, GROUP_TOKENS)
-        ours = (types == int(TokenType.PROMPT_CLS)) | (types == int(TokenType.PROMPT_IMG))
-        k_groups = torch.where(ours & state.kv_only, GROUP_PROMPTS, k_groups)
-        # the key/value-only tokens are exactly the pools inserted at the prefix (before_block)
-        start, end = sc["prefix"], sc["prefix"] + self.num_prompt_tokens
-        q_groups = torch.cat([k_groups[..., :start], k_groups[..., end:]], -1)
+        # The groups depend only on where CLS and the pools sit: the CLS/register prefix (checked in
+        # every block) and the pools inserted right after it. So they are built once per pass and
+        # shape, and every block passes the same tensors: the attention's mask layout (tile lists)
+        # is then built by the first block and reused by the others.
+        cached = sc.get("groups")
+        if cached is not None and cached[0] == tuple(state.types.shape):
+            _, q_groups, k_groups = cached
+        else:
+            types = state.types.long()
+            k_groups = torch.where(types == int(TokenType.CLS), GROUP_CLS, GROUP_TOKENS)
+            ours = (types == int(TokenType.PROMPT_CLS)) | (types == int(TokenType.PROMPT_IMG))
+            k_groups = torch.where(ours & state.kv_only, GROUP_PROMPTS, k_groups)
+            # the key/value-only tokens are exactly the pools inserted at the prefix (before_block)
+            start, end = sc["prefix"], sc["prefix"] + self.num_prompt_tokens
+            q_groups = torch.cat([k_groups[..., :start], k_groups[..., end:]], -1)
+            sc["groups"] = (tuple(state.types.shape), q_groups, k_groups)
         return spec.replace(
             q_groups=q_groups,
             k_groups=k_groups,

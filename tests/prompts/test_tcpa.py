@@ -319,3 +319,48 @@ def test_vfpt_base_is_vpt_deep_with_fourier_prompts():
         torch.testing.assert_close(bb.vision.forward_features(images, [vf]).x, m.norm(x), **TOL)
     with pytest.raises(ValueError):
         VFPT(fourier_fraction=1.5)
+
+
+def test_groups_are_built_once_per_pass_and_the_kernel_layout_once(monkeypatch):
+    """Every block of a pass hands the attention the same group tensors (the CLS/prompt layout does
+    not change between blocks), so the fused kernel's mask layout is built by the first block only;
+    a new pass builds new ones. Checked through the Triton kernel (interpreter) with launches stubbed."""
+    from vlm.kernels import triton_attention as fused
+    from vlm.kernels import triton_attn_layout, triton_attn_ops
+
+    if not triton_attn_ops.INTERPRET:
+        pytest.skip("needs TRITON_INTERPRET=1 to reach the Triton host code on CPU")
+    bb = vit()
+    t = make(bb)
+    seen, builds = [], []
+    real_build = triton_attn_layout._build_layout
+
+    def counting_build(*args):
+        builds.append(1)
+        return real_build(*args)
+
+    real_attention = fused.triton_attention
+
+    def recording(q, k, v, spec):
+        seen.append((id(spec.q_groups), id(spec.k_groups)))
+        return real_attention(q, k, v, spec)
+
+    def no_launch(kernel, grid, args, kwargs):
+        for out in args:  # the outputs the host reads afterwards: finite values
+            if hasattr(out, "ptr") and out.ptr.dtype.is_floating_point:
+                out.ptr.zero_()
+
+    monkeypatch.setattr(triton_attn_layout, "_build_layout", counting_build)
+    monkeypatch.setattr(triton_attn_ops, "LAUNCHER", no_launch)
+    monkeypatch.setattr(fused, "triton_attention", recording)
+    monkeypatch.setenv("VLM_ATTENTION_BACKEND", "triton")
+    triton_attn_layout.LAYOUT_CACHE.clear()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for _ in range(2):
+            spec_ids = len(seen)
+            state = bb.vision.forward_features(images, [t])
+            this_pass = seen[spec_ids:]
+            assert len(this_pass) == 3 and len(set(this_pass)) == 1, this_pass
+    assert state.x.isfinite().all()
+    assert len(builds) == 2  # one per pass, not one per block

@@ -66,7 +66,7 @@ def _unpack(tiles: ops.Tiles, b: int):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("all_keys", [False, True])
-@pytest.mark.parametrize("nq,nk", [(70, 70), (40, 90), (90, 90)])
+@pytest.mark.parametrize("nq,nk", [(70, 70), (40, 90), (90, 90), (90, 40)])
 def test_tile_lists_match_bruteforce(causal, all_keys, nq, nk):
     gen = torch.Generator().manual_seed(nq * 7 + nk)
     bm, bn = 16, 16

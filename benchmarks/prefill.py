@@ -21,12 +21,16 @@ after LLM layer 1) at T = 640/320/160. Its overhead columns are the LLM stage's:
 (probe query re-projection, gathers from layer 1's keys/values, scores, top-T; timed on its own) and the whole cut machinery (a run that
 scores but keeps every token, minus the plain ``self.lm`` prefill), as % of the unpruned LLM prefill.
 
+``--packed``: the LLM prefill of a ragged batch (text lengths 1x to 4x ``text_tokens``), padded
+against packed into one row (``LlavaBackbone(packed_prefill=True)``), unpruned and pruned.
+
 Times are medians over ``--repeats``. Every speed-up and every overhead compares two runs timed
 alternately (:func:`timed_pair`), so that drift in the machine's speed hits both sides alike. On a
 shared CPU pass ``--threads 1``: a multi-threaded op stalls whenever another process holds a core.
 
 Usage: python benchmarks/prefill.py --size small --pruner vtc_cls --repeats 5
        python benchmarks/prefill.py --size small --anyres --repeats 3
+       python benchmarks/prefill.py --size small --packed --batch 4 --repeats 5
 """
 
 from __future__ import annotations
@@ -184,11 +188,50 @@ def anyres(args, device: str, dtype: torch.dtype) -> None:
 
 
 @torch.no_grad()
+def packed(args, device: str, dtype: torch.dtype) -> None:
+    """Padded against packed LLM prefill (``vlm.towers.packed_prefill``) on a ragged batch: sample i
+    has ``text_tokens * (1 + 3 i / (B - 1))`` text tokens around its image (1x to 4x), unpruned and
+    at the 64/576 budget of ``--pruner``. FLOP ideal: padded FLOPs (B x the longest) over packed."""
+    model, cfg = build(args.size, dtype, device)
+    padded_runner, packed_runner = LlavaRunner(model), LlavaRunner(model, packed_prefill=True)
+    text, b = SIZES[args.size]["text_tokens"], max(args.batch, 2)
+    lengths = [text + (3 * text * i) // (b - 1) for i in range(b)]
+    seqs = [torch.randint(10, 900, (n,)) for n in lengths]
+    for s in seqs:
+        s[8] = IMAGE_TOKEN
+    ids = torch.zeros(b, max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)], mask[i, : len(s)] = s, 1
+    ids, mask = ids.to(device), mask.to(device)
+    pix = torch.randn(b, 3, cfg.vision_config.image_size, cfg.vision_config.image_size, device=device, dtype=dtype)
+    print(f"device: {device_name(device)}; size={args.size}; batch={b}; text tokens {lengths}; dtype {dtype}; "
+          f"attention backend of the packed run: vlm.kernels varlen ({'Triton' if device == 'cuda' else 'per sample'})")
+    print("| budget | padded tokens | packed tokens | padded ms | packed ms | speed-up | FLOP ideal | max abs diff |")
+    print("|---|---|---|---|---|---|---|---|")
+    n_patch = cfg.image_seq_length
+    for budget in (n_patch, n_patch * 64 // 576):
+        hooks = [] if budget == n_patch else [pruning.create(args.pruner, num_tokens=budget)]
+        inputs = padded_runner.prepare(ids, pix, mask, hooks)
+        valid = inputs.attention_mask.bool()
+        t_pad, t_pack = timed_pair(lambda: padded_runner.prefill(inputs, None, "right"),
+                                   lambda: packed_runner.prefill(inputs, None, "right"), args.repeats, device)
+        diff = (padded_runner.prefill(inputs, None, "right")[0] - packed_runner.prefill(inputs, None, "right")[0])[valid]
+        counts = valid.sum(1).tolist()
+        ideal = b * llm_flops(cfg, max(counts)) / sum(llm_flops(cfg, n) for n in counts)
+        print(f"| {budget}{' (none)' if budget == n_patch else ''} | {valid.numel()} | {sum(counts)} | "
+              f"{1e3 * t_pad:.1f} | {1e3 * t_pack:.1f} | {t_pad / t_pack:.2f} | {ideal:.2f} | "
+              f"{diff.abs().max().item():.1e} |")
+
+
+@torch.no_grad()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", choices=list(SIZES), default="small")
     ap.add_argument("--pruner", default="vtc_cls", choices=pruning.available())
     ap.add_argument("--anyres", action="store_true", help="LLaVA-NeXT with FlowCut's two-stage cut (--pruner unused)")
+    ap.add_argument("--packed", action="store_true",
+                    help="padded against packed LLM prefill on a ragged batch (--batch samples, at least 2)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None,
@@ -201,6 +244,9 @@ def main() -> None:
     dtype = torch.float16 if device == "cuda" else torch.float32
     if args.anyres:
         anyres(args, device, dtype)
+        return
+    if args.packed:
+        packed(args, device, dtype)
         return
     model, cfg = build(args.size, dtype, device)
     runner = LlavaRunner(model)

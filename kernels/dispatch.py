@@ -10,7 +10,8 @@ dtype and sizes (no tensor is read), so it is unit-tested on a CPU-only machine:
   when causal) or the memory-efficient kernel (fp32, padding, bottom-right causal through an
   additive mask); on CPU the fused CPU flash operator. Probe rows are recomputed from the lse.
 * everything else (groups, ``row_subset``, ``all_keys``, ``segmented``, ``topk``,
-  ``epilogue_add``, varlen) goes to the Triton kernel on CUDA, and to the reference on CPU.
+  ``epilogue_add``, varlen) goes to the Triton kernel on CUDA, and to the reference on CPU;
+  packed varlen calls the kernel does not take run sequence by sequence, each on its own route.
 
 The lse returned by the SDPA routes carries no gradient (PyTorch's ops do not differentiate it).
 ``VLM_ATTENTION_BACKEND`` forces ``reference``, ``torch`` (never Triton) or ``triton``.
@@ -24,7 +25,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from vlm.kernels.reference import reference_attention, structural_mask
+from vlm.kernels.reference import per_sequence_attention, reference_attention, structural_mask
 from vlm.kernels.spec import AttnOutput, AttnSpec
 
 _CPU_FLASH: Optional[Callable] = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -181,6 +182,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, spec: Optional[AttnSpec] = None) 
         flash_capable=dev == "cuda" and torch.cuda.get_device_capability(q.device)[0] >= 8, forced=forced)
     if route == "triton":
         return mod.triton_attention(q, k, v, spec)
+    if spec.is_varlen and forced != "reference":
+        return per_sequence_attention(q, k, v, spec, inner=attention)  # each sequence takes its own route
     if route in ("sdpa_flash", "sdpa_efficient"):
         return sdpa_attention(q, k, v, spec, route)
     if route == "cpu_flash":

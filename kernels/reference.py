@@ -18,7 +18,7 @@ Mask application order (CONTRACTS.md):
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -169,8 +169,13 @@ def _padded_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec) -> AttnOu
     return AttnOutput(out.to(q.dtype), lse.float(), probes)
 
 
-def _varlen_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec) -> AttnOutput:
-    """Packed input ``[T, H, D]``: run each sequence as a batch of one and repack."""
+def per_sequence_attention(
+    q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec, inner: Optional[Callable[..., AttnOutput]] = None
+) -> AttnOutput:
+    """Packed input ``[T, H, D]``: run each sequence as a batch of one through ``inner`` (the
+    reference by default; dispatch passes ``attention`` so that each sequence takes its own fused
+    route where no varlen kernel runs) and repack."""
+    inner = inner or _padded_attention
     cq, ck = spec.cu_seqlens_q.tolist(), spec.cu_seqlens_k.tolist()
     outs, lses, probes = [], [], []
     for i in range(len(cq) - 1):
@@ -189,7 +194,7 @@ def _varlen_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec) -> AttnOu
             row_subset=None if spec.row_subset is None else spec.row_subset[None, cq[i] : cq[i + 1]],
             epilogue_add=None if spec.epilogue_add is None else spec.epilogue_add[i : i + 1],
         )
-        o = _padded_attention(qi, ki, vi, sub)
+        o = inner(qi, ki, vi, sub)
         outs.append(o.out[0].transpose(0, 1))
         lses.append(o.lse[0].transpose(0, 1))
         if o.probes is not None:
@@ -208,7 +213,7 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, spec: Optional[AttnSpec
     """
     spec = spec or AttnSpec()
     if spec.is_varlen:
-        return _varlen_attention(q, k, v, spec)
+        return per_sequence_attention(q, k, v, spec)
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"attention expects q, k, v as [B, H, N, D]; got {tuple(q.shape)}, {tuple(k.shape)}.")
     return _padded_attention(q, k, v, spec)

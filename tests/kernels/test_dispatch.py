@@ -53,6 +53,25 @@ def test_cpu_fast_path_probes_equal_reference_rows(lengths, causal):
     torch.testing.assert_close(fast.probes.double(), ref.probes.double(), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("structured", [False, True], ids=["causal", "causal+groups"])
+def test_varlen_without_kernel_runs_each_sequence_on_its_route(monkeypatch, structured):
+    """Packed varlen where the Triton kernel does not run (here: CPU) is split per sequence, and each
+    sequence takes the route its own spec gets: the fused CPU op for plain causal attention."""
+    torch.manual_seed(3)
+    cu = torch.tensor([0, 5, 12, 13], dtype=torch.int32)
+    q, k, v = (torch.randn(13, 2, 8) for _ in range(3))
+    groups = dict(q_groups=torch.arange(13) % 2, k_groups=torch.arange(13) % 2,
+                  allow=torch.tensor([[True, False], [True, True]])) if structured else {}
+    spec = AttnSpec(cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True, **groups)
+    fused, real = [], dispatch.torch_attention
+    monkeypatch.setattr(dispatch, "torch_attention", lambda *a: fused.append(tuple(a[0].shape)) or real(*a))
+    out = attention(q, k, v, spec)
+    ref = reference_attention(q.double(), k.double(), v.double(), spec)
+    torch.testing.assert_close(out.out.double(), ref.out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.lse.double(), ref.lse.double(), atol=1e-5, rtol=1e-5)
+    assert fused == ([] if structured else [(1, 2, 5, 8), (1, 2, 7, 8), (1, 2, 1, 8)])
+
+
 def test_backend_env_forces_reference(monkeypatch):
     monkeypatch.setenv(dispatch.BACKEND_ENV, "reference")
     calls = []

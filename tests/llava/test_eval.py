@@ -73,3 +73,18 @@ def test_llava_eval_reports_metrics_tokens_and_latency(pope_dir, pruner):
     expected = pope_summary([(pope_yes_no(a), g) for a, g in zip(answers, labels)])
     assert m["test/pope_acc"] == pytest.approx(expected["pope_acc"])
     assert m["test/prefill_ms"] > 0 and m["test/decode_ms_per_token"] > 0
+
+
+def test_packed_prefill_gives_the_same_answers(pope_dir):
+    """The backbone option end to end: prompts of different lengths, pruned, answered packed and padded."""
+    images = [Image.open(pope_dir / f"{i}.png").convert("RGB") for i in range(3)]
+    questions = ["w0", "w1 w2 w3 w4 w5", "w2 w3"]
+    answers = []
+    for packed in (False, True):
+        torch.manual_seed(0)
+        backbone = LlavaBackbone(config=TINY_LLAVA_CONFIG, processor=str(pope_dir / "processor"), packed_prefill=packed)
+        assert backbone.runner.packed_prefill is packed
+        module = LlavaEval(backbone, pruner=pruning.create("flowcut", num_tokens=4), max_new_tokens=4,
+                           prompt_template="<image> {question}")
+        answers.append(module.answer(images, questions)[0])
+    assert answers[0] == answers[1] and any(answers[0]), answers

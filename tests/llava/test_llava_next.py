@@ -83,10 +83,12 @@ def test_packed_features_equal_transformers(model, pixels):
         assert visual.positions[i, : r.shape[0]].tolist() == list(range(r.shape[0]))
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("side", ["right", "left"])
 @torch.no_grad()
-def test_forward_parity_with_transformers(model, pixels, side):
-    runner = LlavaNextRunner(model)
+def test_forward_parity_with_transformers(model, pixels, side, packed):
+    """Packed, the three samples' different visual-token counts (52, 40, 88) run with no padding."""
+    runner = LlavaNextRunner(model, packed_prefill=packed)
     seqs = prompts(runner.encode_images(pixels, image_sizes=SIZES).counts)
     ids, mask = pad_batch(seqs, side)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -97,9 +99,10 @@ def test_forward_parity_with_transformers(model, pixels, side):
         torch.testing.assert_close(o, r, atol=ATOL, rtol=1e-5)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @torch.no_grad()
-def test_greedy_generation_parity(model, pixels):
-    runner = LlavaNextRunner(model)
+def test_greedy_generation_parity(model, pixels, packed):
+    runner = LlavaNextRunner(model, packed_prefill=packed)
     ids, mask = pad_batch(prompts(runner.encode_images(pixels, image_sizes=SIZES).counts), "left")
     ref = model.generate(input_ids=ids, pixel_values=pixels, image_sizes=SIZES, attention_mask=mask, do_sample=False,
                          max_new_tokens=8)

@@ -6,59 +6,50 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.llava.tiny import pad_batch, prompt, tiny_llava
+from tests.llava.tiny import pad_batch, prompt
 from vlm import pruning
 from vlm.towers.llava import LlavaRunner
 
 ATOL = 1e-5  # fp32 logits; tiny model, same kernels up to summation order
 
 
-@pytest.fixture(scope="module")
-def model():
-    return tiny_llava()
-
-
-@pytest.fixture(scope="module")
-def batch():
-    torch.manual_seed(1)
-    seqs = [prompt([1, 7, 8], [9, 10, 11], 16), prompt([1, 12], [13, 14, 15, 16, 17, 18], 16), prompt([1], [19], 16)]
-    return seqs, torch.randn(3, 3, 32, 32)
-
-
 def valid_logits(logits, mask):
     return [logits[i][mask[i].bool()] for i in range(logits.shape[0])]
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @torch.no_grad()
-def test_forward_parity_with_transformers(model, batch):
+def test_forward_parity_with_transformers(model, batch, packed):
     seqs, pix = batch
     ids, mask = pad_batch(seqs, "right")
     ref = model(input_ids=ids, pixel_values=pix, attention_mask=mask).logits
-    ours, inputs = LlavaRunner(model)(ids, pix, mask)
+    ours, inputs = LlavaRunner(model, packed_prefill=packed)(ids, pix, mask)
     assert torch.equal(inputs.attention_mask, mask)
     for r, o in zip(valid_logits(ref, mask), valid_logits(ours, mask)):
         torch.testing.assert_close(o, r, atol=ATOL, rtol=1e-5)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @torch.no_grad()
-def test_left_padded_forward_parity(model, batch):
+def test_left_padded_forward_parity(model, batch, packed):
     """transformers' forward takes position ids from the caller for left padding (as generate does)."""
     seqs, pix = batch
     ids, mask = pad_batch(seqs, "left")
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     ref = model(input_ids=ids, pixel_values=pix, attention_mask=mask, position_ids=pos).logits
-    ours, inputs = LlavaRunner(model)(ids, pix, mask, padding_side="left")
+    ours, inputs = LlavaRunner(model, packed_prefill=packed)(ids, pix, mask, padding_side="left")
     assert torch.equal(inputs.attention_mask, mask)
     for r, o in zip(valid_logits(ref, mask), valid_logits(ours, mask)):
         torch.testing.assert_close(o, r, atol=ATOL, rtol=1e-5)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @torch.no_grad()
-def test_greedy_generation_parity(model, batch):
+def test_greedy_generation_parity(model, batch, packed):
     seqs, pix = batch
     ids, mask = pad_batch(seqs, "left")
     ref = model.generate(input_ids=ids, pixel_values=pix, attention_mask=mask, do_sample=False, max_new_tokens=8)
-    ours = LlavaRunner(model).generate(ids, pix, mask, max_new_tokens=8)
+    ours = LlavaRunner(model, packed_prefill=packed).generate(ids, pix, mask, max_new_tokens=8)
     assert torch.equal(ours.tokens, ref[:, ids.shape[1] :])
     assert ours.prefill_s > 0 and ours.decode_s > 0
 

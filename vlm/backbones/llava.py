@@ -2,7 +2,8 @@
 
 Weights come from a hub id or a local directory (``model``); tests build a tiny random model from
 ``config`` (a ``LlavaConfig`` dict) instead. The LLM keeps the attention implementation named by
-``attn_implementation`` (``sdpa`` by default, or ``flash_attention_2``); the vision tower's
+``attn_implementation`` (``sdpa`` by default, or ``flash_attention_2``), except in a packed prefill
+(``packed_prefill``), whose attention is ``vlm.kernels.attention``'s varlen call; the vision tower's
 attention always goes through ``vlm.kernels.attention`` in the runner.
 """
 
@@ -26,6 +27,9 @@ class LlavaBackbone(Backbone):
     dtype: ``float32``, ``float16`` or ``bfloat16``.
     attn_implementation: the LLM's attention (transformers' name).
     position_policy: ``compact`` (renumber after pruning, the default) or ``original``.
+    packed_prefill: run the LLM prefill on the batch packed into one row (no compute on padding;
+        attention by ``vlm.kernels``' varlen kernel, ``vlm.towers.packed_prefill``); decoding
+        continues with ``attn_implementation``. Not with an LLM-stage pruner (its cut is padded).
     processor: hub id or path of the processor (tokenizer + image processor); default ``model``.
     """
 
@@ -41,6 +45,7 @@ class LlavaBackbone(Backbone):
         dtype: str = "float32",
         attn_implementation: str = "sdpa",
         position_policy: str = "compact",
+        packed_prefill: bool = False,
         processor: Optional[str] = None,
         freeze: bool = True,
     ) -> None:
@@ -64,7 +69,7 @@ class LlavaBackbone(Backbone):
         self.processor = AutoProcessor.from_pretrained(source) if source is not None else None
         if self.processor is not None:
             self.processor.tokenizer.padding_side = "left"  # generation pads on the left
-        self.runner = self.runner_class(self.model, position_policy=position_policy)
+        self.runner = self.runner_class(self.model, position_policy=position_policy, packed_prefill=packed_prefill)
         self._apply_freeze()
 
     def identity(self) -> dict[str, Any]:

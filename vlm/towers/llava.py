@@ -10,7 +10,8 @@ vision stage joins the vision hooks, and the language model runs layer by layer
 through :class:`~vlm.towers.language_model.CutDecoder`, which cuts the visual tokens after the
 pruner's layer (masks, positions and the per-layer KV cache are described there); the logits then
 cover the cut sequence, laid out by ``LlmInputs.cut``. Without one, the path is the plain
-``self.lm(...)`` call.
+``self.lm(...)`` call, or with ``packed_prefill=True`` that call on the batch packed into one row
+(``vlm.towers.packed_prefill``: no compute on padding; attention by the varlen kernel).
 
 Parity contract: with no hooks, :meth:`LlavaRunner.forward` logits equal transformers' forward
 and :meth:`LlavaRunner.generate` equals ``model.generate(do_sample=False)`` (tests, fp32).
@@ -39,6 +40,7 @@ from vlm.hooks import TowerHook, split_stages
 from vlm.tokens import TokenType
 from vlm.towers.hf_clip_vision import HFClipVisionRunner
 from vlm.towers.language_model import CutDecoder, LayerGroup, LlmInputs, llm_stage, vision_hooks
+from vlm.towers.packed_prefill import packed_prefill
 
 POSITION_POLICIES = ("compact", "original")
 
@@ -92,7 +94,7 @@ def image_runs(ids: Tensor, image_token_id: int) -> list[tuple[int, int]]:
 class LlavaRunner:
     """Holds references to a ``LlavaForConditionalGeneration``'s parts; owns no parameters."""
 
-    def __init__(self, model: nn.Module, position_policy: str = "compact") -> None:
+    def __init__(self, model: nn.Module, position_policy: str = "compact", packed_prefill: bool = False) -> None:
         if position_policy not in POSITION_POLICIES:
             raise ValueError(f"position_policy {position_policy!r} is not one of {POSITION_POLICIES}.")
         inner = getattr(model, "model", model)
@@ -109,6 +111,7 @@ class LlavaRunner:
         self.feature_layer = int(cfg.vision_feature_layer)
         self.drop_cls = cfg.vision_feature_select_strategy == "default"
         self.position_policy = position_policy
+        self.packed_prefill = packed_prefill
 
     # --- vision -------------------------------------------------------------------------------
     def project_kept(self, pixel_values: Tensor, hooks: Optional[Iterable[TowerHook]] = None) -> VisualTokens:
@@ -234,11 +237,20 @@ class LlavaRunner:
     def decoder(self, hooks: Optional[Iterable[TowerHook]] = None) -> Optional[CutDecoder]:
         """The layer-by-layer decoder for the LLM-stage pruner among ``hooks``; None without one."""
         pruner = llm_stage(hooks)
+        if pruner is not None and self.packed_prefill:
+            raise ValueError(
+                f"packed_prefill=True with the LLM-stage pruner {type(pruner).__name__}: its cut runs the decoder layer "
+                "by layer on the padded batch. Set packed_prefill=False for this pruner (vision-stage pruners pack)."
+            )
         return None if pruner is None else CutDecoder(self.lm, pruner, self.position_policy)
 
     def prefill(self, inputs: LlmInputs, decoder: Optional[CutDecoder], side: str, cache=None) -> tuple[Tensor, LlmInputs]:
         """Final-norm hidden states of the LLM over ``inputs`` (padded on ``side``), filling ``cache``
-        if given: ``self.lm``'s own forward, or ``decoder``'s cut (the inputs then get ``cut``)."""
+        if given: ``self.lm``'s own forward (packed when ``packed_prefill``; zeros on padding then),
+        or ``decoder``'s cut (the inputs then get ``cut``)."""
+        if decoder is None and self.packed_prefill:
+            h = packed_prefill(self.lm, inputs.embeds, inputs.attention_mask, inputs.position_ids, cache)
+            return h, inputs
         if decoder is None:
             h = self.lm(
                 inputs_embeds=inputs.embeds,

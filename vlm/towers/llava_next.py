@@ -82,8 +82,8 @@ def unpad_bounds(rows: int, cols: int, height: int, width: int) -> tuple[int, in
 class LlavaNextRunner(LlavaRunner):
     """LLaVA-NeXT: anyres crops through the block runner, packing, then LLaVA's LLM path."""
 
-    def __init__(self, model: nn.Module, position_policy: str = "compact") -> None:
-        super().__init__(model, position_policy)
+    def __init__(self, model: nn.Module, position_policy: str = "compact", packed_prefill: bool = False) -> None:
+        super().__init__(model, position_policy, packed_prefill)
         cfg = model.config
         inner = getattr(model, "model", model)
         if not self.drop_cls:

@@ -83,3 +83,32 @@ def test_new_mask_tensors_build_a_new_layout(counted):
     fresh = spec.replace(q_groups=spec.q_groups.clone(), row_subset=spec.row_subset.clone())
     triton_attention(q, k, v, fresh)
     assert warm < built and len(seen["_fwd_impl"]) == built  # a new pass's tensors: built again
+
+
+@torch.no_grad()
+def test_packed_prefill_layers_share_one_layout(counted, monkeypatch):
+    """The packed LLaVA prefill (``vlm.towers.packed_prefill``) hands every decoder layer the same
+    ``cu_seqlens`` tensor: the first layer's varlen call builds the layout, the others reuse it."""
+    from transformers import LlamaConfig, LlamaModel
+
+    import vlm.towers.packed_prefill as packed
+
+    seen, launches = counted
+    per_layer: list[int] = []
+
+    def counting_attention(q, k, v, spec):
+        out = triton_attention(q, k, v, spec)
+        per_layer.append(len(seen["_fwd_impl"]))
+        return out
+
+    monkeypatch.setattr(packed, "attention", counting_attention)
+    cfg = LlamaConfig(hidden_size=128, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+                      num_key_value_heads=2, vocab_size=16)
+    cfg._attn_implementation = "sdpa"
+    lm = LlamaModel(cfg).eval()
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, 25:] = 0
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    packed.packed_prefill(lm, torch.randn(2, 40, 128), mask, pos)
+    assert len(per_layer) == 4 and launches == ["attn_fwd"] * 4
+    assert per_layer[0] > per_layer[1] and per_layer[1:] == [per_layer[1]] * 3 and per_layer[1] <= 10, per_layer

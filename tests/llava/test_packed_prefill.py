@@ -163,6 +163,9 @@ def test_varlen_implementation_without_packing_is_a_clear_error():
     with packed_module.attention_implementation(lm, ATTN_IMPLEMENTATION):
         with pytest.raises(ValueError, match="packed sequences only.*packed_prefill=True"):
             lm(inputs_embeds=x, attention_mask=mask, position_ids=pos)
+        cu = torch.tensor([0, 5, 8], dtype=torch.int32)
+        with pytest.raises(ValueError, match="one row of all samples' tokens"):  # a padded batch, not packed
+            lm(inputs_embeds=x, position_ids=pos, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
 
 
 def test_llm_stage_pruner_with_packing_is_refused(model, batch):

@@ -99,11 +99,11 @@ def varlen_attention_forward(
             "run the prefill through vlm.towers.packed_prefill (LlavaBackbone(packed_prefill=True)), "
             "or load the model with attn_implementation='sdpa'."
         )
-    if query.shape[0] != 1 or key.shape[2] != int(cu_seq_lens_k[-1]) or attention_mask is not None:
+    if query.shape[0] != 1 or key.shape[2] != query.shape[2] or attention_mask is not None:  # no device sync
         raise ValueError(
             f"{ATTN_IMPLEMENTATION!r}: packed input is one row of all samples' tokens with no padding mask and no "
             f"cached prefix; got query {tuple(query.shape)}, keys {tuple(key.shape)}, "
-            f"{int(cu_seq_lens_k[-1])} packed key tokens, mask {'given' if attention_mask is not None else 'None'}."
+            f"mask {'given' if attention_mask is not None else 'None'}."
         )
     if dropout and module.training:
         raise ValueError(f"{ATTN_IMPLEMENTATION!r} has no attention dropout; set the model's attention_dropout to 0.")

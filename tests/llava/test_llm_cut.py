@@ -267,3 +267,34 @@ def test_flowcut_anyres_configs_use_both_stages(budget):
     built = FlowCutLlm(**{k: v for k, v in vars(pruner.init_args).items()})
     assert built.vision_stage is not None and built.vision_stage.num_tokens == budget // 2
     assert pruner.init_args.shared_count is True and pruner.init_args.newlines == "drop"  # the released recipe
+
+
+@pytest.mark.parametrize("policy", ["compact", "original"])
+@pytest.mark.parametrize("two_stage", [False, True], ids=["llm_only", "two_stage"])
+@pytest.mark.parametrize("side", ["left", "right"])
+@torch.no_grad()
+def test_packed_cut_equals_padded_cut(model, pixels, side, two_stage, policy, monkeypatch):
+    """``packed_prefill=True`` with the LLM-stage cut: layers 0..k packed over the assembled batch,
+    layers k+1.. packed over the cut one (one varlen call per layer), the same kept tokens, logits
+    and cut layout as the padded run, and the same greedy tokens from the re-padded split cache."""
+    import vlm.towers.packed_prefill as packed_module
+
+    hooks = [cut_pruner(crop_tokens=6) if two_stage else cut_pruner(two_stage=False)]
+    padded = LlavaNextRunner(model, position_policy=policy)
+    packed = LlavaNextRunner(model, position_policy=policy, packed_prefill=True)
+    ids, mask = batch(padded, pixels, side, hooks)
+    ref, ref_inputs = padded(ids, pixels, mask, hooks, padding_side=side, image_sizes=SIZES)
+    lengths, real = [], packed_module.attention
+    monkeypatch.setattr(packed_module, "attention", lambda q, k, v, spec: lengths.append(
+        torch.diff(spec.cu_seqlens_q).tolist()) or real(q, k, v, spec))
+    out, inputs = packed(ids, pixels, mask, hooks, padding_side=side, image_sizes=SIZES)
+    before, after = ref_inputs.attention_mask.sum(1).tolist(), ref_inputs.cut.attention_mask.sum(1).tolist()
+    assert lengths == [before] * 2 + [after] * 2 and before != after  # cut after layer 1 of 4
+    for name in ("index", "attention_mask", "position_ids", "visual_counts"):
+        assert torch.equal(getattr(inputs.cut, name), getattr(ref_inputs.cut, name)), name
+    valid = ref_inputs.cut.attention_mask.bool()
+    torch.testing.assert_close(out[valid], ref[valid], atol=ATOL, rtol=1e-5)
+    left_ids, left_mask = batch(padded, pixels, "left", hooks)
+    a = padded.generate(left_ids, pixels, left_mask, hooks, max_new_tokens=5, image_sizes=SIZES)
+    b = packed.generate(left_ids, pixels, left_mask, hooks, max_new_tokens=5, image_sizes=SIZES)
+    assert torch.equal(a.tokens, b.tokens)

@@ -166,11 +166,3 @@ def test_varlen_implementation_without_packing_is_a_clear_error():
         cu = torch.tensor([0, 5, 8], dtype=torch.int32)
         with pytest.raises(ValueError, match="one row of all samples' tokens"):  # a padded batch, not packed
             lm(inputs_embeds=x, position_ids=pos, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
-
-
-def test_llm_stage_pruner_with_packing_is_refused(model, batch):
-    seqs, pix = batch
-    ids, mask = pad_batch(seqs, "left")
-    hooks = [pruning.create("flowcut_llm", num_tokens=6, layer=0)]
-    with pytest.raises(ValueError, match="packed_prefill=True with the LLM-stage pruner.*packed_prefill=False"):
-        LlavaRunner(model, packed_prefill=True)(ids, pix, mask, hooks, padding_side="left")

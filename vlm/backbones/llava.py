@@ -29,7 +29,7 @@ class LlavaBackbone(Backbone):
     position_policy: ``compact`` (renumber after pruning, the default) or ``original``.
     packed_prefill: run the LLM prefill on the batch packed into one row (no compute on padding;
         attention by ``vlm.kernels``' varlen kernel, ``vlm.towers.packed_prefill``); decoding
-        continues with ``attn_implementation``. Not with an LLM-stage pruner (its cut is padded).
+        continues with ``attn_implementation``. An LLM-stage cut runs packed on both sides.
     processor: hub id or path of the processor (tokenizer + image processor); default ``model``.
     """
 

@@ -22,6 +22,11 @@ KV cache: one ``DynamicCache``; layers ``0..k`` hold the full-length keys/values
 positions, layers ``> k`` the cut ones with the group's positions, so per-layer cache lengths
 differ. Each decoding step appends one token to every group: its mask grows by one and the new
 token takes the position after the group's last one (:meth:`LayerGroup.next_token`).
+
+Packed (``packed=True``, ``vlm.towers.packed_prefill``): layers ``0..k`` run on the batch packed
+into one row and layers ``k+1..`` on the packed cut sequence, both with the varlen attention; the
+probe, the cut and the decoding steps see the same padded tensors as above (unpacked, zeros on
+padding; the cache re-padded per layer).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from vlm.hooks import LlmProbe, LlmStage, StageHooks, TowerHook, split_stages
+from vlm.towers.packed_prefill import PackedLayout, repad_cache, run_packed, scratch_cache
 
 
 @dataclass
@@ -122,7 +128,7 @@ def repack(keep: Tensor, side: str) -> tuple[Tensor, Tensor, Tensor]:
 class CutDecoder:
     """A transformers decoder with one LLM-stage pruner (module docstring). Owns no parameters."""
 
-    def __init__(self, lm: nn.Module, pruner: LlmStage, position_policy: str = "compact") -> None:
+    def __init__(self, lm: nn.Module, pruner: LlmStage, position_policy: str = "compact", packed: bool = False) -> None:
         n = int(lm.config.num_hidden_layers)
         if not 0 <= pruner.layer <= n - 2:
             raise ValueError(
@@ -138,6 +144,7 @@ class CutDecoder:
         self.lm = lm
         self.pruner = pruner
         self.position_policy = position_policy
+        self.packed = packed
         self.apply_rope: Callable = importlib.import_module(type(attn).__module__).apply_rotary_pos_emb
 
     # --- layers -------------------------------------------------------------------------------
@@ -194,15 +201,16 @@ class CutDecoder:
         if bool(visual.gather(1, probe_index[:, None]).any()):
             raise ValueError("The LLM-stage cut scores with each sample's last prompt token; it must be text, not an image token.")
         before = LayerGroup(range(0, k + 1), inputs.attention_mask, inputs.position_ids)
-        from transformers import DynamicCache
-
-        # Layers 0..k always fill a cache: layer k's keys and values are the scores' inputs.
-        early = cache if cache is not None else DynamicCache(config=self.lm.config)
-        mask, rope = self.context(before, inputs.embeds, early)
-        h_in = self.run(range(0, k), inputs.embeds, mask, rope, before.position_ids, early)
-        h = self.run(range(k, k + 1), h_in, mask, rope, before.position_ids, early)
-        kv = early.layers[k]
-        probe, visual_index = self.probe(h_in, rope, kv.keys, kv.values, scored, probe_index)
+        if self.packed:
+            h_in, h, rope, keys, values = self.early_packed(inputs, cache)
+        else:
+            # Layers 0..k always fill a cache: layer k's keys and values are the scores' inputs.
+            early = cache if cache is not None else scratch_cache(self.lm)
+            mask, rope = self.context(before, inputs.embeds, early)
+            h_in = self.run(range(0, k), inputs.embeds, mask, rope, before.position_ids, early)
+            h = self.run(range(k, k + 1), h_in, mask, rope, before.position_ids, early)
+            keys, values = early.layers[k].keys, early.layers[k].values
+        probe, visual_index = self.probe(h_in, rope, keys, values, scored, probe_index)
 
         length = h.shape[1]
         slot = torch.where(probe.valid, visual_index, length)  # padding slots land on a dropped column
@@ -216,13 +224,43 @@ class CutDecoder:
             positions = rank
         positions = positions.masked_fill(~kept, 1)  # pads at 1, as transformers does
         after = LayerGroup(range(k + 1, n_layers), kept.to(inputs.attention_mask.dtype), positions)
-        mask, rope = self.context(after, h, cache)
-        h = self.run(after.layers, h, mask, rope, positions, cache)
+        if self.packed:
+            h = self.late_packed(after, h, cache)
+        else:
+            mask, rope = self.context(after, h, cache)
+            h = self.run(after.layers, h, mask, rope, positions, cache)
         cut = LlmCut(
             layer=k, index=index.masked_fill(~kept, -1), attention_mask=after.attention_mask, position_ids=positions,
             visual_counts=(torch.gather(visual, 1, index) & kept).sum(1), groups=[before, after],
         )
         return self.lm.norm(h), cut
+
+    # --- packed prefill (vlm.towers.packed_prefill) -------------------------------------------
+    def early_packed(self, inputs: LlmInputs, cache) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor], Tensor, Tensor]:
+        """Layers ``0..k`` over the packed batch. Returns, padded again: layer ``k``'s input and
+        output, the RoPE tables, and layer ``k``'s keys and values (what the probe reads); ``cache``
+        (if given) gets layers ``0..k`` re-padded."""
+        k = self.pruner.layer
+        layout = PackedLayout.from_mask(inputs.attention_mask)
+        x, positions = layout.pack(inputs.embeds), layout.pack(inputs.position_ids)
+        scratch = scratch_cache(self.lm)  # layer k's keys and values are the scores' inputs
+        h_in = run_packed(self.lm, range(0, k), x, layout, positions, scratch)
+        h = run_packed(self.lm, range(k, k + 1), h_in, layout, positions, scratch)
+        if cache is not None:
+            repad_cache(scratch, cache, layout, range(0, k + 1))
+        rope = tuple(layout.unpack(t) for t in self.lm.rotary_emb(x, position_ids=positions))
+        kv = scratch.layers[k]
+        return layout.unpack(h_in), layout.unpack(h), rope, layout.unpack_heads(kv.keys), layout.unpack_heads(kv.values)
+
+    def late_packed(self, after: LayerGroup, h: Tensor, cache) -> Tensor:
+        """The layers after the cut over the packed cut sequence ``h [B, L', D]`` (padded on input
+        and output); ``cache`` (if given) gets them re-padded."""
+        layout = PackedLayout.from_mask(after.attention_mask)
+        scratch = None if cache is None else scratch_cache(self.lm)
+        out = run_packed(self.lm, after.layers, layout.pack(h), layout, layout.pack(after.position_ids), scratch)
+        if cache is not None:
+            repad_cache(scratch, cache, layout, after.layers)
+        return layout.unpack(out)
 
     def decode(self, embeds: Tensor, groups: list[LayerGroup], cache) -> Tensor:
         """Final-norm hidden states of the new tokens ``embeds [B, Q, D]``, with each group's mask

@@ -237,12 +237,7 @@ class LlavaRunner:
     def decoder(self, hooks: Optional[Iterable[TowerHook]] = None) -> Optional[CutDecoder]:
         """The layer-by-layer decoder for the LLM-stage pruner among ``hooks``; None without one."""
         pruner = llm_stage(hooks)
-        if pruner is not None and self.packed_prefill:
-            raise ValueError(
-                f"packed_prefill=True with the LLM-stage pruner {type(pruner).__name__}: its cut runs the decoder layer "
-                "by layer on the padded batch. Set packed_prefill=False for this pruner (vision-stage pruners pack)."
-            )
-        return None if pruner is None else CutDecoder(self.lm, pruner, self.position_policy)
+        return None if pruner is None else CutDecoder(self.lm, pruner, self.position_policy, self.packed_prefill)
 
     def prefill(self, inputs: LlmInputs, decoder: Optional[CutDecoder], side: str, cache=None) -> tuple[Tensor, LlmInputs]:
         """Final-norm hidden states of the LLM over ``inputs`` (padded on ``side``), filling ``cache``

@@ -22,6 +22,10 @@ How (FlashAttention's packing, as transformers' ``DataCollatorWithFlattening`` u
   cache filled by the packed run is re-padded per layer (zeros on padding, which the decode steps'
   2-D mask hides) so that decoding continues on the padded batch with the model's own attention.
 
+:func:`packed_prefill` runs the decoder's own forward this way; :func:`run_packed` runs a range of
+its layers, for the LLM-stage cut (``vlm.towers.language_model.CutDecoder``), which packs the
+layers before its cut and, with a new layout, those after it.
+
 Parity contract (tests): the hidden states at every real token equal the padded prefill's, and
 greedy generation gives the same tokens.
 """
@@ -136,6 +140,38 @@ def attention_implementation(lm: nn.Module, name: str) -> Iterator[None]:
         config._attn_implementation = previous
 
 
+def run_packed(
+    lm: nn.Module, layers: range, h: Tensor, layout: PackedLayout, position_ids: Tensor, cache=None
+) -> Tensor:
+    """Decoder ``layers`` of ``lm`` (a ``LlamaModel``-like decoder: ``layers``, ``rotary_emb``) over
+    the packed row ``h [1, T, D]`` with packed ``position_ids [1, T]``, filling ``cache`` (packed
+    ``[1, Hkv, T, d]`` per layer) if given; for callers that drive the layers themselves."""
+    register()
+    rope = lm.rotary_emb(h, position_ids=position_ids)
+    cu = layout.cu_seqlens
+    packing = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=layout.max_len, max_length_k=layout.max_len)
+    with attention_implementation(lm, ATTN_IMPLEMENTATION):
+        for i in layers:
+            h = lm.layers[i](h, attention_mask=None, position_ids=position_ids, cache=cache, use_cache=cache is not None,
+                             position_embeddings=rope, **packing)
+    return h
+
+
+def repad_cache(packed_cache, cache, layout: PackedLayout, layers: range) -> None:
+    """Copy ``layers`` of ``packed_cache`` (filled by a packed run) into ``cache``, re-padded to
+    ``[B, Hkv, L, d]`` (zeros on padding, which the decode steps' 2-D mask hides)."""
+    for i in layers:
+        layer = packed_cache.layers[i]
+        cache.update(layout.unpack_heads(layer.keys), layout.unpack_heads(layer.values), i)
+
+
+def scratch_cache(lm: nn.Module):
+    """An empty ``DynamicCache`` for ``lm``'s layers."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=lm.config)
+
+
 def packed_prefill(
     lm: nn.Module, embeds: Tensor, attention_mask: Tensor, position_ids: Tensor, cache=None
 ) -> Tensor:
@@ -148,11 +184,9 @@ def packed_prefill(
     cu = layout.cu_seqlens
     scratch = None
     if cache is not None:
-        from transformers import DynamicCache
-
         if cache.get_seq_length() != 0:
             raise ValueError("packed_prefill fills an empty cache; this one already holds tokens.")
-        scratch = DynamicCache(config=lm.config)
+        scratch = scratch_cache(lm)
     with attention_implementation(lm, ATTN_IMPLEMENTATION):
         h = lm(
             inputs_embeds=layout.pack(embeds), attention_mask=None, position_ids=layout.pack(position_ids),
@@ -160,6 +194,5 @@ def packed_prefill(
             cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=layout.max_len, max_length_k=layout.max_len,
         ).last_hidden_state
     if scratch is not None:
-        for i, layer in enumerate(scratch.layers):
-            cache.update(layout.unpack_heads(layer.keys), layout.unpack_heads(layer.values), i)
+        repad_cache(scratch, cache, layout, range(len(scratch.layers)))
     return layout.unpack(h)

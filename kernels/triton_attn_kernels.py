@@ -40,9 +40,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from vlm.kernels.triton_attn_masks import (aux_index, group_rows, key_range_end, key_tile, mm, mm_onehot, per_key,
-                                           program_tile, query_program, query_rows, scores, seq_bounds, tile_counts,
-                                           tile_masks, view_ptrs)
+from vlm.kernels.triton_attn_masks import (aux_index, group_rows, key_range_end, key_tile, load_rows, mm, mm_onehot,
+                                           per_key, program_tile, query_program, query_rows, scores, seq_bounds,
+                                           tile_counts, tile_masks, view_ptrs)
 
 #: ``log2(e)``. Bound as a ``tl.constexpr`` *object*: compiled Triton rejects plain (or merely
 #: annotated) module globals inside ``@triton.jit`` code; the interpreter never checks.
@@ -241,7 +241,7 @@ def attn_group_sums(Q, K, V, S, M, T, H, NQ, NK, scale, Shift, Zout, DO, NG, C):
     m_i = tl.full([C.BLOCK_M], float("-inf"), dtype=tl.float32)
     do = q
     if C.WITH_DO:
-        do = tl.load(view_ptrs(DO, b, h, q0, offs_m, C.HEAD_D), mask=row_ok[:, None], other=0.0)
+        do = load_rows(view_ptrs(DO, b, h, q0, offs_m, C.HEAD_D), row_ok, True)
         if C.UPCAST:
             do = do.to(tl.float32)
         m_i = tl.load(Shift + aux, mask=row_ok, other=float("-inf"))
@@ -341,11 +341,7 @@ def _dkdv_tile(dk, dv, k, v, kg, kr, offs_n, col_ok, start_m, b, h, q0, nq, nk, 
     row_ok = offs_m < nq
     aux = aux_index(b, h, q0, offs_m, H, NQ, C.VARLEN)
     q, qg, rs_rows, thr = query_rows(Q, M, b, h, q0, offs_m, row_ok, aux, NQ, C)
-    dop = view_ptrs(DO, b, h, q0, offs_m, C.HEAD_D)
-    if MASKED:
-        do = tl.load(dop, mask=row_ok[:, None], other=0.0)
-    else:
-        do = tl.load(dop)
+    do = load_rows(view_ptrs(DO, b, h, q0, offs_m, C.HEAD_D), row_ok, MASKED)
     if C.UPCAST:
         do = do.to(tl.float32)
     shift, dl_row, cmat, dmat = _row_grads(M, b, h, q0, offs_m, row_ok, aux, Lse, DL, Mult, NG, C)
@@ -395,7 +391,7 @@ def attn_bwd_dq(Q, K, V, S, M, T, H, NQ, NK, scale, DO, DQ, Lse, DL, Mult, NG, C
     """Backward for one query tile: stream its listed key tiles, ``dQ += scale dS K``."""
     pid_m, n_m, b, h, q0, nq, k0, nk, nk_eff, offs_m, row_ok, aux = query_program(S, H, NQ, NK, C)
     q, qg, rs_rows, thr = query_rows(Q, M, b, h, q0, offs_m, row_ok, aux, NQ, C)
-    do = tl.load(view_ptrs(DO, b, h, q0, offs_m, C.HEAD_D), mask=row_ok[:, None], other=0.0)
+    do = load_rows(view_ptrs(DO, b, h, q0, offs_m, C.HEAD_D), row_ok, True)
     if C.UPCAST:
         do = do.to(tl.float32)
     shift, dl_row, cmat, dmat = _row_grads(M, b, h, q0, offs_m, row_ok, aux, Lse, DL, Mult, NG, C)

@@ -87,6 +87,17 @@ def view_ptrs(X, b, h, r0, offs, HEAD_D: tl.constexpr):
 
 
 @triton.jit
+def load_rows(ptrs, ok, MASKED: tl.constexpr):
+    """The ``[rows, d]`` tile at ``ptrs``: rows where ``ok`` is False read 0 when ``MASKED``; a
+    full tile loads with no mask, so the load is unconditional and the compiler can pipeline it."""
+    if MASKED:
+        x = tl.load(ptrs, mask=ok[:, None], other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
 def aux_index(b, h, r0, offs, H, NQ, VARLEN: tl.constexpr):
     """Index of rows ``r0 + offs`` in the per-row fp32 arrays (lse, thresholds, shifts):
     ``[B, H, NQ]`` padded, ``[Tq, H]`` packed."""
@@ -138,7 +149,7 @@ def query_rows(Q, M, b, h, q0, offs_m, row_ok, aux, NQ, C):
     ``qg`` the query group ids, ``rs_rows`` pointers to each row's first ``row_subset`` word,
     ``thr`` the top-k thresholds (``-inf`` where a row keeps all its keys).
     """
-    q = tl.load(view_ptrs(Q, b, h, q0, offs_m, C.HEAD_D), mask=row_ok[:, None], other=0.0)
+    q = load_rows(view_ptrs(Q, b, h, q0, offs_m, C.HEAD_D), row_ok, True)
     if C.UPCAST:
         q = q.to(tl.float32)
     qg = offs_m * 0
@@ -166,18 +177,10 @@ def key_tile(K, V, M, b, h, k0, start_n, nk_eff, NK, C, MASKED: tl.constexpr, WI
     loads are unconditional and the compiler pipelines them."""
     offs_n = start_n + tl.arange(0, C.BLOCK_N)
     col_ok = offs_n < nk_eff
-    kp = view_ptrs(K, b, h, k0, offs_n, C.HEAD_D)
-    if MASKED:
-        k = tl.load(kp, mask=col_ok[:, None], other=0.0)
-    else:
-        k = tl.load(kp)
+    k = load_rows(view_ptrs(K, b, h, k0, offs_n, C.HEAD_D), col_ok, MASKED)
     v = k
     if WITH_V:
-        vp = view_ptrs(V, b, h, k0, offs_n, C.HEAD_D)
-        if MASKED:
-            v = tl.load(vp, mask=col_ok[:, None], other=0.0)
-        else:
-            v = tl.load(vp)
+        v = load_rows(view_ptrs(V, b, h, k0, offs_n, C.HEAD_D), col_ok, MASKED)
     if C.UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from vlm.kernels import offline_compile
+from vlm.kernels import offline_compile_cases
 from vlm.kernels import triton_attn_layout, triton_attn_ops as ops
 from vlm.kernels.triton_attention import triton_attention
 
@@ -53,7 +53,7 @@ def counted(monkeypatch):
 
 
 def _case(name):
-    return next(c for c in offline_compile._model_cases() if c.name.startswith(name))
+    return next(c for c in offline_compile_cases._model_cases() if c.name.startswith(name))
 
 
 @pytest.mark.parametrize("name,fwd_max,bwd_max", [("all_keys + row_subset", 12, 20), ("segmented, learned", 26, 16),

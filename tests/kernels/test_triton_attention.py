@@ -16,7 +16,6 @@ Tolerances (kernel in its dtype vs the reference in float64 on the kernel's roun
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import pytest
 import torch
@@ -42,9 +41,9 @@ def _accurate_fp32_dots(monkeypatch):
     """Compiled on a GPU, fp32 dots default to TF32 (10-bit mantissa); the fp32 tolerances above
     need about fp32 products: 3xTF32 gives them on the same tensor-core code paths that models run
     (``ieee`` would test FMA dots instead). The interpreter's products are exact anyway."""
-    from vlm.kernels import offline_compile, triton_attn_ops
+    from vlm.kernels import offline_compile_cases, triton_attn_ops
 
-    monkeypatch.setattr(triton_attn_ops, "FP32_DOT", offline_compile.TEST_FP32_DOT)
+    monkeypatch.setattr(triton_attn_ops, "FP32_DOT", offline_compile_cases.TEST_FP32_DOT)
 
 
 def _kernel():

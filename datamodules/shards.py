@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 from vlm.datamodules.splits import Datum
 from vlm.datamodules.transforms import to_rgb
 
-from vlm.hashing import sha256_file
+from vlm.runtime.hashing import sha256_file
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "vlm-shards-v1"

@@ -183,7 +183,7 @@ def launch_on_device(kernel, grid: tuple[int, ...], args: tuple, kwargs: dict) -
 
 
 #: Every kernel launch of this module goes through this callable ``(kernel, grid, args, kwargs)``.
-#: ``vlm.kernels.offline_compile`` swaps in a recorder to compile the exact specialisations for a
+#: ``vlm.kernels.offline.compile`` swaps in a recorder to compile the exact specialisations for a
 #: GPU target without one.
 LAUNCHER = launch_on_device
 

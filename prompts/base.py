@@ -71,7 +71,7 @@ class PromptLearner(TowerHook):
     def positional_tail(self) -> Optional[tuple[int, int]]:
         """``(n, last)`` if the learner finds vision prompt slots *by position*, as the last ``n``
         tokens, before blocks ``1..last``; None otherwise. A pruner whose per-sample counts differ
-        before ``last`` would move those slots (vlm.reliability.check_hooks)."""
+        before ``last`` would move those slots (vlm.runtime.reliability.check_hooks)."""
         return None
 
     def extra_repr(self) -> str:

@@ -110,7 +110,7 @@ class TokenPruner(TowerHook):
         new = new.replace(lengths=kept if ragged else None)
         return new, [torch.gather(t, 1, index) for t in (carry or [])]
 
-    # --- declarations read by vlm.reliability.check_hooks ---------------------------------------
+    # --- declarations read by vlm.runtime.reliability.check_hooks ---------------------------------------
     def cut_layers(self, num_blocks: int) -> tuple[list[int], bool]:
         """(the blocks after which this pruner may cut, in a pass of ``num_blocks`` blocks; whether
         the kept counts may differ per sample). The default is the safe assumption: any block,

@@ -10,8 +10,8 @@ import yaml
 
 from tests.datamodules.toydata import make_dataset
 from tests.helpers import tiny_clip_cfg
-from vlm.cli import main
-from vlm.identity import CheckpointMismatchError
+from vlm.runtime.cli import main
+from vlm.runtime.identity import CheckpointMismatchError
 
 
 def _write_configs(tmp: Path, data_root: Path, seed: int = 0) -> list[str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vlm.cli import parse_configs
+from vlm.runtime.cli import parse_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ROOT / "configs/experiments"

@@ -129,5 +129,5 @@ def test_methods_do_not_import_towers_or_modules(graph: dict[str, set[str]]) -> 
     """Learners and pruners speak the hook protocol (vlm.hooks, vlm.tokens, vlm.kernels) only."""
     for name, deps in graph.items():
         if name.startswith(("vlm.prompts", "vlm.pruning")):
-            bad = sorted(d for d in deps if d.startswith(("vlm.towers", "vlm.modules", "vlm.cli", "vlm.backbones")))
+            bad = sorted(d for d in deps if d.startswith(("vlm.towers", "vlm.modules", "vlm.runtime.cli", "vlm.backbones")))
             assert not bad, f"{name} imports {bad}"

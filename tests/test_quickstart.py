@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vlm.cli import main
+from vlm.runtime.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERLAYS = {"coop": None, **{p.stem: p for p in sorted((ROOT / "configs/quickstart").glob("*.yaml"))}}

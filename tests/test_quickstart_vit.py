@@ -19,7 +19,7 @@ from typing import Optional
 
 import pytest
 
-from vlm.cli import main
+from vlm.runtime.cli import main
 from vlm.metrics import mean_ci95
 
 ROOT = Path(__file__).resolve().parents[1]

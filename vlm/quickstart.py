@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from vlm.backbones.clip import ClipBackbone
-from vlm.checkpoint_io import read_safetensors
-from vlm.hashing import sha256_file
+from vlm.runtime.checkpoint_io import read_safetensors
+from vlm.runtime.hashing import sha256_file
 
 SHIPPED = "shipped"
 

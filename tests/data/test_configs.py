@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vlm.cli import main
+from vlm.runtime.cli import main
 from vlm.datamodules import available_datasets
 
 REPO = Path(__file__).resolve().parents[2]

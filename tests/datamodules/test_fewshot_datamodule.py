@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 
-from vlm.cli import VLMCLI
+from vlm.runtime.cli import VLMCLI
 from vlm.datamodules.fewshot import sample_fewshot, subsample_classes
 from vlm.datamodules.fewshot_datamodule import FewShotDataModule
 from vlm.datamodules.splits import read_split
@@ -156,7 +156,7 @@ def test_vlm_cli_links_classnames_from_the_data(toy_root: Path, tmp_path: Path, 
     }  # fmt: skip
     cfg_path = tmp_path / "config.json"
     cfg_path.write_text(json.dumps(config))
-    # vlm's own CLI (vlm.links): the model's classnames come from the data config, not from the model's
+    # vlm's own CLI (vlm.runtime.links): the model's classnames come from the data config, not from the model's
     cli = VLMCLI(args=["--config", str(cfg_path)], run=False, save_config_callback=None)
     assert cli.model.classnames == ["cat", "dog", "golden_retriever"]
     assert cli.datamodule.train_transforms == ["random_resized_crop", "normalize"]

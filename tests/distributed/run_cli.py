@@ -24,8 +24,8 @@ import lightning as L
 import torch
 import torch.distributed as dist
 
-from vlm.callbacks import BaseNewReport
-from vlm.cli import VLMCLI, release_process_group
+from vlm.runtime.callbacks import BaseNewReport
+from vlm.runtime.cli import VLMCLI, release_process_group
 
 
 class Record(L.Callback):
@@ -67,7 +67,7 @@ def main(argv: list[str]) -> None:
     stopped: SystemExit | None = None
     try:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=own.ckpt_path)
-    except SystemExit as err:  # a signal stopped fit (vlm.preemption): record, then exit with its status
+    except SystemExit as err:  # a signal stopped fit (vlm.runtime.preemption): record, then exit with its status
         stopped = err
     metrics: dict[str, float] = {}
     per_rank: list[dict[int, list[int]]] = [record.indices]

@@ -28,7 +28,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict]:
         d = tmp / f"w{world}"
         d.mkdir()
         cfg = write_config(d, data, batch_size=per_rank_batch)
-        args = ["--config", str(cfg), "--trainer.devices", str(world), "--trainer.callbacks+=vlm.callbacks.BaseNewReport"]
+        args = ["--config", str(cfg), "--trainer.devices", str(world), "--trainer.callbacks+=vlm.runtime.callbacks.BaseNewReport"]
         results[world] = run_cli(d / "out.json", args, base_env(), timeout=180)
     return results
 

@@ -19,7 +19,7 @@ from lightning.pytorch.strategies import DDPStrategy
 
 from tests.distributed.helpers import REPO, base_env, run_cli, toy_data, write_config
 from tests.helpers import tiny_clip_cfg
-from vlm.cli import VLMCLI
+from vlm.runtime.cli import VLMCLI
 
 RECORDER = """#!/usr/bin/env python3
 import json, os, sys
@@ -153,7 +153,7 @@ def test_sweep_task_fit_then_test_keeps_the_fit_logs(tmp_path: Path) -> None:
     env = base_env({
         **_slurm_env(1, 1), "SLURM_ARRAY_TASK_ID": "0", "PATH": f"{bin_dir}:{os.environ['PATH']}",
         "PROTOCOLS": "base2new", "DATASETS": "dtd", "SEEDS": "1", "CONFIGS": f"--config {model}",
-        "VLM": f"{sys.executable} -m vlm.cli",
+        "VLM": f"{sys.executable} -m vlm.runtime.cli",
         "EXTRA_ARGS": "--data.init_args.image_size 32 --data.init_args.batch_size 2 --data.init_args.num_workers 0",
     })  # fmt: skip
     proc = subprocess.run(["bash", "scripts/slurm/sweep_task.sbatch"], cwd=work, env=env, capture_output=True, text=True, timeout=300)

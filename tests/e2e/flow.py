@@ -21,7 +21,7 @@ import yaml
 
 from tests.data.layouts import write_layout
 from tests.helpers import tiny_clip_cfg
-from vlm.cli import main
+from vlm.runtime.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from tests.e2e.flow import REPO
 from vlm.backbones import ClipBackbone, ViTBackbone
-from vlm.links import check_image_size
+from vlm.runtime.links import check_image_size
 
 CONFIGS = sorted((REPO / "configs" / "backbone").glob("*.yaml"))
 

@@ -16,10 +16,10 @@ from tests.e2e.flow import readme_flow, results, run, versions
 from tests.helpers import tiny_clip_cfg
 from tests.reliability.helpers import coop_module, toy_datamodule, trainer, write_cli_config
 from vlm.backbones import ClipBackbone
-from vlm.callbacks import BaseNewReport
-from vlm.cli import main
+from vlm.runtime.callbacks import BaseNewReport
+from vlm.runtime.cli import main
 from vlm.modules import ViTClassifier
-from vlm.results import UntrainedModelError, collect_results
+from vlm.runtime.results import UntrainedModelError, collect_results
 
 
 def _without_ckpt(command: list[str]) -> list[str]:

@@ -20,8 +20,8 @@ from torch import nn
 from tests.datamodules.toydata import make_dataset
 from tests.e2e.flow import readme_flow, resolve, run, versions
 from tests.reliability.helpers import coop_module, toy_datamodule
-from vlm.callbacks import BaseNewReport
-from vlm.quiet import frozen_eval_modules, is_pooler_only_report
+from vlm.runtime.callbacks import BaseNewReport
+from vlm.runtime.quiet import frozen_eval_modules, is_pooler_only_report
 
 #: What a one-step run on a 6-image dataset is rightly warned about (the data, not vlm).
 TINY_DATA_WARNINGS = (

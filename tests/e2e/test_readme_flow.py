@@ -22,8 +22,8 @@ import pytest
 import yaml
 
 from tests.e2e.flow import COOP_DATASETS, REPO, readme_flow, resolve, results, run, versions
-from vlm.cli import VLMCLI
-from vlm.links import LinkedValueError, check_linked_values
+from vlm.runtime.cli import VLMCLI
+from vlm.runtime.links import LinkedValueError, check_linked_values
 
 
 @pytest.mark.parametrize("dataset", COOP_DATASETS)

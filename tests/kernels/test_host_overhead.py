@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from vlm.kernels import offline_compile_cases
+from vlm.kernels.offline import cases as offline_compile_cases
 from vlm.kernels import triton_attn_layout, triton_attn_ops as ops
 from vlm.kernels.triton_attention import triton_attention
 

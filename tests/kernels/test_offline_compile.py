@@ -1,7 +1,7 @@
 """Every fused-attention kernel specialisation compiles for sm_90 and sm_80, without a GPU.
 
 The rest of the suite runs the kernels under the Triton interpreter, which compiles nothing.
-Here ``vlm.kernels.offline_compile`` runs in a subprocess with ``TRITON_INTERPRET`` unset: it
+Here ``vlm.kernels.offline.compile`` runs in a subprocess with ``TRITON_INTERPRET`` unset: it
 routes the models' calls (and the kernel tests' and the benchmark's) as on a CUDA device, records
 the launches of those that reach Triton, and compiles each unique specialisation with the triton
 wheel's own compiler and ptxas: for sm_90 and sm_80, and for sm_90 only where only the kernel
@@ -28,7 +28,7 @@ DTYPES = ("fp32", "fp16", "bf16")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("offline_compile") / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "vlm.kernels.offline_compile", "--workers", "2", "--dtypes", ",".join(DTYPES),
+    cmd = [sys.executable, "-m", "vlm.kernels.offline.compile", "--workers", "2", "--dtypes", ",".join(DTYPES),
            "--test-caps", "90", "--json", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
     assert out.exists(), (f"offline_compile wrote no report (exit {proc.returncode}):\n"

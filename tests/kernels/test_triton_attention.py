@@ -41,7 +41,8 @@ def _accurate_fp32_dots(monkeypatch):
     """Compiled on a GPU, fp32 dots default to TF32 (10-bit mantissa); the fp32 tolerances above
     need about fp32 products: 3xTF32 gives them on the same tensor-core code paths that models run
     (``ieee`` would test FMA dots instead). The interpreter's products are exact anyway."""
-    from vlm.kernels import offline_compile_cases, triton_attn_ops
+    from vlm.kernels import triton_attn_ops
+    from vlm.kernels.offline import cases as offline_compile_cases
 
     monkeypatch.setattr(triton_attn_ops, "FP32_DOT", offline_compile_cases.TEST_FP32_DOT)
 

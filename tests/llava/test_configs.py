@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from vlm.cli import parse_configs
+from vlm.runtime.cli import parse_configs
 
 ROOT = Path(__file__).resolve().parents[2] / "configs" / "llava"
 PRUNERS = sorted((ROOT / "pruner").glob("*.yaml"))

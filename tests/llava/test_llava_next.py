@@ -15,7 +15,7 @@ from tests.llava.tiny import EOS, IMAGE_TOKEN, PAD, pad_batch, prompt, save_tiny
 from tests.pruning import plain
 from vlm import pruning
 from vlm.backbones import LlavaNextBackbone
-from vlm.cli import parse_configs
+from vlm.runtime.cli import parse_configs
 from vlm.modules.llava_eval import LlavaEval
 from vlm.towers.llava_next import LlavaNextRunner, unpad_bounds
 

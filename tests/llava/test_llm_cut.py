@@ -17,7 +17,7 @@ from tests.llava.test_llava_next import SIZES, TEXT, prompts, tiny_llava_next
 from tests.llava.tiny import IMAGE_TOKEN, pad_batch
 from vlm import pruning
 from vlm.pruning.flowcut_llm import FlowCutLlm
-from vlm.cli import parse_configs
+from vlm.runtime.cli import parse_configs
 from vlm.towers.llava_next import LlavaNextRunner
 
 ATOL = 1e-5

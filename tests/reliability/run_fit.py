@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 import lightning as L
 
-from vlm.cli import VLMCLI
+from vlm.runtime.cli import VLMCLI
 
 
 class Fault(L.Callback):

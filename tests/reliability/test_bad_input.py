@@ -15,14 +15,14 @@ from tests.helpers import tiny_clip_cfg
 from tests.reliability.helpers import coop_module, toy_datamodule, trainer, write_cli_config
 from vlm import pruning
 from vlm.backbones import ClipBackbone
-from vlm.cli import main, parse_configs
+from vlm.runtime.cli import main, parse_configs
 from vlm.datamodules.transforms import CorruptImageError
-from vlm.export import WEIGHTS, export_checkpoint, load_exported
+from vlm.runtime.export import WEIGHTS, export_checkpoint, load_exported
 from vlm.modules import CLIPClassifier, ViTClassifier
-from vlm.identity import CheckpointMismatchError
+from vlm.runtime.identity import CheckpointMismatchError
 from vlm.prompts import create
 from vlm.registry import UnknownNameError
-from vlm.reliability import IncompatibleHooksError, TokenBudgetError
+from vlm.runtime.reliability import IncompatibleHooksError, TokenBudgetError
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Atomic checkpoint writes and weights-only loading (vlm.checkpoint_io, installed by the CLI)."""
+"""Atomic checkpoint writes and weights-only loading (vlm.runtime.checkpoint_io, installed by the CLI)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import torch
 
 from tests.datamodules.toydata import make_dataset
 from tests.reliability.helpers import write_cli_config
-from vlm.checkpoint_io import SafeCheckpointIO, UnsafeCheckpointError
-from vlm.cli import VLMCLI, main
-from vlm.preemption import RNGStateCheckpoint, SigtermCheckpoint
+from vlm.runtime.checkpoint_io import SafeCheckpointIO, UnsafeCheckpointError
+from vlm.runtime.cli import VLMCLI, main
+from vlm.runtime.preemption import RNGStateCheckpoint, SigtermCheckpoint
 
 
 class Boom(RuntimeError):

@@ -17,8 +17,8 @@ from tests.data.layouts import write_layout
 from tests.datamodules.toydata import make_dataset
 from tests.e2e.flow import REPO, readme_flow, run
 from tests.reliability.helpers import toy_datamodule, write_cli_config
-from vlm.checkpoint_io import CorruptCheckpointError, read_safetensors
-from vlm.cli import main
+from vlm.runtime.checkpoint_io import CorruptCheckpointError, read_safetensors
+from vlm.runtime.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import yaml
 from tests.datamodules.toydata import make_dataset
 from tests.distributed.helpers import REPO
 from tests.reliability.helpers import write_cli_config
-from vlm.cli import main
+from vlm.runtime.cli import main
 
 
 def _slurm_logger(save_dir: Path) -> dict:

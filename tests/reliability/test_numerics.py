@@ -10,7 +10,7 @@ import torch
 from tests.datamodules.toydata import make_dataset
 from tests.reliability.helpers import coop_module, toy_datamodule, trainer
 from vlm.prompts.coop import CoOp
-from vlm.reliability import NonFiniteLossError, check_finite_losses
+from vlm.runtime.reliability import NonFiniteLossError, check_finite_losses
 
 
 class NaNAfter(CoOp):

@@ -12,8 +12,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from tests.datamodules.toydata import make_dataset
 from tests.reliability.helpers import coop_module, toy_datamodule, trainer
-from vlm.checkpoint_io import SafeCheckpointIO
-from vlm.preemption import RNGStateCheckpoint
+from vlm.runtime.checkpoint_io import SafeCheckpointIO
+from vlm.runtime.preemption import RNGStateCheckpoint
 
 MAX_EPOCHS = 3  # 6 base-class shots, batch 2: 3 steps per epoch, 9 in all
 

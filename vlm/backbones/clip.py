@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from vlm.backbones.base import Backbone
 from vlm.hooks import TowerHook
-from vlm.quiet import quiet_hf_text_load
+from vlm.runtime.quiet import quiet_hf_text_load
 from vlm.towers.clip import ClipVisionRunner, text_runner_for
 from vlm.towers.runner import TowerOutput
 
@@ -37,7 +37,7 @@ def build_open_clip(
     """Create an open_clip model. ``model_cfg`` (an open_clip JSON config as a dict) builds it
     directly, so tiny test models need no registration; ``pretrained`` is a tag or a local file."""
     if model_cfg is None:
-        with quiet_hf_text_load():  # an HF text tower's by-design pooler report only (vlm.quiet)
+        with quiet_hf_text_load():  # an HF text tower's by-design pooler report only (vlm.runtime.quiet)
             return open_clip.create_model(model_name, pretrained=pretrained, force_quick_gelu=quick_gelu)
     cfg = copy.deepcopy(model_cfg)
     cfg.setdefault("quick_gelu", quick_gelu)

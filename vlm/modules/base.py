@@ -15,9 +15,9 @@ from typing import Any, Mapping, Optional
 import lightning as L
 from torch import Tensor, nn
 
-from vlm.identity import CHECKPOINT_KEY, FORMAT_VERSION, CheckpointMismatchError, check_identity
+from vlm.runtime.identity import CHECKPOINT_KEY, FORMAT_VERSION, CheckpointMismatchError, check_identity
 from vlm.modules.optim import build_optimizer, trainer_lr_scheduler
-from vlm.reliability import check_finite_losses
+from vlm.runtime.reliability import check_finite_losses
 
 
 class LearnedOnlyModule(L.LightningModule):
@@ -90,7 +90,7 @@ class LearnedOnlyModule(L.LightningModule):
 
     def load_exported(self, directory: str) -> None:
         """Load the learned tensors of a ``vlm export`` directory (identity-checked)."""
-        from vlm.export import load_exported
+        from vlm.runtime.export import load_exported
 
         load_exported(self, directory)
 

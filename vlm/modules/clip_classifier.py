@@ -18,7 +18,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from vlm.backbones import ClipBackbone
 from vlm.datamodules.templates import DEFAULT_TEMPLATE
-from vlm.links import check_image_size
+from vlm.runtime.links import check_image_size
 from vlm.metrics import harmonic_mean
 from vlm.modules.hooked import HookedClassifier
 from vlm.modules.optim import OptimConfig

@@ -20,7 +20,7 @@ from vlm.modules.base import LearnedOnlyModule, accuracy_percent
 from vlm.modules.optim import OptimConfig
 from vlm.prompts import PromptLearner
 from vlm.pruning import TokenPruner
-from vlm.reliability import check_hooks
+from vlm.runtime.reliability import check_hooks
 
 
 class HookedClassifier(LearnedOnlyModule):
@@ -41,7 +41,7 @@ class HookedClassifier(LearnedOnlyModule):
         optim: Optional[OptimConfig],
         init_from: Optional[str],
     ) -> None:
-        """Build the learner for ``backbone`` and check the learner/pruner pair (vlm.reliability)."""
+        """Build the learner for ``backbone`` and check the learner/pruner pair (vlm.runtime.reliability)."""
         self.backbone = backbone
         self.prompt_learner = prompt_learner
         self.pruner = pruner

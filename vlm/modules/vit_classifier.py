@@ -15,7 +15,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torchmetrics.classification import MulticlassAccuracy
 
 from vlm.backbones import ClipBackbone, ViTBackbone
-from vlm.links import check_image_size
+from vlm.runtime.links import check_image_size
 from vlm.modules.hooked import HookedClassifier
 from vlm.modules.optim import OptimConfig
 from vlm.prompts import PromptLearner

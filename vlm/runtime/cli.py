@@ -18,15 +18,15 @@ from lightning.pytorch.cli import LightningCLI
 import vlm.datamodules  # noqa: F401  (registers datamodule subclasses for class_path resolution)
 import vlm.modules  # noqa: F401
 import vlm.prompts  # noqa: F401
-from vlm.results import write_results
+from vlm.runtime.results import write_results
 
 
 class VLMCLI(LightningCLI):
     """LightningCLI in subclass mode for model and data, with results and resolved-config capture."""
 
     def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
-        from vlm.callbacks import StageConfigCallback
-        from vlm.quiet import quiet_library_notices
+        from vlm.runtime.callbacks import StageConfigCallback
+        from vlm.runtime.quiet import quiet_library_notices
 
         quiet_library_notices()
 
@@ -47,29 +47,29 @@ class VLMCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: Any) -> None:
-        """Link the model's template/num_classes/classnames from the data (vlm.links), and add
+        """Link the model's template/num_classes/classnames from the data (vlm.runtime.links), and add
         ``--allow_untrained`` (``vlm test`` of learned parts that no checkpoint restored)."""
-        from vlm.links import add_data_links
+        from vlm.runtime.links import add_data_links
 
         add_data_links(parser)
         parser.add_argument("--allow_untrained", type=bool, default=False,
                             help="vlm test: evaluate learned parts that no --ckpt_path or init_from restored")
 
     def before_test(self) -> None:
-        from vlm.results import check_tested_weights
+        from vlm.runtime.results import check_tested_weights
 
         cfg = self.config[self.subcommand]
         check_tested_weights(self.model, cfg.get("ckpt_path"), bool(cfg.get("allow_untrained")))
 
     def _run_subcommand(self, subcommand: str) -> None:
         """LightningCLI's run, with two changes to what it prints outside ``fit``. ``test``/``validate``
-        print their metrics once, in one table (vlm.results.print_metrics): Lightning's table repeats
+        print their metrics once, in one table (vlm.runtime.results.print_metrics): Lightning's table repeats
         each metric under every dataloader when a metric is logged once per epoch across several
         loaders (base and new). And ModelCheckpoint's "dirpath has changed" warning is dropped: a
         ``--ckpt_path`` from another run is how every ``vlm test`` starts, and nothing is saved."""
         import warnings
 
-        from vlm.results import print_metrics
+        from vlm.runtime.results import print_metrics
 
         before_fn = getattr(self, f"before_{subcommand}", None)
         if callable(before_fn):
@@ -92,13 +92,13 @@ class VLMCLI(LightningCLI):
     def parse_arguments(self, parser: Any, args: Any) -> None:
         """jsonargparse's parse, plus the registered short names when a learner or pruner is unknown
         (jsonargparse itself only says that the name is not an import path). A ``--config`` file that is
-        not valid YAML is named with its line first (vlm.config_files)."""
+        not valid YAML is named with its line first (vlm.runtime.config_files)."""
         import contextlib
         import io
 
         from jsonargparse import Namespace
 
-        from vlm.config_files import ConfigFileError, check_config_args
+        from vlm.runtime.config_files import ConfigFileError, check_config_args
 
         try:
             check_config_args(args if args is None or isinstance(args, (list, tuple)) else [])
@@ -126,13 +126,13 @@ class VLMCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         """LightningCLI's merge of ``--ckpt_path``'s hyper-parameters into the model config, with two
-        changes. The file is read by vlm.checkpoint_io, so a damaged one is named with its fix (a
+        changes. The file is read by vlm.runtime.checkpoint_io, so a damaged one is named with its fix (a
         trusted pickled one, ``--weights_only false``, is left to the Trainer's own load). And the
-        values the CLI links from the data (vlm.links) are dropped: the data config is their one
+        values the CLI links from the data (vlm.runtime.links) are dropped: the data config is their one
         source, and merged as ``dict_kwargs`` they would also let a link reach a model that lacks
         the argument (``num_classes`` into CLIPClassifier)."""
-        from vlm.checkpoint_io import UnsafeCheckpointError, torch_load
-        from vlm.links import DATA_LINKS
+        from vlm.runtime.checkpoint_io import UnsafeCheckpointError, torch_load
+        from vlm.runtime.links import DATA_LINKS
 
         subcommand = self.config.get("subcommand")
         if not subcommand:
@@ -163,20 +163,20 @@ class VLMCLI(LightningCLI):
 
     def _add_subcommands(self, parser: Any, **kwargs: Any) -> None:
         """LightningCLI's subcommands, plus ``export`` so that ``vlm --help`` lists it (main() runs it)."""
-        from vlm.export import EXPORT_HELP, export_parser
+        from vlm.runtime.export import EXPORT_HELP, export_parser
 
         super()._add_subcommands(parser, **kwargs)
         parser._subcommands_action.add_subcommand("export", export_parser(), help=EXPORT_HELP)
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
-        """The configured Trainer plus vlm's reliability defaults (vlm.preemption.install_defaults):
+        """The configured Trainer plus vlm's reliability defaults (vlm.runtime.preemption.install_defaults):
         a checkpoint on SIGTERM, generator states in checkpoints, atomic weights-only checkpoint IO;
-        no eval-mode warning for a frozen backbone (vlm.quiet.FrozenBackboneEvalMode); and CSV logs
-        that append instead of deleting an earlier stage's (vlm.csv_logger.make_appending)."""
-        from vlm.preemption import install_defaults
-        from vlm.quiet import FrozenBackboneEvalMode
+        no eval-mode warning for a frozen backbone (vlm.runtime.quiet.FrozenBackboneEvalMode); and CSV logs
+        that append instead of deleting an earlier stage's (vlm.runtime.csv_logger.make_appending)."""
+        from vlm.runtime.preemption import install_defaults
+        from vlm.runtime.quiet import FrozenBackboneEvalMode
 
-        from vlm.csv_logger import make_appending
+        from vlm.runtime.csv_logger import make_appending
 
         trainer = install_defaults(super().instantiate_trainer(**kwargs))
         trainer.callbacks.append(FrozenBackboneEvalMode())
@@ -185,17 +185,17 @@ class VLMCLI(LightningCLI):
         return trainer
 
     def instantiate_classes(self) -> None:
-        from vlm.init_errors import constructor_error
+        from vlm.runtime.init_errors import constructor_error
 
         try:
             super().instantiate_classes()
-        except Exception as err:  # a constructor's own error, not jsonargparse's union dump (vlm.init_errors)
+        except Exception as err:  # a constructor's own error, not jsonargparse's union dump (vlm.runtime.init_errors)
             original = constructor_error(err)
             if original is None:
                 raise
             raise original.with_traceback(original.__traceback__) from None
         cfg = self.config[self.subcommand] if self.subcommand else self.config
-        from vlm.links import check_linked_values
+        from vlm.runtime.links import check_linked_values
 
         check_linked_values(cfg.get("model", {}).get("init_args"), self.datamodule)
         resolved = cfg.as_dict()
@@ -208,7 +208,7 @@ class VLMCLI(LightningCLI):
             })
 
     def _config_path(self) -> Optional[str]:
-        from vlm.callbacks import StageConfigCallback
+        from vlm.runtime.callbacks import StageConfigCallback
 
         saved = [cb.saved_path for cb in self.trainer.callbacks if isinstance(cb, StageConfigCallback)]
         return next((str(p) for p in saved if p is not None and Path(p).exists()), None)
@@ -250,8 +250,8 @@ def _portable_trainer(trainer: dict[str, Any]) -> dict[str, Any]:
 
 
 def export_main(argv: list[str]) -> None:
-    """``vlm export --ckpt X --out DIR [--overwrite] [--trust]`` (vlm.export.export_parser)."""
-    from vlm.export import export_checkpoint, export_parser
+    """``vlm export --ckpt X --out DIR [--overwrite] [--trust]`` (vlm.runtime.export.export_parser)."""
+    from vlm.runtime.export import export_checkpoint, export_parser
 
     a = export_parser().parse_args(argv)
     out = export_checkpoint(a.ckpt, a.out, trust=a.trust, overwrite=a.overwrite)

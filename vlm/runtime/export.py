@@ -18,10 +18,10 @@ from typing import Any
 import yaml
 from safetensors.torch import save_file
 
-from vlm.checkpoint_io import UnsafeCheckpointError, read_safetensors, torch_load
-from vlm.hashing import sha256_file
-from vlm.identity import CHECKPOINT_KEY, CheckpointMismatchError, check_identity
-from vlm.versions import package_versions
+from vlm.runtime.checkpoint_io import UnsafeCheckpointError, read_safetensors, torch_load
+from vlm.runtime.hashing import sha256_file
+from vlm.runtime.identity import CHECKPOINT_KEY, CheckpointMismatchError, check_identity
+from vlm.runtime.versions import package_versions
 
 WEIGHTS = "learned.safetensors"
 CONFIG = "config.yaml"

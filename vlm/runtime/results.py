@@ -15,8 +15,8 @@ from typing import Any, Optional
 
 import lightning as L
 
-from vlm.hashing import sha256_file
-from vlm.versions import package_versions
+from vlm.runtime.hashing import sha256_file
+from vlm.runtime.versions import package_versions
 
 
 def collect_results(trainer: L.Trainer, model: L.LightningModule, config_path: Optional[str], seed: Optional[int]) -> dict[str, Any]:
@@ -86,7 +86,7 @@ def tested_weights(trainer: L.Trainer, model: L.LightningModule) -> dict[str, An
     if ckpt and Path(ckpt).is_file():
         record["ckpt_sha256"] = sha256_file(Path(ckpt))
     if init_from:
-        from vlm.export import WEIGHTS
+        from vlm.runtime.export import WEIGHTS
 
         tensors = Path(init_from) / WEIGHTS
         record["init_from_sha256"] = sha256_file(tensors) if tensors.is_file() else None

@@ -4,7 +4,7 @@ CI runs the kernels under the Triton interpreter, which compiles nothing: a kern
 compiler rejects passes every interpreted test and crashes at a model's first attention call.
 This module closes that gap on a CPU-only machine:
 
-1. each case of ``offline_compile_cases.cases`` (the models' shapes and specs, the kernel tests'
+1. each case of ``vlm.kernels.offline.cases.cases`` (the models' shapes and specs, the kernel tests'
    flag combinations, the benchmark's forced-Triton calls) is routed by ``dispatch.choose_route`` as on a CUDA
    device; the calls routed to Triton run their real host code (``triton_attention`` -> custom
    ops -> ``_fwd_impl``/``_bwd_impl``) on CPU tensors, forward and backward;
@@ -20,8 +20,8 @@ This module closes that gap on a CPU-only machine:
 Triton reads ``TRITON_INTERPRET`` when ``triton.jit`` runs, so this must run in a process
 where it is unset before ``vlm.kernels`` is imported. The compile table and the CI test::
 
-    env -u TRITON_INTERPRET python -m vlm.kernels.offline_compile --table benchmarks/compile_table.md
-    env -u TRITON_INTERPRET python -m vlm.kernels.offline_compile --test-caps 90 --json out.json
+    env -u TRITON_INTERPRET python -m vlm.kernels.offline.compile --table benchmarks/compile_table.md
+    env -u TRITON_INTERPRET python -m vlm.kernels.offline.compile --test-caps 90 --json out.json
 
 (``tests/kernels/test_offline_compile.py`` runs the second in a subprocess: every dtype and head
 dim of the model cases for sm_90 and sm_80; specialisations that only the kernel tests launch are
@@ -47,7 +47,7 @@ import time
 import traceback
 from typing import Any, Callable, Optional
 
-from vlm.kernels.offline_compile_cases import DTYPES, GROUPS, HEAD_DIMS, TEST_FP32_DOT, Case, cases
+from vlm.kernels.offline.cases import DTYPES, GROUPS, HEAD_DIMS, TEST_FP32_DOT, Case, cases
 
 #: The forward kernels (a spill of any kernel of a model or benchmark call fails the run; the
 #: kernel tests' rarer flag combinations, e.g. exact fp32 ``ieee`` dots, are reported only).
@@ -276,7 +276,7 @@ def run(caps=CAPS, dtypes=DTYPES, head_dims=HEAD_DIMS, groups=GROUPS, workers: i
     test_caps = tuple(caps if test_caps is None else test_caps)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("offline_compile needs TRITON_INTERPRET unset before triton is imported "
-                           "(env -u TRITON_INTERPRET python -m vlm.kernels.offline_compile)")
+                           "(env -u TRITON_INTERPRET python -m vlm.kernels.offline.compile)")
     ptxas_path()
     import torch
     from triton.runtime.driver import driver
@@ -357,7 +357,7 @@ def table(report: dict) -> str:
     out = [
         "# Offline compile table of the fused attention kernels",
         "",
-        "Generated without a GPU by `env -u TRITON_INTERPRET python -m vlm.kernels.offline_compile --table "
+        "Generated without a GPU by `env -u TRITON_INTERPRET python -m vlm.kernels.offline.compile --table "
         "benchmarks/compile_table.md`",
         "(see that module; `tests/kernels/test_offline_compile.py` runs the same in CI). Each case is routed as",
         "`vlm.kernels.attention` routes it on a CUDA device; the calls that reach the Triton kernel run their",

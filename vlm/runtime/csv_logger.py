@@ -6,7 +6,7 @@ keeps its folder) that erased the fit's metrics on every ``vlm test`` after ``fi
 requeue. :class:`AppendingCSVLogger` appends to ``metrics.csv`` instead (the existing header is
 kept, and extended with its rows preserved when new metric names appear), and writes each run's
 hyper-parameters to the first free ``hparams.yaml``, ``hparams.1.yaml``, ... Each stage's resolved
-config goes to its own file too (``vlm.callbacks.StageConfigCallback``). ``vlm fit|test`` also
+config goes to its own file too (``vlm.runtime.callbacks.StageConfigCallback``). ``vlm fit|test`` also
 turn a configured plain ``CSVLogger`` into this one (:func:`make_appending`), so no vlm config can
 delete logs.
 """
@@ -39,7 +39,7 @@ class AppendingExperimentWriter(ExperimentWriter):
 
     def log_hparams(self, params: dict[str, Any]) -> None:
         """Record hparams into this writer's own file, the first free ``hparams[.<n>].yaml``."""
-        from vlm.callbacks import free_name
+        from vlm.runtime.callbacks import free_name
 
         self.hparams.update(params)
         if self._hparams_file is None:

@@ -1,4 +1,4 @@
-"""The attention calls that ``vlm.kernels.offline_compile`` captures and compiles, as data.
+"""The attention calls that ``vlm.kernels.offline.compile`` captures and compiles, as data.
 
 Three groups (:data:`GROUPS`): the models' calls with the specs the project's hooks build
 (``prompts/``, ``pruning/``, the LLaVA prefills), routed as on a CUDA device; the kernel tests'

@@ -14,7 +14,7 @@
   in every checkpoint and restores them on resume, so the draws after a resume (shuffles,
   augmentation, prompt dropout) are the ones the uninterrupted run made.
 * :func:`install_defaults`: adds both (unless the config already has them) and swaps Lightning's
-  default checkpoint IO for :class:`vlm.checkpoint_io.SafeCheckpointIO`.
+  default checkpoint IO for :class:`vlm.runtime.checkpoint_io.SafeCheckpointIO`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from vlm.checkpoint_io import SafeCheckpointIO
+from vlm.runtime.checkpoint_io import SafeCheckpointIO
 
 
 class SigtermCheckpoint(L.Callback):

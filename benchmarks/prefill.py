@@ -24,13 +24,27 @@ scores but keeps every token, minus the plain ``self.lm`` prefill), as % of the 
 ``--packed``: the LLM prefill of a ragged batch (text lengths 1x to 4x ``text_tokens``), padded
 against packed into one row (``LlavaBackbone(packed_prefill=True)``), unpruned and pruned.
 
+``--model qwen2_5_vl|qwen3_vl``: Qwen2.5-VL-7B's / Qwen3-VL-8B's shape (``--size real``, bf16, needs
+a GPU) or a scaled-down copy (``small``; ``tiny`` only checks that the script runs), one image of
+24 x 32 merged tokens (real; 16 x 24 small) per sample, with a vision pruner (``--pruner``) at
+1/3, 1/6 and 1/12 of the image's merged tokens (256 / 128 / 64 of 768 at the real shape). Reported per
+budget (:func:`qwen`): vision tower time (the pruner's cuts included), LLM prefill time, its
+speed-up over the unpruned prefill against the FLOP-proportional ideal, end-to-end prefill, and the
+KV cache's bytes after the prefill against the unpruned cache's, next to the kept-token ratio; and
+once, the pruning overhead (the pruner scoring in the vision tower but keeping every token, minus
+the plain vision pass, as % of the unpruned end-to-end prefill) and the vision tower's attention
+calls per pass (one varlen call per block: the windows of Qwen2.5-VL's windowed blocks are the
+sequences of that call, not a Python loop).
+
 Times are medians over ``--repeats``. Every speed-up and every overhead compares two runs timed
-alternately (:func:`timed_pair`), so that drift in the machine's speed hits both sides alike. On a
-shared CPU pass ``--threads 1``: a multi-threaded op stalls whenever another process holds a core.
+alternately (:func:`timed_pair`), so that drift in the machine's speed hits both sides alike; the
+Qwen table gives the median of the within-pair ratios (and differences), not a ratio of medians.
+On a shared CPU pass ``--threads 1``: a multi-threaded op stalls whenever another process holds a core.
 
 Usage: python benchmarks/prefill.py --size small --pruner vtc_cls --repeats 5
        python benchmarks/prefill.py --size small --anyres --repeats 3
        python benchmarks/prefill.py --size small --packed --batch 4 --repeats 5
+       python benchmarks/prefill.py --model qwen2_5_vl --size small --pruner flowcut --threads 1 --repeats 5
 """
 
 from __future__ import annotations
@@ -38,7 +52,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -114,13 +129,20 @@ def timed(fn: Callable[[], Any], repeats: int, device: str) -> float:
     return statistics.median(times)
 
 
-def timed_pair(a: Callable[[], Any], b: Callable[[], Any], repeats: int, device: str) -> tuple[float, float]:
-    """Median times of ``a`` and ``b`` run alternately, so that drift in the machine's speed (other
-    jobs, clock changes) hits both alike: for overheads, which are small differences."""
+def timed_pairs(a: Callable[[], Any], b: Callable[[], Any], repeats: int, device: str) -> tuple[list[float], list[float]]:
+    """Times of ``a`` and ``b`` run alternately, ``repeats`` pairs (each after one warm-up call), so
+    that drift in the machine's speed (other jobs, clock changes) hits both sides of a pair alike."""
     ta, tb = [], []
     for _ in range(repeats):
         ta.append(timed(a, 1, device))
         tb.append(timed(b, 1, device))
+    return ta, tb
+
+
+def timed_pair(a: Callable[[], Any], b: Callable[[], Any], repeats: int, device: str) -> tuple[float, float]:
+    """Median times of ``a`` and ``b`` run alternately (:func:`timed_pairs`): for overheads, which
+    are small differences."""
+    ta, tb = timed_pairs(a, b, repeats, device)
     return statistics.median(ta), statistics.median(tb)
 
 
@@ -224,10 +246,206 @@ def packed(args, device: str, dtype: torch.dtype) -> None:
               f"{diff.abs().max().item():.1e} |")
 
 
+# --- Qwen2.5-VL / Qwen3-VL ------------------------------------------------------------------------
+#: vision tower, language model and image (merged tokens h' x w') per model and size. ``real``: the
+#: 7B / 8B checkpoints' config.json; ``small``: a scaled-down copy for CPUs; ``tiny``: the smallest
+#: shapes that exercise everything (windows, full-attention blocks, DeepStack), for the script's test.
+QWEN_SIZES: dict[str, dict[str, dict[str, Any]]] = {
+    "qwen2_5_vl": {
+        "real": dict(vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                                 patch_size=14, window_size=112, fullatt_block_indexes=[7, 15, 23, 31]),
+                     text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                               num_key_value_heads=4, vocab_size=152064, mrope_section=[16, 24, 24], rope_theta=1e6),
+                     units=(24, 32), text_tokens=64),
+        "small": dict(vision=dict(depth=8, hidden_size=192, intermediate_size=512, num_heads=3, out_hidden_size=512,
+                                  patch_size=14, window_size=112, fullatt_block_indexes=[3, 7]),
+                      text=dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+                                num_key_value_heads=2, vocab_size=1000, mrope_section=[8, 12, 12], rope_theta=1e6),
+                      units=(16, 24), text_tokens=32),
+        "tiny": dict(vision=dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=32,
+                                 patch_size=14, window_size=56, fullatt_block_indexes=[1]),
+                     text=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                               num_key_value_heads=1, vocab_size=1000, mrope_section=[2, 3, 3], rope_theta=1e4),
+                     units=(4, 6), text_tokens=16),
+    },
+    "qwen3_vl": {
+        "real": dict(vision=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096,
+                                 patch_size=16, num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24]),
+                     text=dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                               num_key_value_heads=8, head_dim=128, vocab_size=151936, mrope_section=[24, 20, 20],
+                               rope_theta=5e6),
+                     units=(24, 32), text_tokens=64),
+        "small": dict(vision=dict(depth=8, hidden_size=192, intermediate_size=512, num_heads=3, out_hidden_size=512,
+                                  patch_size=16, num_position_embeddings=256, deepstack_visual_indexes=[1, 3, 5]),
+                      text=dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+                                num_key_value_heads=2, head_dim=64, vocab_size=1000, mrope_section=[8, 12, 12],
+                                rope_theta=5e6),
+                      units=(16, 24), text_tokens=32),
+        "tiny": dict(vision=dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=32,
+                                 patch_size=16, num_position_embeddings=16, deepstack_visual_indexes=[0]),
+                     text=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                               num_key_value_heads=1, head_dim=16, vocab_size=1000, mrope_section=[2, 3, 3],
+                               rope_theta=5e6),
+                     units=(4, 6), text_tokens=16),
+    },
+}
+QWEN_CLASSES = {"qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration"),
+                "qwen3_vl": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration")}
+QWEN_TOKENS = dict(image_token_id=IMAGE_TOKEN, vision_start_token_id=4, vision_end_token_id=5, video_token_id=6)
+#: budgets as fractions of the image's merged tokens (256 / 128 / 64 of 768 at the real shape)
+QWEN_FRACTIONS = (3, 6, 12)
+
+
+def build_qwen(name: str, size: str, dtype: torch.dtype, device: str):
+    """A random Qwen2.5-VL / Qwen3-VL of ``QWEN_SIZES[name][size]`` (SDPA), and its config."""
+    import transformers
+
+    s = QWEN_SIZES[name][size]
+    text = dict(s["text"])
+    rope = {"rope_type": "default", "mrope_section": text.pop("mrope_section"), "rope_theta": text.pop("rope_theta")}
+    if name == "qwen3_vl":
+        rope["mrope_interleaved"] = True
+    vision = dict(spatial_merge_size=2, temporal_patch_size=2, **s["vision"])
+    text.update(max_position_embeddings=32768, pad_token_id=0, bos_token_id=1, eos_token_id=2, rope_parameters=rope)
+    config_name, model_name = QWEN_CLASSES[name]
+    cfg = getattr(transformers, config_name)(vision_config=vision, text_config=text, **QWEN_TOKENS)
+    cfg._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = getattr(transformers, model_name)(cfg).to(dtype).eval()
+    return model, cfg
+
+
+def qwen_llm_flops(cfg, length: int) -> float:
+    """Prefill FLOPs of the Qwen language model at ``length`` tokens (multiply-adds x 2 of the
+    linear layers, QK^T and PV with the causal half; lm_head on the last token)."""
+    t = cfg.text_config
+    d, f, layers = t.hidden_size, t.intermediate_size, t.num_hidden_layers
+    hd = getattr(t, "head_dim", None) or d // t.num_attention_heads
+    q, kv = t.num_attention_heads * hd, t.num_key_value_heads * hd
+    linear = 2 * length * (2 * d * q + 2 * d * kv + 3 * d * f)
+    attention = 2 * 2 * length * length * q / 2
+    return layers * (linear + attention) + 2 * d * t.vocab_size
+
+
+def cache_bytes(cache) -> int:
+    """Bytes of every layer's keys and values in a transformers cache."""
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
+               if t is not None)
+
+
+@contextmanager
+def attention_calls() -> Iterator[list[int]]:
+    """Record, for every ``vlm.kernels.attention`` call of the Qwen vision tower, the number of
+    sequences (windows or frames) it packs."""
+    from vlm.towers import qwen_vision
+
+    calls: list[int] = []
+    real = qwen_vision.attention
+
+    def spy(q, k, v, spec):
+        calls.append(int(spec.cu_seqlens_q.numel()) - 1 if spec.cu_seqlens_q is not None else q.shape[0])
+        return real(q, k, v, spec)
+
+    qwen_vision.attention = spy
+    try:
+        yield calls
+    finally:
+        qwen_vision.attention = real
+
+
+def median_ratio(num: list[float], den: list[float]) -> float:
+    """The median of the within-pair ratios ``num[i] / den[i]``."""
+    return statistics.median(a / b for a, b in zip(num, den))
+
+
 @torch.no_grad()
-def main() -> None:
+def qwen(args, device: str, dtype: torch.dtype) -> list[dict[str, Any]]:
+    """The Qwen table (module docstring); returns its rows (dicts) after printing it."""
+    from transformers import DynamicCache
+
+    from vlm.towers.qwen import QwenRunner
+
+    model, cfg = build_qwen(args.model, args.size, dtype, device)
+    runner = QwenRunner(model)
+    s = QWEN_SIZES[args.model][args.size]
+    v = cfg.vision_config
+    hu, wu = s["units"]
+    m = v.spatial_merge_size
+    n_units, patches = hu * wu, hu * wu * m * m
+    dim = v.in_channels * v.temporal_patch_size * v.patch_size**2
+    pix = torch.randn(args.batch * patches, dim, device=device, dtype=dtype)
+    grid = torch.tensor([[1, hu * m, wu * m]] * args.batch, device=device)
+    text = s["text_tokens"]
+    ids = torch.randint(10, cfg.text_config.vocab_size, (args.batch, text + n_units), device=device)
+    ids[:, 8 : 8 + n_units] = IMAGE_TOKEN  # the processor's placeholder run, one per sample
+
+    def vision(hooks):
+        return lambda: runner.encode_images(pix, grid, hooks)
+
+    def lm(inputs, cache=None):
+        return lambda: runner.lm(inputs_embeds=inputs.embeds, attention_mask=inputs.attention_mask,
+                                 position_ids=inputs.position_ids, cache=cache() if cache else None,
+                                 use_cache=cache is not None, **runner.deepstack_kwargs(inputs))
+
+    def e2e(hooks):
+        return lambda: lm(runner.prepare(ids, pix, grid, hooks=hooks), DynamicCache)()
+
+    def kv_bytes(inputs) -> int:
+        cache = DynamicCache(config=runner.lm.config)
+        runner.lm(inputs_embeds=inputs.embeds, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids,
+                  cache=cache, use_cache=True, **runner.deepstack_kwargs(inputs))
+        return cache_bytes(cache)
+
+    with attention_calls() as calls:
+        full = runner.prepare(ids, pix, grid)
+    len_full = full.embeds.shape[1]
+    kv_full = kv_bytes(full)
+    keep_all = [pruning.create(args.pruner, num_tokens=n_units)]
+    plain, scored = timed_pairs(vision([]), vision(keep_all), args.repeats, device)
+    t_e2e_full = timed(e2e([]), args.repeats, device)
+    overhead = 100.0 * statistics.median(b - a for a, b in zip(plain, scored)) / t_e2e_full
+    print(f"device: {device_name(device)}; model={args.model} size={args.size}; pruner={args.pruner}; "
+          f"batch={args.batch}; image {hu}x{wu} = {n_units} merged tokens ({patches} patches); "
+          f"text {text} tokens; LLM sequence {len_full}; dtype {dtype}")
+    print(f"vision tower attention: {len(calls)} vlm.kernels.attention calls for {len(runner.vision.blocks)} blocks "
+          f"(sequences per call: {calls}); pruning overhead (scoring, keeping all {n_units}): "
+          f"{overhead:.2f} % of the unpruned prefill ({1e3 * t_e2e_full:.1f} ms)")
+    print("| budget (merged/img) | kept % | LLM seq | vision ms | vision speed-up | LLM prefill ms | LLM speed-up | "
+          "FLOP ideal | ratio | e2e ms | e2e speed-up | KV MiB | KV / unpruned | tokens / unpruned |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    t_llm_full = timed(lm(full, DynamicCache), args.repeats, device)
+    rows = [dict(budget=n_units, length=len_full, kv=kv_full, speedup=1.0, ideal=1.0, calls=len(calls),
+                 overhead=overhead)]
+    print(f"| {n_units} (none) | 100.0 | {len_full} | {1e3 * statistics.median(plain):.1f} | 1.00 | {1e3 * t_llm_full:.1f} | "
+          f"1.00 | 1.00 | - | {1e3 * t_e2e_full:.1f} | 1.00 | {kv_full / 2**20:.2f} | 1.000 | 1.000 |")
+    for frac in QWEN_FRACTIONS:
+        budget = max(n_units // frac, 1)
+        hooks = [pruning.create(args.pruner, num_tokens=budget)]
+        with attention_calls() as pruned_calls:
+            inputs = runner.prepare(ids, pix, grid, hooks=hooks)
+        length = inputs.embeds.shape[1]
+        vis_base, vis_pruned = timed_pairs(vision([]), vision(hooks), args.repeats, device)
+        llm_base, llm_pruned = timed_pairs(lm(full, DynamicCache), lm(inputs, DynamicCache), args.repeats, device)
+        e2e_base, e2e_pruned = timed_pairs(e2e([]), e2e(hooks), args.repeats, device)
+        speed = median_ratio(llm_base, llm_pruned)
+        ideal = qwen_llm_flops(cfg, len_full) / qwen_llm_flops(cfg, length)
+        kv = kv_bytes(inputs)
+        rows.append(dict(budget=budget, length=length, kv=kv, speedup=speed, ideal=ideal, calls=len(pruned_calls),
+                         kept=int(inputs.visual_counts[0])))
+        print(f"| {budget} | {100.0 * budget / n_units:.1f} | {length} | {1e3 * statistics.median(vis_pruned):.1f} | "
+              f"{median_ratio(vis_base, vis_pruned):.2f} | {1e3 * statistics.median(llm_pruned):.1f} | {speed:.2f} | "
+              f"{ideal:.2f} | {speed / ideal:.2f} | {1e3 * statistics.median(e2e_pruned):.1f} | "
+              f"{median_ratio(e2e_base, e2e_pruned):.2f} | {kv / 2**20:.2f} | {kv / kv_full:.3f} | {length / len_full:.3f} |")
+    return rows
+
+
+@torch.no_grad()
+def main(argv: Optional[list[str]] = None) -> Optional[list[dict[str, Any]]]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--size", choices=list(SIZES), default="small")
+    ap.add_argument("--model", choices=["llava", *QWEN_SIZES], default="llava",
+                    help="LLaVA-1.5 (default; --anyres: LLaVA-NeXT) or a Qwen model (module docstring)")
+    ap.add_argument("--size", choices=["real", "small", "tiny"], default="small",
+                    help="real: the 7B/8B shape (GPU); small: scaled down for CPUs; tiny (Qwen only): runs in seconds")
     ap.add_argument("--pruner", default="vtc_cls", choices=pruning.available())
     ap.add_argument("--anyres", action="store_true", help="LLaVA-NeXT with FlowCut's two-stage cut (--pruner unused)")
     ap.add_argument("--packed", action="store_true",
@@ -237,10 +455,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads (default: torch's). On a shared machine use 1: a multi-threaded op stalls "
                          "whenever another process holds one of its cores")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.model != "llava" and (args.anyres or args.packed):
+        ap.error("--anyres and --packed are LLaVA settings; a Qwen model runs the budget table only")
+    if args.model == "llava" and args.size == "tiny":
+        ap.error("--size tiny is for the Qwen models")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.model != "llava":
+        return qwen(args, device, torch.bfloat16 if device == "cuda" else torch.float32)
     dtype = torch.float16 if device == "cuda" else torch.float32
     if args.anyres:
         anyres(args, device, dtype)

@@ -47,7 +47,7 @@ def time_method(name: str, backbone: ViTBackbone, batch: int, steps: int, warmup
     learner.build(backbone)
     learner.train()
     if isinstance(learner, KTPP):
-        learner.set_class_embeddings(F.normalize(torch.randn(5, 512, device=device), dim=-1))
+        learner.set_class_text(F.normalize(torch.randn(5, 512, device=device), dim=-1))
     head = torch.nn.Linear(backbone.num_features, 100).to(device)
     params = [p for p in learner.parameters() if p.requires_grad] + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=1e-3)
@@ -63,7 +63,7 @@ def time_method(name: str, backbone: ViTBackbone, batch: int, steps: int, warmup
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = head(backbone.encode_image(images, [learner]))
             loss = F.cross_entropy(logits.float(), labels)
-            loss = loss + sum(learner.losses({"logits": logits}, {"label": labels}).values())
+            loss = loss + sum(learner.losses({"logits": logits}, {"label": labels}, backbone).values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -324,7 +324,10 @@ class EpisodicDataModule(L.LightningDataModule):
             collate_fn=EpisodeCollate(self.way, self.shot, self.query), persistent_workers=self.num_workers > 0,
         )  # fmt: skip
         if key == "train":  # resumable mid-epoch (episodes are a function of seed + epoch)
-            return ResumableLoader(SeededDataset(self.sets[key]), **kwargs)
+            # what the saved episode position depends on, named if a mid-epoch resume changes it
+            settings = {f"data.init_args.{k}": getattr(self, k) for k in ("way", "shot", "query", "seed")}
+            settings["data.init_args.train_episodes"] = self.episodes["train"]
+            return ResumableLoader(SeededDataset(self.sets[key]), settings=settings, **kwargs)
         return PassLoader(SeededDataset(self.sets[key]), **kwargs)
 
     def train_dataloader(self) -> DataLoader:

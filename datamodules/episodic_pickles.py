@@ -1,6 +1,6 @@
 """Import the pickle releases of tieredImageNet, CIFAR-FS and FC100 into the `{base,val,novel}/<class>/` tree.
 
-Formats (eval-and-datasets.md §2.4):
+Formats (as the episodic few-shot benchmarks distribute them):
 
 * CIFAR-FS / FC100 (MetaOptNet): `CIFAR_FS_{train,val,test}.pickle` / `FC100_{train,val,test}.pickle`,
   each a dict with `data` (uint8 N x 32 x 32 x 3) and `labels` (CIFAR-100 fine-label ids).

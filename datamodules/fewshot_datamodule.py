@@ -235,8 +235,19 @@ class FewShotDataModule(L.LightningDataModule):
             collate_fn=self._collate(ds),
         )
         if shuffle:  # training: resumable mid-epoch, per-sample seeded augmentation
-            return resumable_loader(ds, batch_size, **kwargs)
+            return resumable_loader(ds, batch_size, settings=self.resume_settings(), **kwargs)
         return PassLoader(ds, batch_size=batch_size, sampler=exact_eval_sampler(ds), **kwargs)
+
+    def resume_settings(self) -> dict[str, Any]:
+        """The settings that choose the training set, saved with the training loader's mid-epoch
+        state: a resume with other shots, sampling seed, dataset or class subset is refused with
+        their names (vlm.datamodules.resumable), since the saved position indexes this set."""
+        return {
+            "data.init_args.dataset": self.dataset,
+            "data.init_args.num_shots": self.num_shots,
+            "data.init_args.seed": self.seed,
+            "data.init_args.subsample": self.subsample,
+        }
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled few-shot train set of the training subset."""

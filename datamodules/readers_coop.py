@@ -1,7 +1,7 @@
 """The 11 CoOp prompt-learning datasets and the ImageNet OOD variants, in their standard layouts.
 
 Split-file datasets read `<root>/split_zhou_<Name>.json` (CoOp's files) with images under the
-CoOp folder or, as an alternative, the folder torchvision downloads into (frameworks.md §1.3):
+CoOp folder or, as an alternative, the folder torchvision downloads into:
 the same relative paths start from either. FGVCAircraft reads the official variant lists;
 ImageNet and its variants read class folders plus CoOp's `classnames.txt`. For datasets whose
 CoOp split was made from class folders (Caltech101, DTD, EuroSAT, Food101, UCF101), `prepare`

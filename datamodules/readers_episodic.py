@@ -1,4 +1,4 @@
-"""Episodic few-shot datasets: miniImageNet, tieredImageNet, CIFAR-FS, FC100 (eval-and-datasets.md §2.4).
+"""Episodic few-shot datasets: miniImageNet, tieredImageNet, CIFAR-FS, FC100.
 
 Read layout: the ImageFolder trees that SemanticPrompt/SAA distribute,
 `<root>/{base,val,novel}/<class>/<image>` (meta-train / meta-val / meta-test classes), which we

@@ -1,4 +1,4 @@
-"""VTAB-1k, FGVC and the 10-dataset HTA benchmark (eval-and-datasets.md §2.1-2.3), in their usual layouts.
+"""VTAB-1k, FGVC and the 10-dataset HTA benchmark, in their usual layouts.
 
 * VTAB-1k, exported image folders + list files (the NOAH "Format B" most PEFT papers ship):
   `<root>/<task>/{train800,val200,train800val200,test}.txt`, lines `images/<split>/<n>.jpg <label>`.

@@ -21,8 +21,16 @@ the resumed epoch identical to the uninterrupted one:
 :class:`PassLoader` (the evaluation loaders, and the base of :class:`ResumableLoader`) makes the
 global generator's stream independent of ``num_workers`` and of persistent workers.
 
+What a mid-epoch state depends on is saved with it and checked *before* anything else on resume:
+the batch size, the process count (world size), the training set's size, the order's seed where
+the order uses it, and the datamodule's own settings that choose the training set (``settings``:
+e.g. ``data.init_args.num_shots`` and ``data.init_args.seed``). A change of any of them would make
+"skip the batches already trained on" skip or repeat other samples, so it is a
+:class:`ResumeMismatchError` naming each setting, its saved and current value, and the fix. A state
+saved at the end of its epoch (by its own batch count) replays nothing and accepts any change.
+
 Not resumable mid-epoch (they restart the epoch, with Lightning's warning): iterable datasets
-(webdataset shards) and changes of batch size or process count between save and resume (an error).
+(webdataset shards).
 """
 
 from __future__ import annotations
@@ -31,13 +39,18 @@ import contextlib
 import math
 import os
 import random
-from typing import Any, Iterator, NamedTuple, Optional, Protocol
+from typing import Any, Iterator, Mapping, NamedTuple, Optional, Protocol
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from vlm.datamodules.distributed import rank_and_world
+
+
+class ResumeMismatchError(ValueError):
+    """A mid-epoch loader state that the current settings cannot replay (batch size, world size,
+    training set or its seed changed since the checkpoint was written)."""
 
 
 class SeededIndex(NamedTuple):
@@ -96,6 +109,9 @@ class ResumableSampler(DistributedSampler):
         seed: base seed of the multi-process order (``seed + epoch``); one process draws its own.
     """
 
+    #: The setting that ``seed`` comes from (named in a :class:`ResumeMismatchError`).
+    seed_setting = "seed_everything"
+
     def __init__(self, dataset: Dataset, num_replicas: Optional[int] = None, rank: Optional[int] = None, seed: int = 0) -> None:
         if num_replicas is None or rank is None:
             rank, num_replicas = rank_and_world()
@@ -108,6 +124,12 @@ class ResumableSampler(DistributedSampler):
         if not 0 <= skip <= self.num_samples:
             raise ValueError(f"cannot skip {skip} samples of an epoch of {self.num_samples}.")
         self._resume = (int(epoch_seed), int(skip))
+
+    @property
+    def seeds_order(self) -> bool:
+        """Whether ``seed`` decides the order: several processes (``seed + epoch``). One process draws
+        its epoch seed from the global generator, which a resume restores from the checkpoint."""
+        return self.num_replicas > 1
 
     def _draw_seed(self) -> int:
         if self.num_replicas == 1:
@@ -162,43 +184,90 @@ class ResumableOrder(Protocol):
 class ResumableLoader(PassLoader):
     """A ``DataLoader`` with Lightning's ``state_dict`` / ``load_state_dict`` (module docstring). Its
     order comes from a :class:`ResumableSampler` (build with :func:`resumable_loader`) or from a batch
-    sampler with the :class:`ResumableOrder` methods (episodes: ``vlm.datamodules.episodic``)."""
+    sampler with the :class:`ResumableOrder` methods (episodes: ``vlm.datamodules.episodic``).
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    Args:
+        settings: the datamodule's settings that choose the training set, by the name a user sets
+            them with (``{"data.init_args.num_shots": 16, "data.init_args.seed": 1}``); plain values.
+            Saved in the state and compared on a mid-epoch resume, so a change is named, not replayed.
+        args, kwargs: ``DataLoader``'s.
+    """
+
+    def __init__(self, *args: Any, settings: Optional[Mapping[str, Any]] = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         order = self.sampler if isinstance(self.sampler, ResumableSampler) else self.batch_sampler
         if not callable(getattr(order, "resume", None)):
             raise TypeError("ResumableLoader needs a ResumableSampler or a resumable batch sampler; see resumable_loader().")
         self.order: ResumableOrder = order  # type: ignore[assignment]
+        self.settings: dict[str, Any] = dict(settings or {})
         self._batches = 0
         self._pending: Optional[dict[str, Any]] = None
 
     def state_dict(self) -> dict[str, Any]:
-        """Where the current epoch stands: its seed and the batches handed out so far."""
+        """Where the current epoch stands (its seed, the batches handed out so far and the epoch's
+        length in batches) and every setting that replaying it depends on."""
         return {
             "epoch": int(self.order.epoch),
             "epoch_seed": self.order.epoch_seed,
             "batches": self._batches,
+            "epoch_batches": len(self),
             "batch_size": self.batch_size,
             "num_replicas": self.order.num_replicas,
             "num_samples": self.order.num_samples,
+            "dataset_size": len(self.dataset),  # type: ignore[arg-type]
+            "seed": getattr(self.order, "seed", None),
+            "settings": dict(self.settings),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Replay the saved epoch from its next batch on the next ``iter()``."""
+        """Replay the saved epoch from its next batch on the next ``iter()``.
+
+        A state saved before the epoch's first batch, or after its last one (counted with the
+        *saved* batch size and sizes), replays nothing: Lightning starts a fresh epoch. Any other
+        state is checked against the current settings first and refused with a
+        :class:`ResumeMismatchError` if one changed (the batches to skip would be other samples).
+        """
         if state.get("epoch_seed") is None or not state.get("batches"):
             return  # saved before the epoch's first batch: nothing to replay
-        if state["batches"] >= len(self) and state.get("num_samples") == self.order.num_samples:
+        if int(state["batches"]) >= _saved_epoch_batches(state, self.drop_last):
             return  # saved after the epoch's last batch: Lightning starts the next epoch
-        mine = {"batch_size": self.batch_size, "num_replicas": self.order.num_replicas, "num_samples": self.order.num_samples}
-        changed = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
-        if changed:
-            detail = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
-            raise ValueError(
-                f"cannot resume the training loader mid-epoch: {detail} since the checkpoint was written. "
-                "Resume with the same batch size, process count and training set, or from an epoch-end checkpoint."
-            )
+        changes = self._changes(state)
+        if changes:
+            raise ResumeMismatchError(_mismatch_message(state, changes))
         self._pending = dict(state)
+
+    def _changes(self, state: Mapping[str, Any]) -> list[tuple[str, Any, Any, str]]:
+        """(setting, saved value, current value, how to resume) for each setting the saved epoch
+        position depends on that differs now. The per-process sample count and the sampler's seed
+        are named only when nothing else explains their change (they follow from the others)."""
+        changes: list[tuple[str, Any, Any, str]] = []
+        saved_settings = state.get("settings")
+        if saved_settings is not None:  # checkpoints written before settings were saved have none
+            for name in sorted(set(saved_settings) | set(self.settings)):
+                old, new = saved_settings.get(name), self.settings.get(name)
+                if old != new:
+                    changes.append((name, old, new, f"--{name} {old}"))
+        if state.get("batch_size") != self.batch_size:
+            old = state.get("batch_size")
+            changes.append(("data.init_args.batch_size", old, self.batch_size, f"--data.init_args.batch_size {old}"))
+        if state.get("num_replicas") != self.order.num_replicas:
+            old = state.get("num_replicas")
+            changes.append(("world size (processes: trainer.devices x trainer.num_nodes)", old, self.order.num_replicas,
+                            f"trainer.devices x trainer.num_nodes = {old}"))
+        size = len(self.dataset)  # type: ignore[arg-type]
+        if "dataset_size" in state and state["dataset_size"] != size:
+            changes.append(("training set size (items)", state["dataset_size"], size,
+                            f"the checkpoint's training set of {state['dataset_size']} items"))
+        if not changes and state.get("num_samples") != self.order.num_samples:
+            old = state.get("num_samples")
+            changes.append(("samples per process and epoch", old, self.order.num_samples,
+                            f"the checkpoint's training set and process count ({old} samples per process)"))
+        if not changes and getattr(self.order, "seeds_order", True) and state.get("seed") is not None:
+            seed = getattr(self.order, "seed", None)
+            if state["seed"] != seed:
+                name = getattr(self.order, "seed_setting", "the sampler's seed")
+                changes.append((name, state["seed"], seed, f"--{name} {state['seed']}"))
+        return changes
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         pending, self._pending = self._pending, None
@@ -220,14 +289,40 @@ class ResumableLoader(PassLoader):
             yield batch
 
 
-def resumable_loader(dataset: Dataset, batch_size: int, seed: Optional[int] = None, **kwargs: Any) -> ResumableLoader:
+def _saved_epoch_batches(state: Mapping[str, Any], drop_last: bool) -> int:
+    """The saved epoch's length in batches: recorded since ``epoch_batches`` was saved, else from the
+    saved per-process sample count and batch size (a batch sampler counts batches itself)."""
+    if state.get("epoch_batches") is not None:
+        return int(state["epoch_batches"])
+    samples, batch_size = int(state.get("num_samples") or 0), state.get("batch_size")
+    if not batch_size:
+        return samples
+    return samples // int(batch_size) if drop_last else math.ceil(samples / int(batch_size))
+
+
+def _mismatch_message(state: Mapping[str, Any], changes: list[tuple[str, Any, Any, str]]) -> str:
+    """The :class:`ResumeMismatchError` text: where the checkpoint stopped, each change, each fix."""
+    what = "; ".join(f"{name} was {old!r} in the checkpoint and is {new!r} now" for name, old, new, _ in changes)
+    fix = ", ".join(f for *_, f in changes)
+    return (
+        f"Cannot resume the training loader mid-epoch: the checkpoint was written after batch {state['batches']} of "
+        f"{_saved_epoch_batches(state, False)} of epoch "
+        f"{state.get('epoch')}, and {what}. Skipping the batches already trained on would skip or repeat other "
+        f"samples. Resume with the checkpoint's settings ({fix}), or from an epoch-end checkpoint, or start a new run."
+    )
+
+
+def resumable_loader(
+    dataset: Dataset, batch_size: int, seed: Optional[int] = None, settings: Optional[Mapping[str, Any]] = None, **kwargs: Any
+) -> ResumableLoader:
     """A shuffled, mid-epoch-resumable training loader over ``dataset`` (``kwargs``: DataLoader's,
     except ``shuffle`` / ``sampler``). ``seed`` only sets the multi-process order; by default it is
-    ``seed_everything``'s seed, as Lightning's own ``DistributedSampler``."""
+    ``seed_everything``'s seed, as Lightning's own ``DistributedSampler``. ``settings``: the
+    datamodule's settings that choose ``dataset`` (see :class:`ResumableLoader`)."""
     if seed is None:
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
     for key in ("shuffle", "sampler", "batch_sampler"):
         if key in kwargs:
             raise TypeError(f"resumable_loader chooses the order itself; drop {key!r}.")
     wrapped = SeededDataset(dataset)
-    return ResumableLoader(wrapped, batch_size=batch_size, sampler=ResumableSampler(wrapped, seed=seed), **kwargs)
+    return ResumableLoader(wrapped, batch_size=batch_size, sampler=ResumableSampler(wrapped, seed=seed), settings=settings, **kwargs)

@@ -1,11 +1,12 @@
 """VQA-style evaluation sets in the LLaVA eval format: a question JSONL, an image folder, answers.
 
 Question file: one JSON object per line with ``question_id``, ``image`` (path relative to
-``image_folder``) and ``text`` (the question with its benchmark suffix), optional ``category``.
+``image_folder``, or a list of paths for a question about several images, which the prompt shows
+in that order) and ``text`` (the question with its benchmark suffix), optional ``category``.
 Answers come from the question line itself (``answers`` list, ``answer`` or POPE's ``label``) or
 from ``answers_file``, a JSONL of ``{"question_id", "answers" | "answer" | "label"}`` lines.
-Batches are lists (PIL images, strings): the model's own processor builds the tensors, so the
-same data serves any LLaVA checkpoint.
+Batches are lists (PIL images, or lists of them; strings): the model's own processor builds the
+tensors and the backbone the prompt, so the same data serves any LLaVA or Qwen checkpoint.
 """
 
 from __future__ import annotations
@@ -47,16 +48,25 @@ class VQAQuestions(Dataset):
         for q in self.questions:
             ans = _answer(q) if _answer(q) is not None else extra.get(str(q["question_id"]))
             if ans is None:
-                raise ValueError(f"question {q['question_id']!r} has no answer in the question or answers file.")
+                raise ValueError(
+                    f"question {q['question_id']!r} has no answer in the question file {question_file} or the answers file "
+                    f"{answers_file}. Accepted answer keys, in a question line or in an answers-file line with the same "
+                    f"\"question_id\": {', '.join(repr(k) for k in _ANSWER_KEYS)} (a list of answers, one answer, or "
+                    "POPE's yes/no label)."
+                )
             self.answers.append(ans)
 
     def __len__(self) -> int:
         return len(self.questions)
 
+    def load(self, path: str) -> Image.Image:
+        with Image.open(self.image_folder / path) as im:
+            return to_rgb(im)
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         q = self.questions[i]
-        with Image.open(self.image_folder / q["image"]) as im:
-            image = to_rgb(im)
+        paths = q["image"]
+        image = [self.load(p) for p in paths] if isinstance(paths, list) else self.load(paths)
         return {"question_id": q["question_id"], "image": image, "text": q["text"], "answer": self.answers[i],
                 "category": q.get("category", "default")}
 

@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from vlm.kernels.reference import per_sequence_attention, reference_attention, structural_mask
+from vlm.kernels.reference import mean_query_weights, per_sequence_attention, reference_attention, structural_mask
 from vlm.kernels.spec import AttnOutput, AttnSpec
 
 _CPU_FLASH: Optional[Callable] = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -167,8 +167,20 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec, route: str) 
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, spec: Optional[AttnSpec] = None) -> AttnOutput:
-    """Masked attention as declared by ``spec`` (see CONTRACTS.md). Returns ``AttnOutput``."""
+    """Masked attention as declared by ``spec`` (docs/contracts.md). Returns ``AttnOutput``, with
+    ``values=v`` when ``spec.return_values`` and the mean-query weights when
+    ``spec.probe_mean_query``."""
     spec = spec or AttnSpec()
+    out = _attention(q, k, v, spec)
+    if spec.return_values:
+        out = out._replace(values=v)
+    if spec.probe_mean_query:  # one extra row per sample, from q and k alone: the same on every route
+        out = out._replace(mean_probe=mean_query_weights(q, k, spec))
+    return out
+
+
+def _attention(q: Tensor, k: Tensor, v: Tensor, spec: AttnSpec) -> AttnOutput:
+    """The route and the backend call of :func:`attention`."""
     forced = os.environ.get(BACKEND_ENV)
     dev = q.device.type
     mod = _triton_module() if forced != "reference" and (dev == "cuda" or forced == "triton") else None

@@ -5,7 +5,7 @@ is slow but obvious. The fused Triton kernel and the SDPA fast path are tested a
 float64). Rows that may attend to no key output 0 (plus ``epilogue_add``) with ``lse = -inf``
 and finite gradients.
 
-Mask application order (CONTRACTS.md):
+Mask application order (docs/contracts.md, "AttnSpec"):
   * *structural* masks: ``k_lengths`` and ``causal`` (and ``topk``) always remove keys from the
     denominator;
   * *semantic* masks: ``allow`` (group structure) and ``row_subset`` remove keys from the
@@ -18,7 +18,7 @@ Mask application order (CONTRACTS.md):
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -193,6 +193,7 @@ def per_sequence_attention(
             allow=spec.allow,
             row_subset=None if spec.row_subset is None else spec.row_subset[None, cq[i] : cq[i + 1]],
             epilogue_add=None if spec.epilogue_add is None else spec.epilogue_add[i : i + 1],
+            probe_mean_query=False,  # the caller computes it for the whole pack
         )
         o = inner(qi, ki, vi, sub)
         outs.append(o.out[0].transpose(0, 1))
@@ -202,6 +203,38 @@ def per_sequence_attention(
     return AttnOutput(
         torch.cat(outs, 0), torch.cat(lses, 0), probes if probes else None  # type: ignore[arg-type]
     )
+
+
+def mean_query_weights(q: Tensor, k: Tensor, spec: AttnSpec) -> Union[Tensor, list[Tensor]]:
+    """``AttnSpec.probe_mean_query``: per sample (per packed sequence), the mean ``q_bar`` of its
+    valid query rows and ``softmax_j(scale * q_bar . k_j)`` over its non-padding keys, fp32.
+    ``[B, H, Nk]``, or for packed input a list of ``[H, Nk_i]``. O(N d) per head: no attention
+    matrix. With ``k_lengths``, a sample's valid query rows are its first ``k_lengths - (Nk - Nq)``
+    (key/value-only keys have no query row; padding comes last)."""
+    scale = spec.scale if spec.scale is not None else q.shape[-1] ** -0.5
+    if spec.is_varlen:
+        cq, ck = spec.cu_seqlens_q.tolist(), spec.cu_seqlens_k.tolist()
+        out = []
+        for i in range(len(cq) - 1):
+            qi, ki = q[cq[i] : cq[i + 1]].float(), k[ck[i] : ck[i + 1]].float()  # [N, H, d]
+            logits = torch.einsum("hd,nhd->hn", qi.mean(0), ki) * scale
+            out.append(logits.softmax(-1))
+        return out
+    b, _, nq, _ = q.shape
+    nk = k.shape[2]
+    qf, kf = q.float(), k.float()
+    if spec.k_lengths is None:
+        q_bar = qf.mean(2)
+        key_ok = None
+    else:
+        lengths = spec.k_lengths.to(q.device)
+        rows = (torch.arange(nq, device=q.device)[None] < (lengths - (nk - nq))[:, None]).to(qf.dtype)  # [B, Nq]
+        q_bar = (qf * rows[:, None, :, None]).sum(2) / rows.sum(1).clamp(min=1)[:, None, None]
+        key_ok = torch.arange(nk, device=q.device)[None] < lengths[:, None]
+    logits = torch.einsum("bhd,bhnd->bhn", q_bar, kf) * scale
+    if key_ok is not None:
+        logits = logits.masked_fill(~key_ok[:, None], float("-inf"))
+    return logits.softmax(-1)
 
 
 def reference_attention(q: Tensor, k: Tensor, v: Tensor, spec: Optional[AttnSpec] = None) -> AttnOutput:

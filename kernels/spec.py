@@ -2,7 +2,8 @@
 
 Every attention call in `vlm` is ``attention(q, k, v, spec)``. The spec says *what* attention
 to compute (masks, normalisation, probes); the backends in this package decide *how*.
-Field semantics are fixed by ``CONTRACTS.md``; ``reference.py`` is their executable definition.
+Field semantics are written out in ``docs/contracts.md``; ``reference.py`` is their executable
+definition.
 "True" always means "may attend".
 """
 
@@ -23,16 +24,23 @@ class AttnOutput(NamedTuple):
     out:    ``[B, H, Nq, D]`` in q's dtype (``[Tq, H, D]`` for packed varlen input).
     lse:    ``[B, H, Nq]`` fp32, log of the softmax denominator as defined by ``normalize``.
     probes: ``[B, H, P, Nk]`` fp32 final attention weights of ``spec.probe_rows``, or ``None``.
+    values: ``v`` as given (``[B, H, Nk, D]``, a reference, no copy) when ``spec.return_values``,
+            else ``None``: what a scoring hook needs of the values without re-projecting them.
+    mean_probe: ``[B, H, Nk]`` fp32 (packed input: one ``[H, Nk_i]`` per sequence) when
+            ``spec.probe_mean_query``: the softmax weights of each sample's mean query over its
+            keys, a global query for towers without a CLS token; else ``None``.
     """
 
     out: Tensor
     lse: Tensor
     probes: Optional[Tensor] = None
+    values: Optional[Tensor] = None
+    mean_probe: Optional[Union[Tensor, list]] = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class AttnSpec:
-    """What attention a block must run. All fields optional; see CONTRACTS.md for shapes.
+    """What attention a block must run. All fields optional; docs/contracts.md has the shapes.
 
     k_lengths:    long ``[B]``; keys at index >= length are padding (never attended).
     cu_seqlens_q/k: int32 ``[B+1]``; packed varlen sequences (FlashAttention semantics).
@@ -49,6 +57,10 @@ class AttnSpec:
     epilogue_add: ``[B, H, D]`` added to every output row after normalisation.
     probe_rows:   long ``[P]``; rows whose final weights are returned in ``AttnOutput.probes``.
     scale:        logit scale; ``None`` means ``D ** -0.5``.
+    return_values: hand ``v`` back in ``AttnOutput.values`` (it changes nothing in the product).
+    probe_mean_query: return in ``AttnOutput.mean_probe`` the weights of the mean of each sample's
+                  valid query rows, ``softmax_j(scale * mean_i(q_i) . k_j)`` over its non-padding
+                  keys (no other mask applies; it is not a row of the product).
     """
 
     k_lengths: Optional[Tensor] = None
@@ -66,6 +78,8 @@ class AttnSpec:
     epilogue_add: Optional[Tensor] = None
     probe_rows: Optional[Tensor] = None
     scale: Optional[float] = None
+    return_values: bool = False
+    probe_mean_query: bool = False
 
     def __post_init__(self) -> None:
         if self.normalize not in NORMALIZE_MODES:
@@ -84,6 +98,8 @@ class AttnSpec:
             raise ValueError("AttnSpec: cu_seqlens_q and cu_seqlens_k must be given together.")
         if self.topk is not None and self.topk < 1:
             raise ValueError(f"AttnSpec.topk must be >= 1, got {self.topk}.")
+        if self.probe_mean_query and self.causal:
+            raise ValueError("AttnSpec.probe_mean_query: a mean query has no position, so it cannot be causal.")
         if self.segment_gate is not None and self.normalize != "segmented":
             raise ValueError("AttnSpec.segment_gate is only meaningful with normalize='segmented'.")
 

@@ -9,8 +9,9 @@ from typing import Any
 from vlm.prompts.base import PromptLearner, TextInputs
 from vlm.prompts.registry import PROMPTS, register
 
-# Importing the method modules registers them.
-from vlm.prompts import coop, vpt, vfpt, tcpa, ivlp, maple, dpl, ktpp, dapt, disa  # noqa: E402,F401  isort: skip
+from vlm.registry import import_modules
+
+import_modules(__name__, __path__)  # every method file registers itself: adding one is one file
 
 
 def available() -> list[str]:

@@ -43,13 +43,16 @@ from abc import ABC, abstractmethod
 from typing import Any, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from vlm.context import BlockContext, Tower, TowerContext
 from vlm.prompts.base import PromptLearner, TextInputs
+from vlm.prompts.text_context import TextCodec, TextContext
 from vlm.tokens import TokenState, TokenType, check
-
-#: The placeholder word used in the prompt text for randomly initialised context.
-PLACEHOLDER = "X"
+#: When ``ctx_init`` initialises the text context (see ``DeepVLPrompts.build_text_context``).
+CTX_INIT_RULES = ("words", "released")
+#: The released code uses ``ctx_init`` whenever the context has at most this many tokens.
+RELEASED_CTX_INIT_MAX = 4
 #: Token types that are learned prompts (vision or text); everything else is an "instance".
 PROMPT_TYPES = (TokenType.PROMPT, TokenType.PROMPT_CLS, TokenType.PROMPT_IMG, TokenType.CTX)
 
@@ -81,6 +84,9 @@ class DeepVLPrompts(PromptLearner, ABC):
         depth_text: layers ``0..depth_text-1`` of the text tower get prompts (>= 1).
         depth_vision: layers ``0..depth_vision-1`` of the vision tower get prompts (0: none).
         ctx_init: phrase whose first ``n_ctx_text`` token embeddings initialise the text context.
+        ctx_init_rule: when the phrase is used: ``"words"`` (it has at least ``n_ctx_text`` word
+            tokens) or ``"released"`` (``n_ctx_text <= 4``, as the released Dassl-family code; see
+            :meth:`build_text_context`).
         init_std: std of the N(0, std) init of every randomly initialised prompt (0.02 in the released code).
     """
 
@@ -94,8 +100,11 @@ class DeepVLPrompts(PromptLearner, ABC):
         depth_vision: int,
         ctx_init: Optional[str] = "a photo of a",
         init_std: float = 0.02,
+        ctx_init_rule: str = "words",
     ) -> None:
         super().__init__()
+        if ctx_init_rule not in CTX_INIT_RULES:
+            raise ValueError(f"ctx_init_rule must be one of {CTX_INIT_RULES}; got {ctx_init_rule!r}.")
         if n_ctx_text < 1 or depth_text < 1:
             raise ValueError(f"{type(self).__name__} needs n_ctx_text >= 1 and depth_text >= 1 (got {n_ctx_text}, {depth_text}).")
         if n_ctx_vision < 0 or depth_vision < 0 or (n_ctx_vision == 0) != (depth_vision == 0):
@@ -107,10 +116,10 @@ class DeepVLPrompts(PromptLearner, ABC):
         self.depth_text, self.depth_vision = depth_text, depth_vision
         self.ctx_init = (ctx_init or "").replace("_", " ").strip() or None
         self.init_std = init_std
-        self.prompt_prefix = ""
-        self.towers = ("vision", "text") if n_ctx_vision > 0 else ("text",)
-        # Per class list: (token ids, frozen token embeddings); plain attribute, never in the state dict.
-        self._cache: dict[tuple[str, ...], tuple[Tensor, Tensor]] = {}
+        self.ctx_init_rule = ctx_init_rule
+        self.towers = (Tower.VISION, Tower.TEXT) if n_ctx_vision > 0 else (Tower.TEXT,)
+        self.context = TextContext(type(self).__name__)
+        self.codec: Optional[TextCodec] = None
 
     # --- what subclasses provide ---------------------------------------------------------------
     @abstractmethod
@@ -124,81 +133,54 @@ class DeepVLPrompts(PromptLearner, ABC):
         before ``ln_pre``), or ``None`` if the layer keeps its tokens."""
 
     # --- building ------------------------------------------------------------------------------
-    def _word_ids(self, text: str) -> Tensor:
-        """Ids of the word tokens of ``text`` alone (no start/end/padding), by the tower's types."""
-        ids = self.backbone.tokenize([text])
-        types = self.backbone.text.token_types(ids)[0]
-        return ids[0][types == int(TokenType.TEXT)]
-
     def check_backbone(self, backbone: Any) -> None:
-        """A CLIP-like backbone with block runners for both towers, deep enough for the depths."""
-        if not hasattr(backbone, "tokenize") or not hasattr(getattr(backbone, "text", None), "token_embedding"):
-            raise TypeError(f"{type(self).__name__} needs a CLIP backbone (tokenize + text.token_embedding).")
-        for tower, depth in (("text", self.depth_text), ("vision", self.depth_vision)):
-            layers = int(getattr(backbone, tower).num_layers)
+        """A CLIP-like backbone with block runners for both towers, deep enough for the depths;
+        takes the text codec (tokenizer, token types, frozen embedding) from it."""
+        self.codec = TextCodec.of(backbone, type(self).__name__)
+        for tower, depth in ((Tower.TEXT, self.depth_text), (Tower.VISION, self.depth_vision)):
+            layers = int(getattr(backbone, tower.value).num_layers)
             if depth > layers:
-                raise ValueError(f"{type(self).__name__}: {tower} prompt depth {depth} exceeds the tower's {layers} layers.")
+                raise ValueError(f"{type(self).__name__}: {tower.value} prompt depth {depth} exceeds the tower's {layers} layers.")
 
     def build_text_context(self, backbone: Any) -> Tensor:
-        """The initial text context ``[n_ctx_text, D]`` and ``self.prompt_prefix`` (see module doc)."""
-        embedding: nn.Module = backbone.text.token_embedding
-        weight = embedding.weight
-        self._cache.clear()
-        if self.ctx_init:
-            ids = self._word_ids(self.ctx_init)
-            if self.n_ctx_text <= len(ids):
-                self.prompt_prefix = self.ctx_init
-                with torch.no_grad():
-                    return embedding(ids[: self.n_ctx_text].to(weight.device)).detach().clone()
-        self.prompt_prefix = " ".join([PLACEHOLDER] * self.n_ctx_text)
-        return normal_((self.n_ctx_text, weight.shape[1]), weight, self.init_std)
+        """The initial text context ``[n_ctx_text, D]``. ``ctx_init_rule="words"``: the first
+        ``n_ctx_text`` word tokens of ``ctx_init`` when the phrase has that many; ``"released"``:
+        the released code's rule, the phrase whenever ``n_ctx_text <= 4`` (token positions 1..n of
+        the tokenized phrase). Otherwise N(0, init_std) with placeholder words."""
+        codec = self.codec or TextCodec.of(backbone, type(self).__name__)
+        self.codec = codec
+        n = self.n_ctx_text
+        if self.ctx_init and self.ctx_init_rule == "released" and n <= RELEASED_CTX_INIT_MAX:
+            return self.context.use_released_phrase(codec, self.ctx_init, n)
+        if self.ctx_init and self.ctx_init_rule == "words" and n <= len(codec.word_ids(self.ctx_init)):
+            return self.context.use_phrase(codec, self.ctx_init, n)
+        self.context.use_placeholders(self.n_ctx_text)
+        return normal_((self.n_ctx_text, codec.width), codec.embedding.weight, self.init_std)
+
+    @property
+    def prompt_prefix(self) -> str:
+        return self.context.prefix
 
     # --- text side -----------------------------------------------------------------------------
     def prompt_texts(self, classnames: list[str]) -> list[str]:
         """``prefix + " " + classname + "."`` with underscores as spaces (as the released trainers)."""
-        return [f"{self.prompt_prefix} {name.replace('_', ' ')}." for name in classnames]
-
-    def _prepare(self, classnames: tuple[str, ...]) -> tuple[Tensor, Tensor]:
-        bb, n = self.backbone, self.n_ctx_text
-        tokens = bb.tokenize(self.prompt_texts(list(classnames)))
-        types = bb.text.token_types(tokens)
-        slot_ids = self._word_ids(self.prompt_prefix)[:n].to(tokens.device)
-        ok = len(slot_ids) == n and tokens.shape[1] > n + 1
-        ok = ok and bool((types[:, 0] == int(TokenType.SOS)).all())
-        ok = ok and bool((tokens[:, 1 : 1 + n] == slot_ids).all())
-        ok = ok and bool((types[:, 1 : 1 + n] == int(TokenType.TEXT)).all())
-        if not ok:
-            raise ValueError(
-                f"{type(self).__name__}: the {n} context tokens of {self.prompt_prefix!r} must occupy token positions "
-                f"1..{n}, right after the start token, in every tokenized prompt; this tokenizer does not place them there."
-            )
-        with torch.no_grad():
-            embeds = bb.text.token_embedding(tokens).detach()
-        return tokens, embeds
+        return self.context.prompt_texts(classnames)
 
     def text_inputs(self, classnames: list[str], template: str = "{}") -> TextInputs:
         """Tokens and embeddings ``[C, L, D]`` of ``[SOS, ctx_1..ctx_b, rest of prefix, CLASS, ".",
         EOT, pad]``; ``template`` is not used (the learned context replaces it)."""
         ctx = self.text_prompts(0)
-        if ctx is None:
+        if ctx is None or self.codec is None:
             raise RuntimeError(f"{type(self).__name__}.text_inputs called before build(backbone).")
-        key = tuple(classnames)
-        if key not in self._cache:
-            self._cache[key] = self._prepare(key)
-        tokens, embeds = self._cache[key]
-        if embeds.device != ctx.device:
-            tokens, embeds = tokens.to(ctx.device), embeds.to(ctx.device)
-            self._cache[key] = (tokens, embeds)
-        n = self.n_ctx_text
-        ctx = ctx.to(embeds.dtype).unsqueeze(0).expand(len(classnames), -1, -1)
-        return TextInputs(tokens=tokens, embeds=torch.cat([embeds[:, :1], ctx, embeds[:, 1 + n :]], dim=1))
+        tokens, embeds = self.context.inputs(self.codec, classnames, ctx.device)
+        return TextInputs(tokens=tokens, embeds=self.context.splice(embeds, ctx))
 
     # --- hooks ---------------------------------------------------------------------------------
-    def on_tower_start(self, tower: str, state: TokenState) -> TokenState:
+    def on_tower_start(self, ctx: TowerContext, state: TokenState) -> TokenState:
         """Text: mark the context slots 1..b as CTX. Vision: append the layer-0 prompts."""
         if self.text_prompts(0) is None:
             raise RuntimeError(f"{type(self).__name__} used before build(backbone).")
-        if tower == "text":
+        if ctx.tower is Tower.TEXT:
             n = self.n_ctx_text
             types = state.batch_types.clone()
             check(
@@ -215,11 +197,12 @@ class DeepVLPrompts(PromptLearner, ABC):
         x = state.x
         return state.insert(x.shape[1], prompts.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1), TokenType.PROMPT)
 
-    def before_block(self, tower: str, layer: int, state: TokenState) -> TokenState:
+    def before_block(self, ctx: BlockContext, state: TokenState) -> TokenState:
         """Layers >= 1: replace the previous layer's prompt outputs by this layer's prompts."""
+        layer = ctx.layer
         if layer == 0:
             return state
-        if tower == "text":
+        if ctx.tower is Tower.TEXT:
             prompts, start = self.text_prompts(layer), 1
             if prompts is None:
                 return state
@@ -234,7 +217,7 @@ class DeepVLPrompts(PromptLearner, ABC):
             kind = TokenType.PROMPT
         check(
             state.batch_types[:, start:end] == int(kind),
-            f"{type(self).__name__}: the {tower} prompt tokens are no longer at their slots before layer {layer}.",
+            f"{type(self).__name__}: the {ctx.tower.value} prompt tokens are no longer at their slots before layer {layer}.",
         )
         x = state.x
         new = prompts.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)

@@ -25,12 +25,13 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from vlm.context import Tower
 from vlm.prompts.base import PromptLearner, TextInputs
 from vlm.prompts.registry import register
-from vlm.tokens import TokenType
+from vlm.prompts.text_context import PLACEHOLDER, TextCodec, TextContext
 
-#: The placeholder word CoOp tokenizes in place of each context vector.
-PLACEHOLDER = "X"
+__all__ = ["CoOp", "PLACEHOLDER", "POSITIONS"]
+
 POSITIONS = ("end", "middle", "front")
 
 
@@ -45,8 +46,9 @@ class CoOp(PromptLearner):
             M becomes its number of tokens. Empty/None: N(0, 0.02) init (CoOp's random init).
         class_specific: CSC, one context per class (``ctx [num_classes, M, D]``); else one shared
             context (``ctx [M, D]``).
-        num_classes: required with ``class_specific``: the parameter is sized at ``build`` so that
-            checkpoints load before any class list is seen; ``text_inputs`` then checks the count.
+        num_classes: with ``class_specific``, the class count, used only when the module does not
+            bind the training classes (the CLI always does, from the data: ``bind_classes``);
+            the parameter is sized at ``build`` so that checkpoints load before any test.
             (CoOp ignores CSC when ``ctx_init`` is set; here the phrase initialises every class.)
         class_token_position: ``"end"`` (Eq. 2), ``"middle"`` or ``"front"``.
         init_std: standard deviation of the random init.
@@ -55,7 +57,7 @@ class CoOp(PromptLearner):
     """
 
     learns_text = True
-    towers = ("text",)
+    towers = (Tower.TEXT,)
 
     def __init__(
         self,
@@ -69,89 +71,88 @@ class CoOp(PromptLearner):
         super().__init__()
         if class_token_position not in POSITIONS:
             raise ValueError(f"class_token_position must be one of {POSITIONS}; got {class_token_position!r}.")
-        if class_specific and (num_classes is None or num_classes < 1):
-            raise ValueError("CoOp(class_specific=True) needs num_classes (the context is sized at build time).")
+        if num_classes is not None and num_classes < 1:
+            raise ValueError(f"CoOp: num_classes must be >= 1; got {num_classes}.")
         if n_ctx is not None and n_ctx < 1:
             raise ValueError(f"n_ctx must be >= 1; got {n_ctx}.")
         self.ctx_init = (ctx_init or "").replace("_", " ").strip() or None
         self.n_ctx: Optional[int] = n_ctx if (n_ctx is not None or self.ctx_init) else 16
         self.class_specific = class_specific
         self.num_classes = num_classes
+        #: the training classes a class-specific context belongs to (``bind_classes``), in label order
+        self.trained_classnames: Optional[list[str]] = None
         self.class_token_position = class_token_position
         self.init_std = init_std
-        self.prompt_prefix = ""
         self.ctx: Optional[nn.Parameter]
         self.register_parameter("ctx", None)  # created by build()
-        # Per class list: (token ids, frozen token embeddings, rearrangement index). Plain attribute,
-        # so it never enters the state dict; moved lazily to the context's device.
-        self._cache: dict[tuple[str, ...], tuple[Tensor, Tensor, Optional[Tensor]]] = {}
+        self.context = TextContext("CoOp")
+        self.codec: Optional[TextCodec] = None
+        # Per class list: the index that moves the class-name tokens (middle/front) and the moved
+        # token ids; never in the state dict.
+        self._perm: dict[tuple[str, ...], tuple[Tensor, Tensor]] = {}
 
     # --- building -------------------------------------------------------------------------------
-    def _text_tokens(self, text: str) -> Tensor:
-        """Ids of the word tokens of ``text`` alone (no start/end/padding), by the tower's types."""
-        ids = self.backbone.tokenize([text])
-        types = self.backbone.text.token_types(ids)[0]
-        return ids[0][types == int(TokenType.TEXT)]
+    def bind_classes(self, classnames: list[str]) -> None:
+        """Class-specific context: one context per training class, sized from the data's class list."""
+        if not self.class_specific:
+            return
+        if self.num_classes is not None and self.num_classes != len(classnames):
+            raise ValueError(
+                f"CoOp(class_specific=True): num_classes={self.num_classes} but the data has {len(classnames)} "
+                "training classes. Remove prompt_learner.init_args.num_classes: the count comes from the data."
+            )
+        self.num_classes = len(classnames)
+        self.trained_classnames = list(classnames)
+
+    def check_classes(self, classnames: list[str]) -> None:
+        """A class-specific context scores only the classes it was trained on, in their order."""
+        if not self.class_specific:
+            return
+        if len(classnames) != self.num_classes or (
+            self.trained_classnames is not None and list(classnames) != self.trained_classnames
+        ):
+            raise ValueError(
+                f"CoOp(class_specific=True) learned one context per training class ({self.num_classes} classes), so it "
+                f"cannot score another class list ({len(classnames)} classes, e.g. the 'new' subset of base-to-new). "
+                "Test on the training classes only, or train with class_specific: false (a shared context transfers)."
+            )
 
     def build(self, backbone: Any) -> None:
         """Create ``ctx``: N(0, init_std) or the ``ctx_init`` phrase's token embeddings (CoOp Sec. 4.1)."""
-        super().build(backbone)
-        if not hasattr(backbone, "tokenize") or not hasattr(getattr(backbone, "text", None), "token_embedding"):
-            raise TypeError("CoOp needs a backbone with a text tower (tokenize + text.token_embedding).")
-        embedding: nn.Module = backbone.text.token_embedding
-        weight = embedding.weight
-        dim = weight.shape[1]
-        self._cache.clear()
+        if self.class_specific and self.num_classes is None:
+            raise ValueError(
+                "CoOp(class_specific=True) needs the training classes before build: run it in a classifier that "
+                "links the data's classnames (the CLI does), or give num_classes."
+            )
+        codec = self.codec = TextCodec.of(backbone, "CoOp")
+        weight = codec.embedding.weight
+        self._perm.clear()
         if self.ctx_init:
-            ids = self._text_tokens(self.ctx_init)
-            if self.n_ctx is not None and self.n_ctx != len(ids):
+            n_words = len(codec.word_ids(self.ctx_init))
+            if self.n_ctx is not None and self.n_ctx != n_words:
                 raise ValueError(
-                    f"ctx_init {self.ctx_init!r} has {len(ids)} tokens but n_ctx={self.n_ctx}; "
+                    f"ctx_init {self.ctx_init!r} has {n_words} tokens but n_ctx={self.n_ctx}; "
                     "leave n_ctx unset to take it from the phrase."
                 )
-            self.n_ctx = len(ids)
-            with torch.no_grad():
-                vectors = embedding(ids.to(weight.device)).detach().clone()
+            self.n_ctx = n_words
+            vectors = self.context.use_phrase(codec, self.ctx_init, n_words)
             if self.class_specific:
                 vectors = vectors.unsqueeze(0).repeat(self.num_classes, 1, 1)
-            self.prompt_prefix = self.ctx_init
         else:
-            shape = (self.num_classes, self.n_ctx, dim) if self.class_specific else (self.n_ctx, dim)
+            self.context.use_placeholders(self.n_ctx)
+            shape = (self.num_classes, self.n_ctx, codec.width) if self.class_specific else (self.n_ctx, codec.width)
             vectors = torch.empty(shape, dtype=weight.dtype, device=weight.device)
             nn.init.normal_(vectors, std=self.init_std)
-            self.prompt_prefix = " ".join([PLACEHOLDER] * self.n_ctx)
         self.ctx = nn.Parameter(vectors)
+
+    @property
+    def prompt_prefix(self) -> str:
+        return self.context.prefix
 
     # --- prompts --------------------------------------------------------------------------------
     def prompt_texts(self, classnames: list[str]) -> list[str]:
         """``prefix + " " + classname + "."`` with underscores as spaces (CoOp's prompt text)."""
-        return [f"{self.prompt_prefix} {name.replace('_', ' ')}." for name in classnames]
-
-    def _prepare(self, classnames: tuple[str, ...]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-        """Tokenize the placeholder prompts, check the placeholder slots, embed them (frozen) and,
-        for middle/front, build the index that moves the class-name tokens as CoOp does."""
-        bb = self.backbone
-        n = self.n_ctx
-        tokens = bb.tokenize(self.prompt_texts(list(classnames)))
-        types = bb.text.token_types(tokens)
-        slot_ids = self._text_tokens(self.prompt_prefix).to(tokens.device)
-        ok = len(slot_ids) == n and tokens.shape[1] > n + 1
-        ok = ok and bool((types[:, 0] == int(TokenType.SOS)).all())
-        ok = ok and bool((tokens[:, 1 : 1 + n] == slot_ids).all())
-        ok = ok and bool((types[:, 1 : 1 + n] == int(TokenType.TEXT)).all())
-        if not ok:
-            raise ValueError(
-                f"CoOp: the {n} context placeholder tokens of {self.prompt_prefix!r} must occupy token "
-                f"positions 1..{n}, right after the start token, in every tokenized prompt; this tokenizer "
-                f"({type(getattr(bb, 'tokenizer', bb)).__name__}) does not place them there."
-            )
-        with torch.no_grad():
-            embeds = bb.text.token_embedding(tokens).detach()
-        perm = None
-        if self.class_token_position != "end":
-            perm = self._rearrangement(classnames, tokens)
-            tokens = torch.gather(tokens, 1, perm)
-        return tokens, embeds, perm
+        return self.context.prompt_texts(classnames)
 
     def _rearrangement(self, classnames: tuple[str, ...], tokens: Tensor) -> Tensor:
         """Index ``[C, L]`` into ``[SOS, V_1..V_M, CLASS, rest]`` giving CoOp's ``front``
@@ -161,7 +162,7 @@ class CoOp(PromptLearner):
         half = n // 2
         rows = []
         for i, name in enumerate(classnames):
-            name_ids = self._text_tokens(name.replace("_", " ")).to(tokens.device)
+            name_ids = self.codec.word_ids(name.replace("_", " ")).to(tokens.device)
             k = len(name_ids)
             if 1 + n + k > length or not bool((tokens[i, 1 + n : 1 + n + k] == name_ids).all()):
                 raise ValueError(f"CoOp: class name {name!r} is not tokenized right after the context (truncated?).")
@@ -175,37 +176,24 @@ class CoOp(PromptLearner):
             rows.append(order)
         return torch.tensor(rows, dtype=torch.long, device=tokens.device)
 
-    def _cached(self, classnames: list[str]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-        key = tuple(classnames)
-        if key not in self._cache:
-            self._cache[key] = self._prepare(key)
-        tokens, embeds, perm = self._cache[key]
-        device = self.ctx.device
-        if embeds.device != device:
-            moved = tuple(None if t is None else t.to(device) for t in (tokens, embeds, perm))
-            self._cache[key] = moved  # type: ignore[assignment]
-            tokens, embeds, perm = moved
-        return tokens, embeds, perm
-
     def text_inputs(self, classnames: list[str], template: str = "{}") -> TextInputs:
         """Token ids and embeddings ``[C, L, D]``: ``[SOS, ctx, CLASS, ".", EOT, pad]`` (Eq. 2),
         with the class tokens moved for ``middle``/``front``. ``template`` is not used."""
-        if self.ctx is None:
+        if self.ctx is None or self.codec is None:
             raise RuntimeError("CoOp.text_inputs called before build(backbone).")
-        if self.class_specific and len(classnames) != self.num_classes:
-            raise ValueError(
-                f"Class-specific CoOp was built for {self.num_classes} classes but got {len(classnames)}; "
-                "CSC context cannot be transferred to other class lists."
-            )
-        tokens, embeds, perm = self._cached(classnames)
-        n_cls, n = len(classnames), self.n_ctx
-        ctx = self.ctx.to(embeds.dtype)
-        if not self.class_specific:
-            ctx = ctx.unsqueeze(0).expand(n_cls, -1, -1)
-        prompts = torch.cat([embeds[:, :1], ctx, embeds[:, 1 + n :]], dim=1)
-        if perm is not None:
-            prompts = torch.gather(prompts, 1, perm.unsqueeze(-1).expand(-1, -1, prompts.shape[-1]))
-        return TextInputs(tokens=tokens, embeds=prompts)
+        self.check_classes(classnames)
+        tokens, embeds = self.context.inputs(self.codec, classnames, self.ctx.device)
+        prompts = self.context.splice(embeds, self.ctx)
+        if self.class_token_position == "end":
+            return TextInputs(tokens=tokens, embeds=prompts)
+        key = tuple(classnames)
+        cached = self._perm.get(key)
+        if cached is None or cached[0].device != tokens.device:
+            perm = self._rearrangement(key, tokens)
+            cached = self._perm[key] = (perm, torch.gather(tokens, 1, perm))
+        perm, moved = cached
+        prompts = torch.gather(prompts, 1, perm.unsqueeze(-1).expand(-1, -1, prompts.shape[-1]))
+        return TextInputs(tokens=moved, embeds=prompts)
 
     def extra_repr(self) -> str:
         return (

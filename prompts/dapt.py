@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from vlm.prompts.base import TextInputs
+from vlm.prompts.base import Encoder, TextInputs
 from vlm.prompts.dapt_losses import (
     BACKGROUND_TEMPLATE,
     BACKGROUND_WORDS,
@@ -60,7 +60,8 @@ class DAPT(MaPLe):
     """MaPLe prompts trained with DAPT's decoupled views.
 
     Args:
-        n_ctx, depth, ctx_init, init_std: MaPLe's (official DAPT config: 2, 9, "a photo of a").
+        n_ctx, depth, ctx_init, init_std, coupling_init, ctx_init_rule: MaPLe's (official DAPT config: 2, 9,
+            "a photo of a"; couplings cloned from one Linear as in its MaPLe base).
         mask_source: ``"dataset"`` (DAPT-S: ``batch["mask"]``, an error if absent) or
             ``"cls_attention"`` (variant: masks from the frozen CLIP's last-block CLS attention).
         mask_threshold: CLS-attention threshold after dividing by the maximum (DAPT-G's 0.5).
@@ -92,8 +93,12 @@ class DAPT(MaPLe):
         background_template: str = BACKGROUND_TEMPLATE,
         bg_slicing: str = "correct",
         eval_extra_bg_columns: int = 0,
+        coupling_init: str = "cloned",
+        ctx_init_rule: str = "words",
     ) -> None:
-        super().__init__(n_ctx=n_ctx, depth=depth, ctx_init=ctx_init, init_std=init_std)
+        super().__init__(
+            n_ctx=n_ctx, depth=depth, ctx_init=ctx_init, init_std=init_std, coupling_init=coupling_init, ctx_init_rule=ctx_init_rule
+        )
         if mask_source not in MASK_SOURCES:
             raise ValueError(f"mask_source must be one of {MASK_SOURCES}; got {mask_source!r}.")
         if mask_normalize not in NORMALIZE_MODES:
@@ -131,17 +136,15 @@ class DAPT(MaPLe):
         key = tuple(words)
         device = self.ctx.device
         if key not in self._bg_cache or self._bg_cache[key][0].device != device:
-            tokens = self.backbone.tokenize([self.background_template.format(w) for w in words]).to(device)
-            with torch.no_grad():
-                embeds = self.backbone.text.token_embedding(tokens).detach()
-            self._bg_cache[key] = (tokens, embeds)
+            tokens = self.codec.tokenize([self.background_template.format(w) for w in words]).to(device)
+            self._bg_cache[key] = (tokens, self.codec.embed(tokens))
         tokens, embeds = self._bg_cache[key]
         return TextInputs(tokens=tokens, embeds=embeds)
 
-    def background_features(self, words: list[str]) -> Tensor:
+    def background_features(self, words: list[str], encoder: Encoder) -> Tensor:
         """L2-normalised prompted text features of the background rows (deep prompts apply)."""
         inputs = self.background_inputs(words)
-        return self.backbone.encode_text(inputs.tokens, [self], inputs.embeds, normalize=True)
+        return encoder.encode_text(inputs.tokens, [self], inputs.embeds, normalize=True)
 
     def text_inputs(self, classnames: list[str], template: str = "{}") -> TextInputs:
         """MaPLe's class rows, followed by the extra background columns of the parity options."""
@@ -158,11 +161,11 @@ class DAPT(MaPLe):
     def on_train_epoch_start(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def masks(self, batch: dict[str, Tensor]) -> Tensor:
+    def masks(self, batch: dict[str, Tensor], encoder: Encoder) -> Tensor:
         """Foreground masks ``[B, 1, H, W]`` for the batch (dataset masks or the CLS-attention variant)."""
         images = batch["image"]
         if self.mask_source == "cls_attention":
-            return cls_attention_masks(self.backbone, images, self.mask_threshold, self.mask_normalize)
+            return cls_attention_masks(encoder, images, self.mask_threshold, self.mask_normalize)
         if "mask" not in batch:
             raise KeyError(
                 "DAPT(mask_source='dataset') needs batch['mask'] (use vlm.datamodules.masked.MaskedFewShotDataModule), "
@@ -170,27 +173,27 @@ class DAPT(MaPLe):
             )
         return batch["mask"]
 
-    def losses(self, outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def losses(self, outputs: dict[str, Tensor], batch: dict[str, Tensor], encoder: Encoder) -> dict[str, Tensor]:
         """The scheduled DAPT terms, already weighted (``L_cls`` is the classifier's own CE)."""
         if not self.training:
             return {}
         w = self.schedule.weights(self.epoch)
-        fg_view, bg_view = decouple(batch["image"], self.masks(batch))
+        fg_view, bg_view = decouple(batch["image"], self.masks(batch, encoder))
         hooks = [self]
-        scale = self.backbone.logit_scale.exp()
+        scale = encoder.logit_scale.exp()
         terms: dict[str, Tensor] = {}
         if w["triplet"] > 0:
             with torch.no_grad():
-                z_f = self.backbone.encode_image(fg_view, hooks, normalize=True)
-                z_b = self.backbone.encode_image(bg_view, hooks, normalize=True)
+                z_f = encoder.encode_image(fg_view, hooks, normalize=True)
+                z_b = encoder.encode_image(bg_view, hooks, normalize=True)
             terms["dapt_triplet"] = w["triplet"] * triplet_pull_push(outputs["image_features"], z_f, z_b, self.triplet_margin)
         if w["fg"] > 0:
             with torch.no_grad():
-                z_f = self.backbone.encode_image(fg_view, hooks, normalize=True)
+                z_f = encoder.encode_image(fg_view, hooks, normalize=True)
             terms["dapt_fg"] = w["fg"] * foreground_ce(z_f, outputs["text_features"], batch["label"], scale)
         if w["bg"] > 0:
-            z_b = self.backbone.encode_image(bg_view, hooks, normalize=True)
-            t_bg = self.background_features(self.loss_background_words())
+            z_b = encoder.encode_image(bg_view, hooks, normalize=True)
+            t_bg = self.background_features(self.loss_background_words(), encoder)
             terms["dapt_bg"] = w["bg"] * background_pseudo_ce(z_b, t_bg, scale)
         return terms
 

@@ -1,6 +1,6 @@
 """DAPT's background classes, losses and epoch schedule (Zhang et al., "Decouple before Align:
 Visual Disentanglement Enhances Prompt Tuning", TPAMI 2025; official code Ferenas/DAPT @ e556f17,
-``trainers/maple.py``, as read in ``shared/research/prompt-learners.md`` §3.3-3.4).
+``trainers/maple.py``).
 
 With ``z_I, z_f, z_b`` the L2-normalised features of the full, foreground and background views,
 ``T_fg`` the class text features, ``T_bg`` the background-class text features and ``tau`` CLIP's

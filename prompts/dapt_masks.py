@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vlm.context import BlockContext, Tower, TowerContext
 from vlm.hooks import TowerHook, cls_query_row
 from vlm.kernels.spec import AttnOutput, AttnSpec
 from vlm.tokens import TokenState, TokenType
@@ -40,39 +41,34 @@ class ClsAttentionProbe(TowerHook):
     attributes reset in ``on_tower_start`` (the rule in ``vlm.hooks``).
     """
 
-    towers = ("vision",)
+    towers = (Tower.VISION,)
 
     def __init__(self, layer: int = -1) -> None:
         super().__init__()
         self.layer = layer
         self.weights: Optional[Tensor] = None
         self.types: Optional[Tensor] = None
-        self._num_layers: Optional[int] = None
 
-    def _target(self, num_layers: int) -> int:
-        return self.layer if self.layer >= 0 else num_layers + self.layer
-
-    def on_tower_start(self, tower: str, state: TokenState) -> TokenState:
+    def on_tower_start(self, ctx: TowerContext, state: TokenState) -> TokenState:
         self.weights, self.types = None, None
         return state
 
-    def attention_spec(self, tower: str, layer: int, state: TokenState, spec: AttnSpec) -> AttnSpec:
-        if self._num_layers is None or layer != self._target(self._num_layers):
+    def attention_spec(self, ctx: BlockContext, state: TokenState, spec: AttnSpec) -> AttnSpec:
+        if ctx.layer != ctx.resolve_layer(self.layer):
             return spec
-        return self.request_probe(state, spec, cls_query_row(state, "ClsAttentionProbe"))
+        return self.request_probe(ctx, state, spec, cls_query_row(state, "ClsAttentionProbe"))
 
-    def after_block(self, tower: str, layer: int, state: TokenState, attn: AttnOutput) -> TokenState:
-        if self._num_layers is not None and layer == self._target(self._num_layers) and attn.probes is not None:
-            self.weights = self.key_columns(state, self.read_probe(state, attn)[:, :, 0])
+    def after_block(self, ctx: BlockContext, state: TokenState, attn: AttnOutput) -> TokenState:
+        if ctx.layer == ctx.resolve_layer(self.layer) and attn.probes is not None:
+            self.weights = self.key_columns(ctx, self.read_probe(ctx, attn)[:, :, 0])
             self.types = state.batch_types
         return state
 
-    def run(self, backbone: Any, images: Tensor) -> tuple[Tensor, Tensor]:
-        """Run the frozen vision tower on ``images`` (no other hooks, no grad); return the CLS
-        attention ``[B, H, N]`` and the key types ``[B, N]``."""
-        self._num_layers = int(backbone.vision.num_layers)
+    def run(self, encoder: Any, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Run the frozen vision tower of ``encoder`` on ``images`` (no other hooks, no grad);
+        return the CLS attention ``[B, H, N]`` and the key types ``[B, N]``."""
         with torch.no_grad():
-            backbone.encode_image(images, [self])
+            encoder.encode_image(images, [self])
         if self.weights is None or self.types is None:
             raise RuntimeError("ClsAttentionProbe: the probed block returned no attention probes.")
         return self.weights, self.types
@@ -88,7 +84,7 @@ def patch_grid(images: Tensor, num_patches: int) -> tuple[int, int]:
 
 
 def cls_attention_masks(
-    backbone: Any, images: Tensor, threshold: float = 0.5, normalize: str = "image", layer: int = -1
+    encoder: Any, images: Tensor, threshold: float = 0.5, normalize: str = "image", layer: int = -1
 ) -> Tensor:
     """Binary foreground masks ``[B, 1, H, W]`` from the frozen CLIP's CLS->patch attention.
 
@@ -96,7 +92,7 @@ def cls_attention_masks(
     """
     if normalize not in NORMALIZE_MODES:
         raise ValueError(f"normalize must be one of {NORMALIZE_MODES}; got {normalize!r}.")
-    weights, types = ClsAttentionProbe(layer).run(backbone, images)
+    weights, types = ClsAttentionProbe(layer).run(encoder, images)
     is_patch = types == int(TokenType.PATCH)
     counts = is_patch.sum(1)
     if not bool((counts == counts[0]).all()):

@@ -14,13 +14,14 @@ Objective (paper, [3P] form): ``L = L_CE + L_SR + L_CIR + lambda L_DiR``.
   colour (zero after normalisation) in the view the prompted image encoder sees inside CIR.
   Training only: the saliency uses the label.
 * ``L_DiR``: ``1 - cos(f_p, mu_y)``, with ``mu_c`` the normalised class means of frozen image
-  features over the *training shots* (un-augmented), computed once at ``on_fit_start``.
+  features over the *training shots* (un-augmented), computed once before fit from the frozen
+  features the module serves (``fit_requests``: :class:`~vlm.prompts.base.TrainShotFeatures`).
 
 The frozen pass is the same backbone without hooks under ``no_grad`` (``needs_frozen_pass``):
 ``CLIPClassifier.frozen_outputs`` provides ``f_o``, ``g_o``, the zero-shot logits and the vision
 tokens for the saliency in one pass.
 
-Constants and where they come from (no official code; ``dpl-disa.md`` §2):
+Constants and where they come from (no official code):
   * prompts: PromptSRC's IVLP recipe, 4 + 4 tokens, depth 9, "a photo of a" [INF: DiSa's own not retrieved];
   * L_SR weights 25 / 10 / 1: PromptSRC's code; ensemble target: the mean of the frozen text
     features over ``sr_templates`` (PromptSRC uses a 60-template copy of CLIP's ImageNet list;
@@ -37,8 +38,8 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader
 
+from vlm.prompts.base import Encoder, ShotFeatures, TrainShotFeatures
 from vlm.prompts.dapt_masks import ClsAttentionProbe
 from vlm.prompts.disa_losses import (
     KL_DIRECTIONS,
@@ -67,7 +68,9 @@ class DiSa(IVLP):
     """IVLP prompts with DiSa's regularisers.
 
     Args:
-        n_ctx_text, n_ctx_vision, depth_text, depth_vision, ctx_init, init_std: IVLP's.
+        prompts: IVLP's prompt arguments (``n_ctx_text``, ``n_ctx_vision``, ``depth_text``,
+            ``depth_vision``, ``ctx_init``, ``init_std``); PromptSRC's 4 + 4, depth 9 recipe is in
+            ``configs/experiments/disa/recipe.yaml``.
         mask_ratio: fraction of patches masked in the CIR view (0: no masking, no extra pass).
         saliency_source: ``"text"`` (cosine of projected patches to ``g_o(y)``) or
             ``"cls_attention"`` (frozen last-block CLS attention; one more frozen pass).
@@ -83,12 +86,6 @@ class DiSa(IVLP):
 
     def __init__(
         self,
-        n_ctx_text: int = 4,
-        n_ctx_vision: int = 4,
-        depth_text: int = 9,
-        depth_vision: int = 9,
-        ctx_init: Optional[str] = "a photo of a",
-        init_std: float = 0.02,
         mask_ratio: float = 0.25,
         saliency_source: str = "text",
         cir_weight: float = 1.0,
@@ -99,8 +96,9 @@ class DiSa(IVLP):
         sr_templates: Optional[list[str]] = None,
         dir_weight: float = 1.0,
         prototype_source: str = "test_transform",
+        **prompts: Any,
     ) -> None:
-        super().__init__(n_ctx_text, n_ctx_vision, depth_text, depth_vision, ctx_init, init_std)
+        super().__init__(**prompts)
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1); got {mask_ratio}.")
         for value, allowed, name in (
@@ -127,63 +125,41 @@ class DiSa(IVLP):
         return IMAGENET_TEMPLATES
 
     @torch.no_grad()
-    def ensemble_text_features(self, classnames: list[str]) -> Tensor:
+    def ensemble_text_features(self, classnames: list[str], encoder: Encoder) -> Tensor:
         """PromptSRC's frozen text target: normalise(mean over templates of raw frozen features)."""
         key = tuple(classnames)
         if key not in self._ensemble_cache:
-            bb = self.backbone
             feats = []
             for t in self.templates():
-                tokens = bb.tokenize([t.format(c.replace("_", " ")) for c in classnames])
-                feats.append(bb.encode_text(tokens.to(self.ctx.device), []))
+                tokens = encoder.tokenize([t.format(c.replace("_", " ")) for c in classnames])
+                feats.append(encoder.encode_text(tokens.to(self.ctx.device), []))
             self._ensemble_cache[key] = F.normalize(torch.stack(feats).mean(0), dim=-1)
         return self._ensemble_cache[key]
 
-    @torch.no_grad()
-    def build_prototypes(self, loader: Any, num_classes: int) -> Tensor:
-        """Class-mean directions of frozen image features over ``loader`` (training shots only)."""
-        feats, labels = [], []
-        for batch in loader:
-            images = batch["image"].to(self.ctx.device)
-            feats.append(self.backbone.encode_image(images, [], normalize=True))
-            labels.append(batch["label"].to(self.ctx.device))
-        return class_prototypes(torch.cat(feats), torch.cat(labels), num_classes)
+    def fit_requests(self) -> tuple[TrainShotFeatures, ...]:
+        """The frozen features of the training shots (for the prototypes of L_DiR and the class
+        list of L_SR): un-augmented by default, or the augmented training loader."""
+        return (TrainShotFeatures("test" if self.prototype_source == "test_transform" else "train"),)
 
-    def prototype_loader(self, datamodule: Any) -> Any:
-        """The training shots: with the test transform (default), or the training loader as is."""
-        if self.prototype_source == "train_loader":
-            return datamodule.train_dataloader()
-        from vlm.datamodules.image_list import ImageListDataset
-        from vlm.datamodules.transforms import build_test_transform
+    def receive(self, request: TrainShotFeatures, answer: ShotFeatures) -> None:
+        """Class prototypes ``mu_c`` from the training shots' features; the training class list."""
+        self.classnames = list(answer.classnames)
+        self.prototypes = class_prototypes(answer.features, answer.labels, len(answer.classnames))
 
-        train = getattr(datamodule, "train_set", None)
-        if train is None or not hasattr(train, "items"):
-            raise TypeError("DiSa(prototype_source='test_transform') needs a FewShotDataModule-like datamodule with train_set.items.")
-        norm = "normalize" in getattr(datamodule, "train_transforms", ("normalize",))
-        tf = build_test_transform(datamodule.image_size, datamodule.mean, datamodule.std, normalize=norm)
-        return DataLoader(ImageListDataset(train.items, tf, name="disa-prototypes"), batch_size=datamodule.eval_batch_size)
-
-    def on_fit_start(self, module: Any) -> None:
-        """Compute the class prototypes once from the training shots of the training classes."""
-        dm = module.trainer.datamodule
-        dm.setup("fit")
-        self.classnames = list(module.classnames)
-        self.prototypes = self.build_prototypes(self.prototype_loader(dm), len(module.classnames))
-
-    def saliency_keep(self, outputs: dict[str, Tensor], images: Tensor, labels: Tensor) -> Tensor:
+    def saliency_keep(self, outputs: dict[str, Tensor], images: Tensor, labels: Tensor, encoder: Encoder) -> Tensor:
         """Bool ``[B, P]`` patches kept in the CIR view."""
         if self.saliency_source == "text":
-            visual = self.backbone.vision.visual
+            visual = encoder.vision.visual
             with torch.no_grad():
                 patches = projected_patches(visual, outputs["frozen_vision_tokens"], outputs["frozen_vision_types"])
                 scores = text_saliency(patches, outputs["frozen_text_features"][labels])
         else:
-            weights, types = ClsAttentionProbe().run(self.backbone, images)
+            weights, types = ClsAttentionProbe().run(encoder, images)
             scores = weights.mean(1)[types == int(TokenType.PATCH)].view(images.shape[0], -1)
         return keep_salient(scores, self.mask_ratio)
 
     # --- losses ---------------------------------------------------------------------------------
-    def losses(self, outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def losses(self, outputs: dict[str, Tensor], batch: dict[str, Tensor], encoder: Encoder) -> dict[str, Tensor]:
         """L_SR (3 weighted terms), L_CIR and lambda L_DiR; training only (the saliency uses labels)."""
         if not self.training:
             return {}
@@ -192,28 +168,28 @@ class DiSa(IVLP):
         images, labels = batch["image"], batch["label"]
         f_p, g_p = outputs["image_features"], outputs["text_features"]
         f_o, g_o = outputs["frozen_image_features"], outputs["frozen_text_features"]
-        scale = self.backbone.logit_scale.exp()
+        scale = encoder.logit_scale.exp()
         terms: dict[str, Tensor] = {}
         if any(self.sr_weights.values()):
-            g_ens = self.ensemble_text_features(self._classnames(outputs))
+            g_ens = self.ensemble_text_features(self._classnames(outputs), encoder)
             sr = self_regularisation(f_p, f_o, g_p, g_ens, outputs["logits"], scale)
             terms.update({f"disa_sr_{k}": self.sr_weights[k] * v for k, v in sr.items() if self.sr_weights[k]})
         if self.cir_weight:
             f_view = f_p
             if self.mask_ratio > 0:
-                masked = mask_patches(images, self.saliency_keep(outputs, images, labels))
-                f_view = self.backbone.encode_image(masked, [self], normalize=True)
+                masked = mask_patches(images, self.saliency_keep(outputs, images, labels, encoder))
+                f_view = encoder.encode_image(masked, [self], normalize=True)
             terms["disa_cir"] = self.cir_weight * cross_interactive(f_view, g_o, f_o, g_p, scale, self.cir_direction)
         if self.dir_weight:
             if self.prototypes is None:
-                raise RuntimeError("DiSa: class prototypes are missing; they are built at on_fit_start (or set .prototypes).")
+                raise RuntimeError("DiSa: class prototypes are missing; they are built before fit from the training shots (fit_requests), or set .prototypes.")
             terms["disa_dir"] = self.dir_weight * directional(f_p, self.prototypes, labels)
         return terms
 
     def _classnames(self, outputs: dict[str, Tensor]) -> list[str]:
         names = getattr(self, "classnames", None)
         if names is None or len(names) != outputs["text_features"].shape[0]:
-            raise RuntimeError("DiSa: set .classnames (done at on_fit_start) to the training classes for L_SR.")
+            raise RuntimeError("DiSa: set .classnames (done before fit, with the prototypes) to the training classes for L_SR.")
         return names
 
     def extra_repr(self) -> str:

@@ -1,7 +1,7 @@
 """DiSa's regularisers and saliency masking (Alipour Talemi, Kashiani, Nowdeh, Afghah, "DiSa:
 Directional Saliency-Aware Prompt Learning for Generalizable Vision-Language Models", KDD 2025,
 arXiv 2505.19373). No official code exists; what the paper text fixes and what is a documented
-choice is spelled out in ``shared/research/dpl-disa.md`` §2 and repeated on each function.
+choice is spelled out on each function.
 
 Notation: ``f_p``/``g_p`` prompted image/text features, ``f_o``/``g_o`` frozen (prompt-off) ones,
 all L2-normalised; ``s`` CLIP's logit scale (100 for OpenAI CLIP).
@@ -33,7 +33,7 @@ def kl(p_logits: Tensor, q_logits: Tensor) -> Tensor:
 def cross_interactive(
     f_p: Tensor, g_o: Tensor, f_o: Tensor, g_p: Tensor, scale: Tensor, direction: str = "prompted_image_first"
 ) -> Tensor:
-    """L_CIR (paper: ``D_KL(q_{f_p g_o}, q_{f_o g_p})``, [3P] structure in dpl-disa.md §2.1):
+    """L_CIR (paper: ``D_KL(q_{f_p g_o}, q_{f_o g_p})``, in the paper's [3P] structure):
     ``KL(softmax(s f_p g_o^T) || softmax(s f_o g_p^T))``: the prompted image encoder meets the frozen
     text encoder, and the frozen image encoder meets the prompted text encoder. Gradient flows into
     both sides (vision prompts through ``f_p``, text prompts through ``g_p``). ``direction``
@@ -47,7 +47,7 @@ def cross_interactive(
 def self_regularisation(
     f_p: Tensor, f_o: Tensor, g_p: Tensor, g_ens: Tensor, logits_p: Tensor, scale: Tensor
 ) -> dict[str, Tensor]:
-    """L_SR as PromptSRC defines it (unweighted terms; dpl-disa.md §2.2):
+    """L_SR as PromptSRC defines it (unweighted terms):
     ``text = mean|g_p - g_ens|`` (L1, ``g_ens`` the frozen template-ensemble text features),
     ``image = mean|f_p - f_o|``, ``logits = sum KL(softmax(s f_o g_ens^T) || softmax(logits_p)) / (B C)``
     (PromptSRC divides the summed KL by the number of logits, not by the batch)."""
@@ -104,7 +104,7 @@ def keep_salient(scores: Tensor, mask_ratio: float) -> Tensor:
 
 def mask_patches(images: Tensor, keep: Tensor) -> Tensor:
     """Zero the pixels of dropped patches (after normalisation, i.e. the dataset mean colour); the
-    sequence length is unchanged, so no attention change is needed (dpl-disa.md §2.2, mask_mode)."""
+    sequence length is unchanged, so no attention change is needed."""
     rows, cols = patch_grid(images, keep.shape[1])
     grid = keep.view(-1, 1, rows, cols).to(images.dtype)
     return images * F.interpolate(grid, size=images.shape[-2:], mode="nearest")

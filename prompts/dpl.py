@@ -1,7 +1,6 @@
 """DPL: Decoupled Prompt Learning (Xu, Zhu, Zhang, Shen, Liao, Chen, Wu, Wang, arXiv 2308.10061).
 
-RECONSTRUCTION. Only the abstract of DPL is public (no full text, no code; see
-``shared/research/dpl-disa.md`` §1). What the abstract states, and how it is implemented here:
+RECONSTRUCTION. Only the abstract of DPL is public (no full text, no code). What the abstract states, and how it is implemented here:
 
 1. "Attention between prompts and instances (image patches / text tokens) is reformulated as four
    separate sub-processes." With s_j = q.k_j / sqrt(d), instance keys I and prompt keys P, and
@@ -45,16 +44,18 @@ prompts sit before the class name are not public: each is a flag above.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
+from vlm.context import BlockContext
 from vlm.kernels import AttnSpec
 from vlm.prompts._deep import is_prompt
 from vlm.prompts.ivlp import IVLP
 from vlm.prompts.registry import register
-from vlm.tokens import TokenState, TokenType, check
+from vlm.tokens import TokenState, TokenType, check, kept_first
 
 GATES = ("exact", "constant", "learned")
 TEXT_MODES = ("language_conditioned", "causal")
@@ -81,7 +82,9 @@ class DPL(IVLP):
     """Decoupled attention between prompts and instances on top of deep V+L prompts.
 
     Args:
-        n_ctx_text, n_ctx_vision, depth_text, depth_vision, ctx_init, init_std: the prompts (IVLP).
+        prompts: IVLP's prompt arguments (``n_ctx_text``, ``n_ctx_vision``, ``depth_text``,
+            ``depth_vision``, ``ctx_init``, ``init_std``); the recipe's values are in
+            ``configs/experiments/dpl/recipe.yaml``.
         gate: ``"learned"`` | ``"constant"`` | ``"exact"`` (see module doc, item 2).
         gate_init: instance share of the gate (initial value when learned; the value when constant).
         i2i, i2p, p2i, p2p: switch each sub-process on (True) or off.
@@ -91,12 +94,6 @@ class DPL(IVLP):
 
     def __init__(
         self,
-        n_ctx_text: int = 4,
-        n_ctx_vision: int = 4,
-        depth_text: int = 9,
-        depth_vision: int = 9,
-        ctx_init: Optional[str] = "a photo of a",
-        init_std: float = 0.02,
         gate: str = "learned",
         gate_init: float = 0.9,
         i2i: bool = True,
@@ -105,8 +102,9 @@ class DPL(IVLP):
         p2p: bool = True,
         text_mode: str = "language_conditioned",
         decouple: tuple[str, ...] = ("vision", "text"),
+        **prompts: Any,
     ) -> None:
-        super().__init__(n_ctx_text, n_ctx_vision, depth_text, depth_vision, ctx_init, init_std)
+        super().__init__(**prompts)
         if gate not in GATES:
             raise ValueError(f"DPL gate must be one of {GATES}; got {gate!r}.")
         if text_mode not in TEXT_MODES:
@@ -154,18 +152,27 @@ class DPL(IVLP):
             rows.append(torch.stack([gi, 1.0 - gi if both else torch.full_like(gi, float(allow[qg][1]))], dim=-1))
         return torch.stack(rows, dim=1)
 
-    def attention_spec(self, tower: str, layer: int, state: TokenState, spec: AttnSpec) -> AttnSpec:
+    @dataclass
+    class PassState:
+        """Facts fixed for a pass (prompt slots are replaced, never added or removed): whether the
+        tower has prompt tokens, and the text tower's count of instance keys."""
+
+        has_prompts: Optional[bool] = None
+        instance_keys: Optional[int] = None
+
+    def attention_spec(self, ctx: BlockContext, state: TokenState, spec: AttnSpec) -> AttnSpec:
         """Decoupled attention for this block (module doc, items 1-3)."""
+        tower, layer = ctx.tower.value, ctx.layer
         if tower not in self.decouple:
             return spec
         if spec.q_groups is not None or spec.normalize != "softmax":
             raise ValueError(f"DPL: another hook already set a structured attention spec for {tower} layer {layer}.")
         types = state.batch_types
         prompt_k = is_prompt(types)  # [B, Nk]
-        sc = self.scratch(state)
-        if "has_prompts" not in sc:  # prompt slots are replaced, never added or removed, within a pass
-            sc["has_prompts"] = bool(prompt_k.any())  # sync: once per pass
-        if not sc["has_prompts"]:
+        st = ctx.state(self)
+        if st.has_prompts is None:  # prompt slots are replaced, never added or removed, within a pass
+            st.has_prompts = bool(prompt_k.any())  # sync: once per pass
+        if not st.has_prompts:
             return spec
         b, nk = prompt_k.shape
         pos = torch.arange(nk, device=types.device)
@@ -176,15 +183,15 @@ class DPL(IVLP):
         if state.kv_only is not None:  # sync: key/value-only tokens have no query row (a shape)
             q_groups = q_groups[:, ~state.kv_only]
         k_groups = prompt_k.long()
-        gate = self._gate_table(tower, layer, self.backbone_heads(tower), state.x)
+        gate = self._gate_table(tower, layer, ctx.block.heads, state.x)
         if gate is not None:
             gate = gate[:, q_groups].permute(1, 0, 2, 3)  # [B, H, Nq, 2]
         spec = spec.replace(q_groups=q_groups, k_groups=k_groups, allow=self.allow, normalize="segmented", segment_gate=gate)
         if spec.causal and tower == "text" and self.text_mode == "language_conditioned":
-            spec = self._language_conditioned(spec, types, prompt_k, sc)
+            spec = self._language_conditioned(spec, types, prompt_k, st)
         return spec
 
-    def _language_conditioned(self, spec: AttnSpec, types: Tensor, prompt_k: Tensor, sc: dict) -> AttnSpec:
+    def _language_conditioned(self, spec: AttnSpec, types: Tensor, prompt_k: Tensor, st: "DPL.PassState") -> AttnSpec:
         """Causal for instance rows, and prompt rows reading every token up to EOT (item 3)."""
         b, n = types.shape
         if spec.q_groups.shape[1] != n:
@@ -195,17 +202,14 @@ class DPL(IVLP):
         lengths = is_eot.int().argmax(1) + 1
         if spec.k_lengths is not None:
             lengths = torch.minimum(lengths, spec.k_lengths.to(lengths.device))
-        if "instance_keys" not in sc:  # the text tower keeps its tokens: the count is fixed for the pass
-            sc["instance_keys"] = int((~prompt_k[0]).sum())  # sync: once per pass
-        inst_order = torch.argsort(prompt_k.int(), dim=1, stable=True)[:, : sc["instance_keys"]]  # instance keys in order
+        if st.instance_keys is None:  # the text tower keeps its tokens: the count is fixed for the pass
+            st.instance_keys = int((~prompt_k[0]).sum())  # sync: once per pass
+        inst_order = kept_first(~prompt_k, st.instance_keys)  # instance keys in order
         inst_pos = torch.gather(pos.expand(b, n), 1, inst_order)  # [B, K_inst]
         causal = inst_pos[:, None, :] <= pos[None, :, None]  # [B, Nq, K_inst]
         rows_are_prompts = prompt_k[:, :, None]
         allowed = causal | rows_are_prompts
         return spec.replace(causal=False, k_lengths=lengths, subset_group=0, row_subset=pack_bits(allowed))
-
-    def backbone_heads(self, tower: str) -> int:
-        return int(getattr(self.backbone, tower).heads)
 
     def extra_repr(self) -> str:
         a = self.allow

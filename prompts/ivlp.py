@@ -49,6 +49,7 @@ class IVLP(DeepVLPrompts):
         depth_vision: vision prompt depth (``PROMPT_DEPTH_VISION``; 0 with ``n_ctx_vision=0``).
         ctx_init: phrase initialising the text context (used when b <= its token count).
         init_std: std of the random N(0, std) prompt init.
+        ctx_init_rule: ``"words"`` or the released code's ``"released"`` (``DeepVLPrompts``).
     """
 
     def __init__(
@@ -59,8 +60,9 @@ class IVLP(DeepVLPrompts):
         depth_vision: int = 12,
         ctx_init: Optional[str] = "a photo of a",
         init_std: float = 0.02,
+        ctx_init_rule: str = "words",
     ) -> None:
-        super().__init__(n_ctx_text, n_ctx_vision, depth_text, depth_vision, ctx_init, init_std)
+        super().__init__(n_ctx_text, n_ctx_vision, depth_text, depth_vision, ctx_init, init_std, ctx_init_rule)
         for name in ("ctx", "text_deep", "vision_ctx", "vision_deep"):
             self.register_parameter(name, None)
 

@@ -34,6 +34,7 @@ The paper body is not available; each open choice is explicit here and a constru
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
@@ -41,11 +42,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlm.kernels import AttnSpec
+from vlm.context import BlockContext, Tower
 from vlm.prompts.base import PromptLearner
 from vlm.prompts.registry import register
-from vlm.tokens import TokenState, TokenType, check
+from vlm.tokens import TokenState, TokenType, check, prefix_length
 
-_PREFIX = (int(TokenType.CLS), int(TokenType.REGISTER))
 
 
 def resolve_topk(value: float, num_keys: int) -> int:
@@ -78,7 +79,7 @@ class KTPP(PromptLearner):
         text_dim: width E of the class text embeddings (defaults to the backbone's ``embed_dim``).
     """
 
-    towers = ("vision",)
+    towers = (Tower.VISION,)
 
     def __init__(
         self,
@@ -160,7 +161,13 @@ class KTPP(PromptLearner):
         attn = (p @ fmap.transpose(1, 2) / math.sqrt(p.shape[-1])).softmax(-1)
         return p + self.gamma[stage] * (attn @ fmap)
 
-    def before_block(self, tower: str, layer: int, state: TokenState) -> TokenState:
+    @dataclass
+    class PassState:
+        """``prefix``: the pyramid prompts' insertion index (CLS/registers are never cut or moved)."""
+
+        prefix: Optional[int] = None
+
+    def before_block(self, ctx: BlockContext, state: TokenState) -> TokenState:
         if self.alpha is None:
             raise RuntimeError("KTPP used before build(backbone).")
         if not self.pyramid:
@@ -170,18 +177,18 @@ class KTPP(PromptLearner):
         check(is_patch.sum(1) == is_patch[0].sum(), "KTPP pyramid prompts need the same number of patch tokens in every sample.")
         # sync: the patch count sets the shape (a pruner may cut patches between blocks)
         patches = state.x[is_patch].view(state.x.shape[0], -1, state.x.shape[-1])
-        prompts = self.class_prompts(self.stage(layer), patches)
-        sc = self.scratch(state)
-        if "prefix" not in sc:  # CLS/registers are never cut or moved: the insertion index is fixed for the pass
-            is_prefix = (types == _PREFIX[0]) | (types == _PREFIX[1])
-            sc["prefix"] = int(is_prefix[0].sum())  # sync: once per pass
-        return state.insert(sc["prefix"], prompts, TokenType.PROMPT, kv_only=True)
+        prompts = self.class_prompts(self.stage(ctx.layer), patches)
+        st = ctx.state(self)
+        if st.prefix is None:  # CLS/registers are never cut or moved: the insertion index is fixed for the pass
+            st.prefix = prefix_length(types, "KTPP")
+        return state.insert(st.prefix, prompts, TokenType.PROMPT, kv_only=True)
 
     # --- KCA --------------------------------------------------------------------------------------
-    def context_vector(self, layer: int, state: TokenState) -> Tensor:
-        """``z_cp [B, H, dh]``: the mean value vector of the valid tokens, ``W_v mean_j LN1(x_j) + b_v``."""
-        block = self.backbone.vision.blocks[layer]
-        xn = block.norm1(state.x)
+    def context_vector(self, ctx: BlockContext, state: TokenState) -> Tensor:
+        """``z_cp [B, H, dh]``: the mean value vector of the valid tokens, ``W_v mean_j LN1(x_j) + b_v``,
+        with the block's own norm and projection (``ctx.block``)."""
+        block = ctx.block
+        xn = block.attn_input(state.x)
         b, n, _ = xn.shape
         valid = torch.ones(b, n, dtype=xn.dtype, device=xn.device)
         if state.lengths is not None:
@@ -190,13 +197,13 @@ class KTPP(PromptLearner):
         _, _, v = block.qkv(mean)
         return v[:, :, 0]
 
-    def attention_spec(self, tower: str, layer: int, state: TokenState, spec: AttnSpec) -> AttnSpec:
+    def attention_spec(self, ctx: BlockContext, state: TokenState, spec: AttnSpec) -> AttnSpec:
         if spec.topk is not None or spec.epilogue_add is not None:
             raise ValueError("KTPP cannot combine with another hook that sets top-k or an epilogue.")
-        k = resolve_topk(self.stage_topk[self.stage(layer)], state.x.shape[1])
+        k = resolve_topk(self.stage_topk[self.stage(ctx.layer)], state.x.shape[1])
         epilogue = None
         if self.context == "mean_tokens":
-            epilogue = self.alpha[layer] * self.context_vector(layer, state)
+            epilogue = self.alpha[ctx.layer] * self.context_vector(ctx, state)
         return spec.replace(topk=k, epilogue_add=epilogue)
 
     def extra_repr(self) -> str:

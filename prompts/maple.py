@@ -11,7 +11,10 @@ coupling, Sec. 3.3):
   last ``b`` vision tokens (Eq. 6-7, the "compound prompts"), one coupling function per layer;
 * from layer J on, both towers process the previous prompt outputs unchanged (Eq. 3 after J).
 
-The coupling functions are ``nn.Linear`` with PyTorch's default init, the text prompts N(0, 0.02),
+The coupling functions are ``nn.Linear`` with PyTorch's default init. The released code builds
+one ``Linear`` and deep-copies it for the J-1 deeper layers (``_get_clones``), so those start
+identical; that is the default here (``coupling_init="cloned"``), ``"independent"`` initialises
+each one on its own. The text prompts are N(0, 0.02),
 and ``ctx`` starts from the embeddings of the first ``b`` tokens of ``ctx_init`` (the remaining
 words of the phrase stay as frozen tokens: with b = 2 and "a photo of a", the prompt text is
 "a photo of a <class>." and "a photo" is learned), exactly as in the MaPLe repository.
@@ -30,12 +33,17 @@ Public API (stable; DAPT subclasses this class):
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Optional
 
 from torch import Tensor, nn
 
 from vlm.prompts._deep import DeepVLPrompts, backbone_ref, normal_
 from vlm.prompts.registry import register
+
+
+#: How the J-1 deeper coupling functions start: deep copies of one Linear (released code) or each its own.
+COUPLING_INITS = ("cloned", "independent")
 
 
 @register("maple")
@@ -47,11 +55,25 @@ class MaPLe(DeepVLPrompts):
         depth: prompt depth J in both towers (``PROMPT_DEPTH``, >= 1; 1 = shallow MaPLe).
         ctx_init: phrase initialising the text context (used when b <= its token count).
         init_std: std of the N(0, std) init of the random text prompts.
+        ctx_init_rule: ``"words"`` or the released code's ``"released"`` (``DeepVLPrompts``).
+        coupling_init: ``"cloned"`` (the J-1 deeper couplings start as copies of one Linear, as
+            released) or ``"independent"`` (each initialised on its own).
     """
 
-    def __init__(self, n_ctx: int = 2, depth: int = 9, ctx_init: Optional[str] = "a photo of a", init_std: float = 0.02) -> None:
-        super().__init__(n_ctx, n_ctx, depth, depth, ctx_init, init_std)
+    def __init__(
+        self,
+        n_ctx: int = 2,
+        depth: int = 9,
+        ctx_init: Optional[str] = "a photo of a",
+        init_std: float = 0.02,
+        coupling_init: str = "cloned",
+        ctx_init_rule: str = "words",
+    ) -> None:
+        super().__init__(n_ctx, n_ctx, depth, depth, ctx_init, init_std, ctx_init_rule)
+        if coupling_init not in COUPLING_INITS:
+            raise ValueError(f"coupling_init must be one of {COUPLING_INITS}; got {coupling_init!r}.")
         self.n_ctx, self.depth = n_ctx, depth
+        self.coupling_init = coupling_init
         self.register_parameter("ctx", None)
         self.register_parameter("compound_text", None)
         self.proj: Optional[nn.Linear] = None
@@ -69,7 +91,11 @@ class MaPLe(DeepVLPrompts):
         self.proj = nn.Linear(dc, dv, **kw)
         if self.depth > 1:
             self.compound_text = nn.Parameter(normal_((self.depth - 1, self.n_ctx, dt), ref, self.init_std))
-            self.compound_proj = nn.ModuleList(nn.Linear(dt, dv, **kw) for _ in range(self.depth - 1))
+            if self.coupling_init == "cloned":  # one Linear, deep-copied (the released _get_clones)
+                first = nn.Linear(dt, dv, **kw)
+                self.compound_proj = nn.ModuleList(copy.deepcopy(first) for _ in range(self.depth - 1))
+            else:
+                self.compound_proj = nn.ModuleList(nn.Linear(dt, dv, **kw) for _ in range(self.depth - 1))
 
     def text_prompts(self, layer: int) -> Optional[Tensor]:
         if layer == 0:
@@ -87,4 +113,7 @@ class MaPLe(DeepVLPrompts):
         return None
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, n_ctx={self.n_ctx}, depth={self.depth}, ctx_init={self.ctx_init!r}"
+        return (
+            f"name={self.name!r}, n_ctx={self.n_ctx}, depth={self.depth}, ctx_init={self.ctx_init!r}, "
+            f"coupling_init={self.coupling_init!r}"
+        )

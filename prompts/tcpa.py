@@ -40,20 +40,21 @@ CUB script enables (see ``configs/experiments/tcpa/cub.yaml``).
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlm.kernels import AttnSpec
-from vlm.prompts.base import PromptLearner
+from vlm.context import BlockContext, Tower, TowerContext
+from vlm.prompts.base import Encoder, PromptLearner
 from vlm.prompts.registry import register
 from vlm.prompts.vfpt import fourier_prompts
-from vlm.tokens import TokenState, TokenType, check
+from vlm.tokens import TokenState, TokenType, check, check_prefix, prefix_length
 
 GROUP_CLS, GROUP_TOKENS, GROUP_PROMPTS = 0, 1, 2
-_PREFIX = (int(TokenType.CLS), int(TokenType.REGISTER))
 
 
 def pack_bits(sel: Tensor) -> Tensor:
@@ -104,7 +105,7 @@ class TCPA(PromptLearner):
             code does not detach them, see the module docstring).
     """
 
-    towers = ("vision",)
+    towers = (Tower.VISION,)
 
     def __init__(
         self,
@@ -204,7 +205,16 @@ class TCPA(PromptLearner):
         return ((1.0 - sim) * w).sum() / w.sum().clamp(min=1.0)
 
     # --- hooks ----------------------------------------------------------------------------------
-    def on_tower_start(self, tower: str, state: TokenState) -> TokenState:
+    @dataclass
+    class PassState:
+        """``prefix``: the pools' insertion index (found in the first block); ``bits``: this block's
+        packed pool selection; ``groups``: (types shape, q_groups, k_groups), built once per pass."""
+
+        prefix: Optional[int] = None
+        bits: Optional[Tensor] = None
+        groups: Optional[tuple[tuple[int, ...], Tensor, Tensor]] = None
+
+    def on_tower_start(self, ctx: TowerContext, state: TokenState) -> TokenState:
         """Reset the pull terms (handed to :meth:`losses` after the pass, so an attribute: the rule
         in ``vlm.hooks``)."""
         if self.keys_cls is None:
@@ -218,22 +228,20 @@ class TCPA(PromptLearner):
         p = self.prompt_dropout(p.unsqueeze(0).expand(batch, -1, -1))
         return fourier_prompts(p, self.fourier_fraction) if self.base == "vfpt" else p
 
-    def before_block(self, tower: str, layer: int, state: TokenState) -> TokenState:
+    def before_block(self, ctx: BlockContext, state: TokenState) -> TokenState:
         """Match every query token, record the pull terms, insert the fresh key/value-only pools."""
+        layer = ctx.layer
         if layer >= self.keys_cls.shape[0]:
             raise ValueError(f"TCPA was built for {self.keys_cls.shape[0]} layers; got layer {layer}.")
         if state.kv_only is not None:
             check(~state.kv_only, "TCPA must be the first hook to insert key/value-only tokens in a block.")
-        sc = self.scratch(state)
+        st = ctx.state(self)
         types = state.batch_types
-        is_prefix = (types == _PREFIX[0]) | (types == _PREFIX[1])
-        if "prefix" not in sc:  # the insertion index, found in the first block; later blocks check it
-            sc["prefix"] = int(is_prefix[0].sum())  # sync: once per pass (the prefix length is a shape)
-        index = sc["prefix"]
-        check(
-            is_prefix[:, :index].all(1) & (is_prefix.sum(1) == index),
-            "TCPA: the CLS/register tokens must form a common prefix of the sequence.",
-        )
+        if st.prefix is None:  # the insertion index, found in the first block (one sync per pass)
+            st.prefix = prefix_length(types, "TCPA")
+        else:  # later blocks only check it
+            check_prefix(types, st.prefix, "TCPA")
+        index = st.prefix
         is_cls = types == int(TokenType.CLS)
         sel_c, sel_i, sim = self.match(state.x, is_cls, layer)
         valid = torch.ones_like(is_cls)
@@ -245,7 +253,7 @@ class TCPA(PromptLearner):
             pull = pull + self._pull_term(sim[..., mc:], sel_i, ~is_cls & valid)
             self._pull.append(pull)
         sel = torch.cat([sel_c, sel_i], -1).repeat_interleave(self.prompt_length, dim=-1)
-        sc["bits"] = pack_bits(sel)
+        st.bits = pack_bits(sel)
         lp = self.prompt_length
         ptypes = torch.tensor(
             [int(TokenType.PROMPT_CLS)] * (mc * lp) + [int(TokenType.PROMPT_IMG)] * (self.pool_size_img * lp),
@@ -254,10 +262,10 @@ class TCPA(PromptLearner):
         )
         return state.insert(index, self.layer_prompts(layer, state.x.shape[0]), ptypes, kv_only=True)
 
-    def attention_spec(self, tower: str, layer: int, state: TokenState, spec: AttnSpec) -> AttnSpec:
+    def attention_spec(self, ctx: BlockContext, state: TokenState, spec: AttnSpec) -> AttnSpec:
         """Groups CLS / tokens / pools and the per-row bitmask over the pools (see module docstring)."""
-        sc = self.scratch(state)
-        bits = sc.get("bits")
+        st = ctx.state(self)
+        bits = st.bits
         if bits is None:
             raise RuntimeError("TCPA.attention_spec without before_block for this layer.")
         if spec.q_groups is not None or spec.normalize != "softmax" or spec.topk is not None:
@@ -266,7 +274,7 @@ class TCPA(PromptLearner):
         # every block) and the pools inserted right after it. So they are built once per pass and
         # shape, and every block passes the same tensors: the attention's mask layout (tile lists)
         # is then built by the first block and reused by the others.
-        cached = sc.get("groups")
+        cached = st.groups
         if cached is not None and cached[0] == tuple(state.types.shape):
             _, q_groups, k_groups = cached
         else:
@@ -275,9 +283,9 @@ class TCPA(PromptLearner):
             ours = (types == int(TokenType.PROMPT_CLS)) | (types == int(TokenType.PROMPT_IMG))
             k_groups = torch.where(ours & state.kv_only, GROUP_PROMPTS, k_groups)
             # the key/value-only tokens are exactly the pools inserted at the prefix (before_block)
-            start, end = sc["prefix"], sc["prefix"] + self.num_prompt_tokens
+            start, end = st.prefix, st.prefix + self.num_prompt_tokens
             q_groups = torch.cat([k_groups[..., :start], k_groups[..., end:]], -1)
-            sc["groups"] = (tuple(state.types.shape), q_groups, k_groups)
+            st.groups = (tuple(state.types.shape), q_groups, k_groups)
         return spec.replace(
             q_groups=q_groups,
             k_groups=k_groups,
@@ -286,11 +294,11 @@ class TCPA(PromptLearner):
             normalize="softmax" if self.renormalize else "all_keys",
         )
 
-    def after_block(self, tower: str, layer: int, state: TokenState, attn: Any) -> TokenState:
-        self.scratch(state).pop("bits", None)
+    def after_block(self, ctx: BlockContext, state: TokenState, attn: Any) -> TokenState:
+        ctx.state(self).bits = None  # a block's selection never reaches the next block
         return state
 
-    def losses(self, outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def losses(self, outputs: dict[str, Tensor], batch: dict[str, Tensor], encoder: Encoder) -> dict[str, Tensor]:
         """``{"pull": lambda * sum_l (d_cls^l + d_img^l)}`` from the last forward pass (T-TCPA only)."""
         if not self.pull_weight or not self._pull:
             return {}

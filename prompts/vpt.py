@@ -18,16 +18,17 @@ type (CLS token, or the mean over PATCH tokens), so prompts never enter the pool
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
+from vlm.context import BlockContext, Tower, TowerContext
 from vlm.prompts.base import PromptLearner
 from vlm.prompts.registry import register
-from vlm.tokens import TokenState, TokenType, check
+from vlm.tokens import TokenState, TokenType, check, prefix_length
 
-_PREFIX_TYPES = (int(TokenType.CLS), int(TokenType.REGISTER))
 
 
 def patch_size(runner: Any) -> tuple[int, int]:
@@ -59,7 +60,7 @@ class VPT(PromptLearner):
     named in the official code.
     """
 
-    towers = ("vision",)
+    towers = (Tower.VISION,)
 
     def __init__(self, num_tokens: int = 5, deep: bool = False, dropout: float = 0.0) -> None:
         super().__init__()
@@ -93,27 +94,30 @@ class VPT(PromptLearner):
         """``dropout(P)`` expanded to the batch (per-sample dropout masks, as in VPT)."""
         return self.prompt_dropout(p.expand(batch, -1, -1))
 
-    def on_tower_start(self, tower: str, state: TokenState) -> TokenState:
+    @dataclass
+    class PassState:
+        """``prefix``: where the prompts were inserted (the CLS/register prefix length)."""
+
+        prefix: Optional[int] = None
+
+    def on_tower_start(self, ctx: TowerContext, state: TokenState) -> TokenState:
         """Insert the layer-0 prompts after the CLS/register prefix (Eq. 4 / Eq. 7 for i = 1)."""
         if self.prompt_embeddings is None:
             raise RuntimeError("VPT used before build(backbone).")
-        types = state.batch_types
-        is_prefix = (types == _PREFIX_TYPES[0]) | (types == _PREFIX_TYPES[1])
-        index = int(is_prefix[0].sum())
-        if not bool(is_prefix[:, :index].all()) or not bool((is_prefix.sum(1) == index).all()):
-            raise ValueError("VPT: the CLS/register tokens must form a common prefix of the sequence.")
-        self.scratch(state)["prefix"] = index
+        index = prefix_length(state.batch_types, "VPT")
+        ctx.state(self).prefix = index
         prompts = self._prompts(self.prompt_embeddings, state.x.shape[0])
         return state.insert(index, prompts, TokenType.PROMPT)
 
-    def before_block(self, tower: str, layer: int, state: TokenState) -> TokenState:
+    def before_block(self, ctx: BlockContext, state: TokenState) -> TokenState:
         """VPT-Deep: replace the previous layer's prompt outputs by this layer's prompts (Eq. 7)."""
+        layer = ctx.layer
         if not self.deep or layer == 0 or self.deep_prompt_embeddings is None:
             return state
         if layer - 1 >= self.deep_prompt_embeddings.shape[0]:
             built = self.deep_prompt_embeddings.shape[0] + 1
             raise ValueError(f"VPT-Deep was built for {built} layers; got layer {layer}.")
-        start = self.scratch(state).get("prefix")
+        start = ctx.state(self).prefix
         if start is None:
             raise ValueError(f"VPT-Deep: the prompt tokens are no longer at their slots before layer {layer}.")
         end = start + self.num_tokens

@@ -8,12 +8,13 @@ can switch pruning off by name. Configs may also use ``class_path: <name>`` or a
 
 from typing import Any, Optional
 
-from vlm.pruning.base import TokenPruner
+from vlm.pruning.base import Pruner, TokenPruner
 from vlm.pruning.llm import LlmProbe, LlmTokenPruner
 from vlm.pruning.registry import PRUNERS, register
 
-# Importing the method modules registers them.
-from vlm.pruning import baselines, flowcut, flowcut_llm, vtc_cls  # noqa: E402,F401  isort: skip
+from vlm.registry import import_modules
+
+import_modules(__name__, __path__)  # every method file registers itself: adding one is one file
 
 #: The name that means "no pruner".
 NONE = "none"
@@ -23,7 +24,7 @@ def available() -> list[str]:
     return PRUNERS.available()
 
 
-def create(name: str, **kwargs: Any) -> Optional[TokenPruner]:
+def create(name: str, **kwargs: Any) -> Optional[Pruner]:
     if name.lower() == NONE:
         if kwargs:
             raise ValueError(f"pruner 'none' takes no arguments, got {sorted(kwargs)}.")
@@ -31,4 +32,4 @@ def create(name: str, **kwargs: Any) -> Optional[TokenPruner]:
     return PRUNERS.create(name, **kwargs)
 
 
-__all__ = ["LlmProbe", "LlmTokenPruner", "TokenPruner", "available", "create", "register"]
+__all__ = ["LlmProbe", "LlmTokenPruner", "Pruner", "TokenPruner", "available", "create", "register"]

@@ -5,14 +5,14 @@ A pruner reads what it needs from the block loop, never from an eager attention 
 * the CLS row of the attention probabilities, by adding the CLS query to ``AttnSpec.probe_rows``
   in :meth:`attention_spec` (the kernels return it in ``AttnOutput.probes``; the fused paths
   recompute it from the row logsumexp in O(N d));
-* the attention values, when it puts ``SCRATCH_VALUES`` into ``state.scratch`` (a pruner that scores by the values).
+* the attention values, by setting ``AttnSpec.return_values`` (they come back in ``AttnOutput.values``).
 
 It cuts by gathering tokens (:meth:`TokenPruner.keep_top`): every valid non-patch token (CLS,
 registers, prompts) is kept, and the ``count`` best-scored patches of each sample; the kept tokens
 stay in their original (raster) order. Counts may differ per sample; the state is then ragged
 (``lengths``), so a sample's result never depends on its neighbours in the batch. Per-pass state
-lives in the hook's scratch (``state.scratch["pruner.<name>"]``, the rule in ``vlm.hooks``); the
-module itself holds none.
+lives in the pruner's ``PassState`` (``ctx.state(self)``, the rule in ``vlm.hooks``); the module
+itself holds none.
 """
 
 from __future__ import annotations
@@ -22,19 +22,43 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from vlm.context import BlockContext, Tower
 from vlm.hooks import TowerHook, cls_query_row
 from vlm.kernels import AttnOutput, AttnSpec
-from vlm.tokens import SCRATCH_NUM_BLOCKS, TokenState, TokenType
+from vlm.tokens import TokenState, TokenType, kept_first
 
 
-class TokenPruner(TowerHook):
-    """Base class of all pruners. Subclasses register a short name in ``vlm.pruning``.
+def top_count(scores: Tensor, count: Tensor) -> Tensor:
+    """bool ``[B, N]``: the ``count[b]`` highest ``scores [B, N]`` of each row (ties keep the
+    earlier token). The one rank-top-k rule of the pruners."""
+    b, n = scores.shape
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=scores.device).expand(b, n))
+    return rank < count[:, None]
+
+
+def top_groups(scores: Tensor, patch: Tensor, count: Union[int, Tensor], group: int) -> Tensor:
+    """bool ``[B, N]``: the patches of the ``count`` best groups per row, a group being ``group``
+    consecutive patches (``patch [B, N]`` marks them) scored by the mean of its patches' ``scores``."""
+    b, n = scores.shape
+    gid = (patch.long().cumsum(1) - 1).clamp(min=0) // group  # group of each patch, in order
+    width = (n + group - 1) // group
+    member = patch.float()
+    sums = torch.zeros(b, width, device=scores.device).scatter_add_(1, gid, torch.where(patch, scores, 0.0) * member)
+    sizes = torch.zeros(b, width, device=scores.device).scatter_add_(1, gid, member)
+    mean = (sums / sizes.clamp(min=1)).masked_fill(sizes == 0, float("-inf"))
+    counts = torch.as_tensor(count, device=scores.device).expand(b).clamp(max=(sizes > 0).sum(1))
+    return patch & torch.gather(top_count(mean, counts), 1, gid)
+
+
+class Pruner(TowerHook):
+    """Base of every pruner, vision- or LLM-stage: a registry name and a token budget.
 
     Args:
-        num_tokens: patch tokens kept per image (CLS and other non-patch tokens are extra).
+        num_tokens: tokens kept per image (or crop); non-patch tokens (CLS, registers, prompts)
+            are extra.
     """
 
-    towers = ("vision",)
     #: Short registry name, set by ``@register``.
     name: str = ""
 
@@ -44,25 +68,15 @@ class TokenPruner(TowerHook):
             raise ValueError(f"{type(self).__name__}: num_tokens must be >= 1, got {num_tokens}.")
         self.num_tokens = int(num_tokens)
 
-    # --- per-pass scratch (vlm.hooks: one rule for every hook) --------------------------------
-    @property
-    def scratch_key(self) -> str:
-        return f"pruner.{self.name}"
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, num_tokens={self.num_tokens}"
 
-    @staticmethod
-    def num_blocks(state: TokenState) -> int:
-        if SCRATCH_NUM_BLOCKS not in state.scratch:
-            raise RuntimeError("pruners run inside vlm.towers.runner.run_blocks (it sets the block count).")
-        return int(state.scratch[SCRATCH_NUM_BLOCKS])
 
-    @classmethod
-    def resolve_layer(cls, layer: int, state: TokenState) -> int:
-        """A layer index, negative ones counted from the end of the blocks this pass runs."""
-        n = cls.num_blocks(state)
-        idx = layer if layer >= 0 else n + layer
-        if not 0 <= idx < n:
-            raise ValueError(f"layer {layer} is out of range for a tower pass of {n} blocks.")
-        return idx
+class TokenPruner(Pruner):
+    """Base of the vision-tower pruners: CLS probes and the cut. Subclasses register a short name
+    in ``vlm.pruning``."""
+
+    towers = (Tower.VISION,)
 
     # --- probes -------------------------------------------------------------------------------
     @staticmethod
@@ -70,41 +84,53 @@ class TokenPruner(TowerHook):
         """long ``[1]``: query index of the CLS token (the same in every sample), on the device."""
         return cls_query_row(state)
 
-    def request_cls_probe(self, state: TokenState, spec: AttnSpec) -> AttnSpec:
-        """Append the CLS query row to ``spec.probe_rows`` (:meth:`~vlm.hooks.TowerHook.request_probe`)."""
-        return self.request_probe(state, spec, self.cls_row(state))
+    def request_cls_probe(self, ctx: BlockContext, state: TokenState, spec: AttnSpec) -> AttnSpec:
+        """Ask for the CLS query row (:meth:`~vlm.hooks.TowerHook.request_probe`). A tower without a
+        CLS token (Qwen's) gets its stand-in instead: the mean of the sample's queries
+        (:meth:`~vlm.hooks.TowerHook.request_mean_probe`), the global query of the released Qwen ports."""
+        if not ctx.has_cls(state.types):
+            return self.request_mean_probe(ctx, state, spec)
+        return self.request_probe(ctx, state, spec, self.cls_row(state))
 
-    def cls_attention(self, state: TokenState, attn: AttnOutput) -> Tensor:
-        """``[B, N]`` head-mean CLS-row attention over the tokens after the block."""
-        probe = self.read_probe(state, attn)[:, :, 0].mean(1)  # [B, Nk]
-        return self.key_columns(state, probe)
+    def cls_attention(self, ctx: BlockContext, attn: AttnOutput) -> Tensor:
+        """``[B, N]`` head-mean CLS-row (or mean-query) attention over the tokens after the block."""
+        probe = self.read_probe(ctx, attn)[:, :, 0].mean(1)  # [B, Nk]
+        return self.key_columns(ctx, probe)
 
     # --- the cut ------------------------------------------------------------------------------
     @staticmethod
     def keep_top(
-        state: TokenState, scores: Tensor, count: Union[int, Tensor], carry: Optional[list[Tensor]] = None
+        state: TokenState,
+        scores: Tensor,
+        count: Union[int, Tensor],
+        carry: Optional[list[Tensor]] = None,
+        group: int = 1,
     ) -> tuple[TokenState, list[Tensor]]:
         """Keep every valid non-patch token and the ``count`` top-scored patches per sample.
 
         ``scores [B, N]`` (only patch entries are read); ``count`` an int or long ``[B]``. Ties keep
         the earlier token. Kept tokens stay in sequence order. ``carry`` are ``[B, N]`` per-token
         tensors gathered along (e.g. cumulative scores). Returns the new state and ``carry``.
+        ``group > 1`` (``ctx.token_group``: consecutive patches that become one output token, as
+        Qwen's 2x2 merge units): a group scores the mean of its patches, ``count`` counts groups,
+        and whole groups are kept or dropped.
         """
-        b, n = scores.shape
+        b = scores.shape[0]
         valid = state.valid_mask()
         patch = state.type_mask(TokenType.PATCH)
-        count_t = torch.as_tensor(count, device=scores.device).expand(b).clamp(max=patch.sum(1))
         masked = scores.float().masked_fill(~patch, float("-inf"))
-        order = torch.sort(masked, dim=1, descending=True, stable=True).indices
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=scores.device).expand(b, n))
-        keep = (valid & ~patch) | (patch & (rank < count_t[:, None]))
+        if group == 1:
+            count_t = torch.as_tensor(count, device=scores.device).expand(b).clamp(max=patch.sum(1))
+            keep = (valid & ~patch) | (patch & top_count(masked, count_t))
+        else:
+            keep = (valid & ~patch) | (patch & top_groups(masked, patch, count, group))
         kept = keep.sum(1)
         # sync: one read of three facts the cut's shapes depend on (whether anything is dropped, the
         # widest kept row, whether rows differ), instead of one sync each
         dropping, widest, uneven = torch.stack([(keep != valid).any().long(), kept.max(), (kept != kept[0]).any().long()]).tolist()
         if not dropping:  # nothing to drop (e.g. an entropy cut of 0): no gather
             return state, list(carry or [])
-        index = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :widest]
+        index = kept_first(keep, widest)
         new = state.select(index)
         ragged = state.lengths is not None or bool(uneven)
         new = new.replace(lengths=kept if ragged else None)
@@ -116,6 +142,3 @@ class TokenPruner(TowerHook):
         the kept counts may differ per sample). The default is the safe assumption: any block,
         ragged. Pruners override it from their own settings."""
         return list(range(num_blocks)), True
-
-    def extra_repr(self) -> str:
-        return f"name={self.name!r}, num_tokens={self.num_tokens}"

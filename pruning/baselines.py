@@ -5,7 +5,8 @@
   i.e. LLaVA's feature layer); keep the top ``num_tokens`` in raster order. It is VTC-CLS with a
   one-layer window.
 * ``random``: ``num_tokens`` patches drawn uniformly per sample (a fixed seed per forward pass, so
-  runs repeat), kept in raster order.
+  runs repeat; one draw per original token position, so a sample's draw never depends on its
+  batch neighbours), kept in raster order.
 
 Both cut after ``layer`` and keep CLS and every other non-patch token.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from vlm.context import BlockContext, resolve_layer
 from vlm.kernels import AttnOutput, AttnSpec
 from vlm.pruning.base import TokenPruner
 from vlm.pruning.registry import register
@@ -33,13 +35,13 @@ class CLSAttention(TokenPruner):
         super().__init__(num_tokens)
         self.layer = layer
 
-    def attention_spec(self, tower: str, layer: int, state: TokenState, spec: AttnSpec) -> AttnSpec:
-        return self.request_cls_probe(state, spec) if layer == self.resolve_layer(self.layer, state) else spec
+    def attention_spec(self, ctx: BlockContext, state: TokenState, spec: AttnSpec) -> AttnSpec:
+        return self.request_cls_probe(ctx, state, spec) if ctx.layer == ctx.resolve_layer(self.layer) else spec
 
-    def after_block(self, tower: str, layer: int, state: TokenState, attn: AttnOutput) -> TokenState:
-        if layer != self.resolve_layer(self.layer, state):
+    def after_block(self, ctx: BlockContext, state: TokenState, attn: AttnOutput) -> TokenState:
+        if ctx.layer != ctx.resolve_layer(self.layer):
             return state
-        state, _ = self.keep_top(state, self.cls_attention(state, attn), self.num_tokens)
+        state, _ = self.keep_top(state, self.cls_attention(ctx, attn), self.num_tokens, group=ctx.token_group)
         return state
 
     def extra_repr(self) -> str:
@@ -47,7 +49,7 @@ class CLSAttention(TokenPruner):
 
     def cut_layers(self, num_blocks: int) -> tuple[list[int], bool]:
         """One cut after ``layer``, the same count for every sample."""
-        return [self.layer if self.layer >= 0 else num_blocks + self.layer], False
+        return [resolve_layer(self.layer, num_blocks)], False
 
 
 @register("random")
@@ -65,12 +67,16 @@ class RandomPruner(TokenPruner):
         self.layer = layer
         self.seed = seed
 
-    def after_block(self, tower: str, layer: int, state: TokenState, attn: AttnOutput) -> TokenState:
-        if layer != self.resolve_layer(self.layer, state):
+    def after_block(self, ctx: BlockContext, state: TokenState, attn: AttnOutput) -> TokenState:
+        if ctx.layer != ctx.resolve_layer(self.layer):
             return state
+        # one draw per original token position, so a sample's draw depends on its own tokens only
+        # (not on its batch neighbours or the padded width)
+        pos = state.positions.clamp(min=0)
         gen = torch.Generator().manual_seed(self.seed)
-        scores = torch.rand(state.x.shape[:2], generator=gen).to(state.x.device)
-        state, _ = self.keep_top(state, scores, self.num_tokens)
+        draws = torch.rand(int(pos.max()) + 1, generator=gen).to(state.x.device)  # sync: a shape
+        scores = draws[pos]
+        state, _ = self.keep_top(state, scores, self.num_tokens, group=ctx.token_group)
         return state
 
     def extra_repr(self) -> str:
@@ -78,4 +84,4 @@ class RandomPruner(TokenPruner):
 
     def cut_layers(self, num_blocks: int) -> tuple[list[int], bool]:
         """One cut after ``layer``, the same count for every sample."""
-        return [self.layer if self.layer >= 0 else num_blocks + self.layer], False
+        return [resolve_layer(self.layer, num_blocks)], False

@@ -28,6 +28,12 @@ Flags for deliberate departures: ``shared_count=False`` cuts each crop by its ow
 patch after the vision stage) with the newlines outside the budget: they are not scored, never cut,
 and ``T`` still counts patches only (so a row emptied by the LLM cut keeps its newline).
 
+Qwen2.5-VL / Qwen3-VL (``vlm.towers.qwen``; a recipe of ours, not a released one): one view per
+image, so the vision stage keeps ``crop_tokens`` merged tokens (whole 2x2 merge units) of every
+image, and the LLM stage cuts each sample's visual tokens (all its images) to ``T``. The kept tokens
+keep their 3-D M-RoPE positions (the runner's ``original`` policy, its default), and Qwen3-VL's
+DeepStack features after the cut reach the kept visual tokens only.
+
 Documented choices:
 
 * with several images in a sample the span is their union;

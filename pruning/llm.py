@@ -3,11 +3,13 @@ decoder layer, with scores conditioned on the text.
 
 A vision pruner (:class:`~vlm.pruning.base.TokenPruner`) acts in the vision tower through the
 block-loop hooks. An :class:`LlmTokenPruner` acts in the LLM prefill, which the runner drives layer
-by layer (``vlm.towers.language_model.CutDecoder``, used by ``LlavaRunner`` whenever such a pruner
-is among the hooks). At decoder layer ``layer`` the runner takes the layer's own post-RoPE keys and
-values (from its KV cache) of the sample's visual tokens and of one probe row per sample (the last
-prompt token), re-projects the probe row's query from the layer's input with the layer's input
-norm, ``q_proj`` and RoPE, and passes them as an :class:`LlmProbe` to :meth:`LlmTokenPruner.keep`. After the layer,
+by layer (``vlm.towers.language_model.CutDecoder``, used by the LLaVA runners and ``QwenRunner``
+whenever such a pruner is among the hooks). At decoder layer ``layer`` the runner takes the layer's
+own post-RoPE keys and values (from its KV cache) of the sample's visual tokens and of one probe row
+per sample (the last prompt token), re-projects the probe row's query from the layer's input with
+the layer's input norm, ``q_proj``, ``q_norm`` where the attention has one (Qwen3) and RoPE (Qwen's
+3-D M-RoPE at the probe token's own position), and passes them as an :class:`LlmProbe` to
+:meth:`LlmTokenPruner.keep`. After the layer,
 each sample keeps all its text tokens (and any layout tokens among the visual ones, e.g. kept
 ``image_newline`` tokens: see ``anyres_newlines``) and the kept visual tokens, in their original order; layers
 ``layer + 1`` onwards run on the shorter sequence. Positions, masks and the KV-cache split belong to
@@ -15,7 +17,7 @@ the runner, so a pruner here is only a score.
 
 An LLM-stage pruner may bring a vision stage (``vision_stage``, a vision :class:`TokenPruner`) that
 the runner adds to the vision tower's hooks: one config object then describes a two-stage method
-(e.g. a released anyres recipe). It is a :class:`TokenPruner` (``towers = ("llm",)``), so it goes wherever
+(e.g. a released anyres recipe). It is a :class:`~vlm.pruning.base.Pruner` (``towers = (Tower.LLM,)``), so it goes wherever
 a pruner goes (registry, configs, ``LlavaEval(pruner=...)``); the vision block loop skips it.
 """
 
@@ -24,14 +26,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Optional
 
-import torch
 from torch import Tensor
 
-from vlm.hooks import LlmProbe, LlmStage
-from vlm.pruning.base import TokenPruner
+from vlm.context import Tower
+from vlm.llm_stage import LlmProbe, LlmStage
+from vlm.pruning.base import Pruner, TokenPruner, top_count
 
 
-class LlmTokenPruner(TokenPruner, LlmStage, ABC):
+class LlmTokenPruner(Pruner, LlmStage, ABC):
     """Base class of LLM-stage pruners. Subclasses implement :meth:`score`.
 
     Args:
@@ -42,7 +44,7 @@ class LlmTokenPruner(TokenPruner, LlmStage, ABC):
         vision_stage: a vision pruner run in the vision tower before this stage, or None.
     """
 
-    towers = ("llm",)
+    towers = (Tower.LLM,)
 
     def __init__(self, num_tokens: int = 64, layer: int = 1, vision_stage: Optional[TokenPruner] = None) -> None:
         super().__init__(num_tokens)
@@ -61,11 +63,8 @@ class LlmTokenPruner(TokenPruner, LlmStage, ABC):
         """``[B, N]`` bool: the ``min(num_tokens, count)`` best-scored visual tokens of each sample;
         ties keep the earlier token."""
         valid = probe.valid
-        b, n = valid.shape
         scores = self.score(probe).float().masked_fill(~valid, float("-inf"))
-        order = torch.sort(scores, dim=1, descending=True, stable=True).indices
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=order.device).expand(b, n))
-        return valid & (rank < probe.counts.clamp(max=self.num_tokens)[:, None])
+        return valid & top_count(scores, probe.counts.clamp(max=self.num_tokens))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, layer={self.layer}"

@@ -18,6 +18,12 @@ of materialising every layer's attention with eager CLIP attention.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
+from torch import Tensor
+
+from vlm.context import BlockContext, resolve_layer
 from vlm.kernels import AttnOutput, AttnSpec
 from vlm.pruning.base import TokenPruner
 from vlm.pruning.registry import register
@@ -39,27 +45,32 @@ class VTCCLS(TokenPruner):
         self.start_layer = start_layer
         self.prune_layer = prune_layer
 
-    def _window(self, state: TokenState) -> tuple[int, int]:
+    @dataclass
+    class PassState:
+        """``score``: the running sum S ``[B, N]`` over the window's blocks so far."""
+
+        score: Optional[Tensor] = None
+
+    def _window(self, ctx: BlockContext) -> tuple[int, int]:
         """(first summed block, cut block); a start before block 0 is clamped to 0."""
-        prune = self.resolve_layer(self.prune_layer, state)
-        n = self.num_blocks(state)
-        start = self.start_layer if self.start_layer >= 0 else max(n + self.start_layer, 0)
+        prune = ctx.resolve_layer(self.prune_layer)
+        start = self.start_layer if self.start_layer >= 0 else max(ctx.num_layers + self.start_layer, 0)
         return min(start, prune), prune
 
-    def attention_spec(self, tower: str, layer: int, state: TokenState, spec: AttnSpec) -> AttnSpec:
-        start, prune = self._window(state)
-        return self.request_cls_probe(state, spec) if start <= layer <= prune else spec
+    def attention_spec(self, ctx: BlockContext, state: TokenState, spec: AttnSpec) -> AttnSpec:
+        start, prune = self._window(ctx)
+        return self.request_cls_probe(ctx, state, spec) if start <= ctx.layer <= prune else spec
 
-    def after_block(self, tower: str, layer: int, state: TokenState, attn: AttnOutput) -> TokenState:
-        start, prune = self._window(state)
-        if not start <= layer <= prune:
+    def after_block(self, ctx: BlockContext, state: TokenState, attn: AttnOutput) -> TokenState:
+        start, prune = self._window(ctx)
+        if not start <= ctx.layer <= prune:
             return state
-        sc = self.scratch(state)
-        s = self.cls_attention(state, attn)
-        sc["score"] = s if layer == start else sc["score"] + s
-        if layer < prune:
+        st = ctx.state(self)
+        s = self.cls_attention(ctx, attn)
+        st.score = s if ctx.layer == start else st.score + s
+        if ctx.layer < prune:
             return state
-        state, _ = self.keep_top(state, sc.pop("score"), self.num_tokens)
+        state, _ = self.keep_top(state, st.score, self.num_tokens, group=ctx.token_group)
         return state
 
     def extra_repr(self) -> str:
@@ -67,4 +78,4 @@ class VTCCLS(TokenPruner):
 
     def cut_layers(self, num_blocks: int) -> tuple[list[int], bool]:
         """One cut after ``prune_layer``, ``num_tokens`` patches for every sample."""
-        return [self.prune_layer if self.prune_layer >= 0 else num_blocks + self.prune_layer], False
+        return [resolve_layer(self.prune_layer, num_blocks)], False

@@ -81,7 +81,7 @@ def test_fit_test_export_roundtrip(tmp_path: Path, toy: Path) -> None:
 
     out = tmp_path / "export"
     main(["export", "--ckpt", str(ckpts[-1]), "--out", str(out)])
-    assert {p.name for p in out.iterdir()} == {"learned.safetensors", "config.yaml", "classnames.json", "metadata.json"}
+    assert {p.name for p in out.iterdir()} == {"learned.safetensors", "config.yaml", "classnames.json", "metadata.json", ".vlm-export"}
     # Re-evaluating the export reproduces the test metrics of the run that made it.
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     cfg["trainer"]["logger"]["init_args"]["version"] = "export_eval"
@@ -122,3 +122,21 @@ def test_help_lists_every_subcommand_including_export(capsys: pytest.CaptureFixt
         main(["export", "--help"])
     own = capsys.readouterr().out
     assert "--ckpt" in own and "--overwrite" in own and "--trainer" not in own
+
+
+def test_export_is_a_plain_subcommand(tmp_path: Path, toy: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`vlm export` runs its own parser before (and without) any LightningCLI."""
+    cfgs = _write_configs(tmp_path, toy)
+    main(["fit", *cfgs, "--trainer.max_epochs", "1"])
+    import vlm.runtime.lightning_cli as lightning_cli
+
+    def no_cli(*args: object, **kwargs: object) -> None:
+        raise AssertionError("vlm export must not build a LightningCLI")
+
+    monkeypatch.setattr(lightning_cli, "VLMCLI", no_cli)
+    ckpt = tmp_path / "run" / "v0" / "checkpoints" / "last.ckpt"
+    main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "export")])
+    assert "exported to" in capsys.readouterr().out and (tmp_path / "export" / "learned.safetensors").is_file()
+    with pytest.raises(SystemExit) as done:
+        main(["fitt"])
+    assert done.value.code == 2 and "invalid choice: 'fitt'" in capsys.readouterr().err

@@ -5,7 +5,8 @@ Fragments compose like the READMEs say: a file outside ``configs/experiments`` w
 after the default data fragment. The experiment recipes are fragments by design: they are parsed in
 the stacks ``configs/experiments/README.md`` documents (``STACKS``), and every file there must be in
 one. The schedule table of that README is checked against the composed recipes, and every TCPA
-stack against the released TCPA schedule.
+stack against the released TCPA schedule. Every registered prompt learner composes by its short
+name in a fragment written here (``check_learner_composes``: a new learner needs no edit here).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from vlm import prompts
+from vlm.registry import import_path
 from vlm.runtime.cli import parse_configs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,6 +83,22 @@ def composition(path: Path) -> list[Path]:
     if "class_path" not in (cfg.get("data") or {}):
         files.append(DEFAULT_DATA)
     return [f for f in files if f != path] + [path]
+
+
+def check_learner_composes(name: str, folder: Path) -> None:
+    """A fragment ``prompt_learner: {class_path: <name>}`` composes with the default backbone and
+    data fragments through the CLI parser and resolves to the registered class, with its defaults."""
+    fragment = folder / f"{name}.yaml"
+    fragment.write_text(yaml.safe_dump({"model": {"init_args": {"prompt_learner": {"class_path": name}}}}))
+    cfg = parse_configs([str(DEFAULT_MODEL), str(DEFAULT_DATA), str(fragment)])
+    learner = cfg.model.init_args.prompt_learner
+    assert learner.class_path == import_path(prompts.PROMPTS.get(name)), "the short name is the registered class"
+    assert learner.init_args is not None
+
+
+@pytest.mark.parametrize("name", prompts.available())
+def test_every_registered_learner_composes_by_its_short_name(name: str, tmp_path: Path):
+    check_learner_composes(name, tmp_path)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(ROOT / "configs")) for p in CONFIGS])

@@ -1,4 +1,4 @@
-"""VQA-style metrics in the LLaVA evaluation protocol (exact rules: shared/research/eval-and-datasets.md).
+"""VQA-style metrics in the LLaVA evaluation protocol (the rules are written out below).
 
 * ``vqa`` (VQAv2, TextVQA): EvalAI answer normalisation of prediction and of each human answer,
   then the soft accuracy mean_{10 leave-one-out subsets} min(1, #matches / 3).

@@ -10,17 +10,6 @@ import torch
 from torch import Tensor
 
 
-#: ``TokenState.scratch`` keys the tower runners own (hooks read them, never write them):
-#: the number of blocks the runner will run in this pass (set by ``run_blocks`` before block 0),
-SCRATCH_NUM_BLOCKS = "runner.num_blocks"
-#: and the last block's attention values ``[B, H, Nk, d]``. A hook asks for them by putting this
-#: key in ``scratch`` (any value, e.g. in ``on_tower_start``); every block then overwrites it.
-SCRATCH_VALUES = "runner.values"
-#: and, where several batch rows are views of one image (LLaVA-NeXT's anyres crops), long ``[B]``:
-#: the image each row belongs to (absent: every row is its own image).
-SCRATCH_IMAGE_INDEX = "runner.image_index"
-
-
 def check(ok: Tensor, message: str, error: type[Exception] = ValueError) -> None:
     """Raise ``error(message)`` unless every element of ``ok`` (bool) is true.
 
@@ -36,7 +25,8 @@ def check(ok: Tensor, message: str, error: type[Exception] = ValueError) -> None
 
 
 class TokenType(IntEnum):
-    """What a token is. Stored as int8 per token; new members go at the end (CONTRACTS.md)."""
+    """What a token is. Stored as int8 per token; new members go at the end (saved checkpoints and
+    exports store the numbers; docs/contracts.md)."""
 
     CLS = 0
     PATCH = 1
@@ -61,7 +51,8 @@ class TokenState:
     positions: long ``[B, N]`` index in the tower's original sequence; -1 for inserted tokens.
     kv_only:   bool ``[N]``: tokens that are only keys/values (no query, no MLP, dropped after
                the block by the runner).
-    scratch:   per-hook state carried across layers, keyed by hook name.
+
+    Hooks keep their per-pass state in typed objects of their own (``vlm.context``), not here.
     """
 
     x: Tensor
@@ -69,7 +60,6 @@ class TokenState:
     lengths: Optional[Tensor] = None
     positions: Optional[Tensor] = None
     kv_only: Optional[Tensor] = None
-    scratch: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def create(cls, x: Tensor, types: Tensor, lengths: Optional[Tensor] = None) -> "TokenState":
@@ -174,6 +164,31 @@ class TokenState:
             kv_only=None,
             lengths=lengths,
         )
+
+
+def kept_first(keep: Tensor, width: int) -> Tensor:
+    """long ``[B, width]``: per row, the indices where ``keep [B, N]`` is True, in order, followed
+    by the others (also in order); ``width`` is usually the widest row's kept count. The one
+    compaction rule for cuts and repacks: a stable sort of ``~keep``."""
+    return torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :width]
+
+
+def prefix_length(types: Tensor, who: str) -> int:
+    """The length of the CLS/register prefix of ``types [B, N]``, which must be the same leading
+    run in every sample (prompts are inserted right after it)."""
+    n = int(((types == int(TokenType.CLS)) | (types == int(TokenType.REGISTER)))[0].sum())  # sync: a shape
+    check_prefix(types, n, who)
+    return n
+
+
+def check_prefix(types: Tensor, n: int, who: str) -> None:
+    """Check (asynchronously on an accelerator) that the first ``n`` tokens of every sample, and
+    only those, are CLS/register tokens."""
+    is_prefix = (types == int(TokenType.CLS)) | (types == int(TokenType.REGISTER))
+    check(
+        is_prefix[:, :n].all(1) & (is_prefix.sum(1) == n),
+        f"{who}: the CLS/register tokens must form a common prefix of the sequence.",
+    )
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:

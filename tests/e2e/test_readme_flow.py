@@ -38,7 +38,7 @@ def test_readme_flow(dataset: str, tmp_path: Path) -> None:
 
     run(fit)
     (fit_dir,) = versions(flow.runs)
-    (ckpt,) = sorted((fit_dir / "checkpoints").glob("*.ckpt"))
+    (ckpt,) = sorted((fit_dir / "checkpoints").glob("epoch=*.ckpt"))  # and last.ckpt (save_last)
     assert yaml.safe_load((fit_dir / "config_fit.yaml").read_text())["data"]["init_args"]["template"] == data_template
 
     run(resolve(test, ckpt))

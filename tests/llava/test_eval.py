@@ -88,3 +88,16 @@ def test_packed_prefill_gives_the_same_answers(pope_dir):
                            prompt_template="<image> {question}")
         answers.append(module.answer(images, questions)[0])
     assert answers[0] == answers[1] and any(answers[0]), answers
+
+
+def test_llava_prompts_are_vicuna_v1_with_one_image_line_per_image(pope_dir):
+    """The backbone's own conversation (``LlavaEval(prompt_template=None)``) is LLaVA's ``vicuna_v1``
+    prompt for one image, and repeats the ``<image>`` line for a question about several images."""
+    from vlm.modules.llava_eval import VICUNA_V1
+
+    backbone = LlavaBackbone(config=TINY_LLAVA_CONFIG, processor=str(pope_dir / "processor"))
+    assert backbone.prompts(["w1 w2"], [1]) == [VICUNA_V1.format(question="w1 w2")]
+    (two,) = backbone.prompts(["w3"], [2])
+    assert two.count("<image>\n") == 2 and two.endswith("<image>\n<image>\nw3 ASSISTANT:")
+    with pytest.raises(ValueError, match="1 image placeholder"):
+        backbone.prompts(["w3"], [2], "<image> {question}")

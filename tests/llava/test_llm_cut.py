@@ -16,6 +16,7 @@ import torch
 from tests.llava.test_llava_next import SIZES, TEXT, prompts, tiny_llava_next
 from tests.llava.tiny import IMAGE_TOKEN, pad_batch
 from vlm import pruning
+from vlm.context import Tower
 from vlm.pruning.flowcut_llm import FlowCutLlm
 from vlm.runtime.cli import parse_configs
 from vlm.towers.llava_next import LlavaNextRunner
@@ -225,7 +226,7 @@ def test_two_stage_vision_budget_and_registry():
     """Defaults are the released anyres recipe: vision stage at T // 2 per crop with one prune count
     per image, newlines dropped; ``two_stage=False`` runs the LLM stage alone."""
     pruner = pruning.create("flowcut_llm", num_tokens=320)
-    assert pruner.towers == ("llm",) and pruner.layer == 1
+    assert pruner.towers == (Tower.LLM,) and pruner.layer == 1
     assert pruner.vision_stage.name == "flowcut" and pruner.vision_stage.num_tokens == 160
     assert pruner.vision_stage.shared_count and pruner.newlines == "drop" and not pruner.anyres_newlines
     assert pruning.create("flowcut_llm", num_tokens=320, crop_tokens=100).vision_stage.num_tokens == 100
@@ -261,7 +262,7 @@ def test_flowcut_anyres_configs_use_both_stages(budget):
     cfg = parse_configs([CONFIGS / "llava_next_7b.yaml", CONFIGS / "pruner" / "flowcut_llm.yaml",
                          CONFIGS / "data" / "pope.yaml"], ["--model.init_args.pruner.init_args.num_tokens", str(budget)])
     pruner = cfg.model.init_args.pruner
-    assert pruner.class_path.rsplit(".", 1)[-1] == "flowcut_llm"
+    assert pruner.class_path == f"{FlowCutLlm.__module__}.{FlowCutLlm.__qualname__}"  # class_path: flowcut_llm, expanded
     assert pruner.init_args.num_tokens == budget and pruner.init_args.layer == 1
     assert pruner.init_args.crop_tokens is None  # the vision stage then keeps budget // 2 per crop
     built = FlowCutLlm(**{k: v for k, v in vars(pruner.init_args).items()})

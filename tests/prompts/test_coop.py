@@ -140,8 +140,8 @@ def test_only_ctx_is_trained_and_cache_stays_out_of_state_dict(clip):
 
 
 def test_errors(clip):
-    with pytest.raises(ValueError, match="num_classes"):
-        CoOp(class_specific=True)
+    with pytest.raises(ValueError, match="training classes"):
+        make(clip, class_specific=True)  # neither bound classes nor num_classes
     with pytest.raises(ValueError, match="class_token_position"):
         CoOp(class_token_position="left")
     with pytest.raises(RuntimeError, match="build"):
@@ -152,9 +152,9 @@ def test_errors(clip):
 
 
 def test_placeholder_position_is_checked(clip, monkeypatch):
-    learner = make(clip, n_ctx=4)
     # a tokenizer that drops the start token puts the placeholders at 0..3
     monkeypatch.setattr(clip, "tokenize", lambda texts: torch.roll(clip.tokenizer(texts), -1, dims=1))
+    learner = make(clip, n_ctx=4)
     with pytest.raises(ValueError, match="positions 1..4"):
         learner.text_inputs(CLASSES)
 
@@ -195,3 +195,34 @@ def test_hf_text_tower(clip_hf, position):
         torch.testing.assert_close(learner_features(clip_hf, learner), ref, **TOL)
         inputs = learner.text_inputs(CLASSES)
         assert torch.equal((inputs.tokens != 0).sum(-1), mask.sum(-1))
+
+
+def test_class_specific_context_is_bound_to_the_training_classes(clip):
+    """CSC contexts belong to their classes: sized from the bound class list (no num_classes), and
+    refused, naming ``class_specific``, for any other list (e.g. base -> new of the same size)."""
+    torch.manual_seed(1)
+    csc = CoOp(n_ctx=2, class_specific=True)
+    csc.bind_classes(CLASSES)
+    csc.build(clip)
+    assert csc.ctx.shape[0] == len(CLASSES)
+    assert csc.text_inputs(CLASSES).embeds.shape[0] == len(CLASSES)
+    other = ["dog", "truck", "tree"]  # same count, other classes
+    with pytest.raises(ValueError, match="class_specific"):
+        csc.text_inputs(other)
+    with pytest.raises(ValueError, match="num_classes=2"):
+        CoOp(n_ctx=2, class_specific=True, num_classes=2).bind_classes(CLASSES)
+    shared = make(clip, n_ctx=2)
+    shared.check_classes(other)  # a shared context transfers
+
+
+def test_class_specific_base_to_new_test_is_refused_before_scoring(clip):
+    import lightning as L
+
+    from vlm.modules import CLIPClassifier
+
+    csc = CoOp(n_ctx=2, class_specific=True)
+    model = CLIPClassifier(clip, csc, classnames=CLASSES, test_classnames={"base": CLASSES, "new": ["dog", "truck", "tree"]})
+    model.trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match="class_specific"):
+        model.setup("test")
+    CLIPClassifier(clip, CoOp(n_ctx=2, class_specific=True), classnames=CLASSES, test_classnames={"base": CLASSES})

@@ -56,9 +56,9 @@ def test_schedule_switches_at_epoch_index_7(clip):
     m, b = model(clip), batch()
     for epoch, keys in ((0, {"dapt_triplet"}), (6, {"dapt_triplet"}), (7, {"dapt_fg", "dapt_bg"}), (9, {"dapt_fg", "dapt_bg"})):
         m.prompt_learner.on_train_epoch_start(epoch)
-        assert set(m.prompt_learner.losses(m(b["image"]), b)) == keys
+        assert set(m.prompt_learner.losses(m(b["image"]), b, m.backbone)) == keys
     m.eval()
-    assert m.prompt_learner.losses(m(b["image"]), b) == {}
+    assert m.prompt_learner.losses(m(b["image"]), b, m.backbone) == {}
 
 
 def test_losses_match_plain_reference(clip):
@@ -73,13 +73,13 @@ def test_losses_match_plain_reference(clip):
         t_bg = F.normalize(clip.encode_text(bg_tokens, [learner]), dim=-1)
     out = m(b["image"])
     learner.on_train_epoch_start(0)
-    terms = learner.losses(out, b)
+    terms = learner.losses(out, b, m.backbone)
     d_pos = (out["image_features"] - z_f).norm(dim=-1)
     d_neg = (out["image_features"] - z_b).norm(dim=-1)
     ref_triplet = 0.8 * (d_pos - d_neg + 1.5).clamp(min=0).mean()
     torch.testing.assert_close(terms["dapt_triplet"], ref_triplet, atol=1e-5, rtol=1e-4)
     learner.on_train_epoch_start(7)
-    terms = learner.losses(out, b)
+    terms = learner.losses(out, b, m.backbone)
     ref_fg = 0.1 * ce(tau * z_f @ out["text_features"].t(), b["label"])
     bg_logits = tau * z_b @ t_bg.t()
     ref_bg = 0.5 * ce(bg_logits, bg_logits.argmax(-1))
@@ -92,11 +92,11 @@ def test_gradient_paths(clip):
     m, b = model(clip), batch()
     learner = m.prompt_learner
     learner.on_train_epoch_start(7)
-    learner.losses(m(b["image"]), b)["dapt_fg"].backward()
+    learner.losses(m(b["image"]), b, m.backbone)["dapt_fg"].backward()
     assert learner.ctx.grad is not None and learner.ctx.grad.abs().sum() > 0
     assert learner.proj.weight.grad is None  # the vision coupling gets nothing from L_f
     learner.zero_grad(set_to_none=True)
-    learner.losses(m(b["image"]), b)["dapt_bg"].backward()
+    learner.losses(m(b["image"]), b, m.backbone)["dapt_bg"].backward()
     assert learner.proj.weight.grad is not None and learner.proj.weight.grad.abs().sum() > 0
 
 
@@ -160,14 +160,14 @@ def test_official_slicing_reproduces_the_official_loss(clip, epoch):
     learner = m.prompt_learner
     learner.on_train_epoch_start(epoch)
     out = m(b["image"])
-    ours = F.cross_entropy(out["logits"], b["label"]) + sum(learner.losses(out, b).values())
+    ours = F.cross_entropy(out["logits"], b["label"]) + sum(learner.losses(out, b, m.backbone).values())
     ref_logits, ref_loss = official_dapt(clip, learner, b, epoch)
     torch.testing.assert_close(out["logits"], ref_logits, **TOL)
     torch.testing.assert_close(ours, ref_loss, **TOL)
     default = model(clip)
     default.prompt_learner.on_train_epoch_start(epoch)
     out_d = default(b["image"])
-    loss_d = F.cross_entropy(out_d["logits"], b["label"]) + sum(default.prompt_learner.losses(out_d, b).values())
+    loss_d = F.cross_entropy(out_d["logits"], b["label"]) + sum(default.prompt_learner.losses(out_d, b, default.backbone).values())
     assert not torch.allclose(loss_d, ref_loss, **TOL)  # the corrected slicing is a different objective
 
 
@@ -291,4 +291,4 @@ def test_dataset_mode_needs_masks(clip):
     m, b = model(clip), batch()
     del b["mask"]
     with pytest.raises(KeyError, match="mask"):
-        m.prompt_learner.losses(m(b["image"]), b)
+        m.prompt_learner.losses(m(b["image"]), b, m.backbone)

@@ -69,7 +69,7 @@ def test_losses_match_plain_reference(clip):
     learner = m.prompt_learner
     out = m(b["image"])
     out = {**out, **m.frozen_outputs(b["image"])}
-    terms = learner.losses(out, b)
+    terms = learner.losses(out, b, m.backbone)
     s = clip.logit_scale.exp()
     f_p, g_p, y = out["image_features"], out["text_features"], b["label"]
     with torch.no_grad():
@@ -106,12 +106,12 @@ def test_cir_direction_flag_and_validation(clip):
     s = clip.logit_scale.exp()
     p_a = (s * out["image_features"] @ out["frozen_text_features"].t()).softmax(-1)
     p_b = (s * out["frozen_image_features"] @ out["text_features"].t()).softmax(-1)
-    got = m.prompt_learner.losses(out, b)["disa_cir"]
+    got = m.prompt_learner.losses(out, b, m.backbone)["disa_cir"]
     torch.testing.assert_close(got, (p_b * (p_b.log() - p_a.log())).sum(-1).mean(), atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="mask_ratio"):
         DiSa(mask_ratio=1.0)
     m.eval()
-    assert m.prompt_learner.losses(out, b) == {}
+    assert m.prompt_learner.losses(out, b, m.backbone) == {}
 
 
 def test_fit_builds_prototypes_from_training_shots_and_tests_base_new(tmp_path: Path, clip):

@@ -10,6 +10,7 @@ from torch.nn import functional as F
 from tests.prompts import deep_reference as ref
 from tests.prompts.test_ivlp import three_layer_clip
 from vlm.backbones import ClipBackbone
+from vlm.context import Tower, TowerContext
 from vlm.kernels import AttnSpec
 from vlm.prompts import create
 from vlm.prompts.dpl import DPL, pack_bits
@@ -144,8 +145,9 @@ def test_spec_is_structured_not_dense(clip):
     learner = make(clip, n_ctx_text=2, n_ctx_vision=3, depth_text=1, depth_vision=1)
     inputs = learner.text_inputs(CLASSES)
     state = clip.text.embed(inputs.tokens, inputs.embeds)
-    state = learner.on_tower_start("text", state)
-    spec = learner.attention_spec("text", 0, state, AttnSpec(causal=True))
+    ctx = TowerContext(Tower.TEXT, clip.text.num_layers)
+    state = learner.on_tower_start(ctx, state)
+    spec = learner.attention_spec(ctx.at(0, clip.text.blocks[0]), state, AttnSpec(causal=True))
     assert spec.normalize == "segmented" and not spec.causal and spec.allow.shape == (3, 2)
     assert spec.q_groups[0, 0] == 2 and (spec.q_groups[:, 1:3] == 1).all() and (spec.k_groups[:, 1:3] == 1).all()
     assert tuple(spec.segment_gate.shape) == (3, 2, state.x.shape[1], 2)

@@ -8,6 +8,7 @@ import torch
 from tests.helpers import tiny_clip_cfg
 from tests.prompts import deep_reference as ref
 from vlm.backbones import ClipBackbone
+from vlm.context import Tower
 from vlm.prompts import create
 from vlm.prompts.ivlp import IVLP
 from vlm.tokens import TokenType
@@ -69,7 +70,7 @@ def test_features_match_plain_loops(clip, kwargs):
         vis = [] if learner.vision_ctx is None else layer_list(learner.vision_ctx, learner.vision_deep)
         torch.testing.assert_close(image, ref.clip_vision(clip, images, vis), **TOL)
     if kwargs["n_ctx_vision"] == 0:
-        assert learner.towers == ("text",)
+        assert learner.towers == (Tower.TEXT,)
         torch.testing.assert_close(image, clip.encode_image(images), **TOL)
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from vlm.backbones import ViTBackbone
+from vlm.context import Tower, TowerContext
 from vlm.kernels import AttnSpec
 from vlm.prompts.ktpp import KTPP, resolve_topk
 from vlm.tokens import TokenState
@@ -44,7 +45,8 @@ def test_topk_equal_n_is_plain_attention():
         ours = bb.vision.forward_features(images, [k]).x
         torch.testing.assert_close(ours, bb.model.forward_features(images), **TOL)
         state = TokenState.create(torch.randn(2, 17, 64), torch.tensor([0] + [1] * 16))
-        spec = k.attention_spec("vision", 0, state, AttnSpec())
+        ctx = TowerContext(Tower.VISION, bb.vision.num_layers).at(0, bb.vision.blocks[0])
+        spec = k.attention_spec(ctx, state, AttnSpec())
     assert spec.topk == 17 and spec.epilogue_add is None
 
 

@@ -100,3 +100,47 @@ def test_registry_and_depth_check(clip):
     assert isinstance(create("maple", depth=2), MaPLe)
     with pytest.raises(ValueError, match="depth"):
         make(clip, depth=4)
+
+
+def test_deeper_couplings_start_as_clones_of_one_linear_as_released():
+    """The released MaPLe (and DAPT) builds one coupling ``Linear`` and deep-copies it for the J-1
+    deeper layers (``_get_clones``): they start identical but train as separate parameters."""
+    bb = three_layer_clip()
+    cloned = MaPLe(n_ctx=2, depth=3, ctx_init=None, coupling_init="cloned")
+    cloned.build(bb)
+    first, second = cloned.compound_proj
+    assert torch.equal(first.weight, second.weight) and torch.equal(first.bias, second.bias)
+    assert first.weight.data_ptr() != second.weight.data_ptr()
+    independent = MaPLe(n_ctx=2, depth=3, ctx_init=None, coupling_init="independent")
+    independent.build(bb)
+    a, b = independent.compound_proj
+    assert not torch.equal(a.weight, b.weight)
+    with pytest.raises(ValueError, match="coupling_init"):
+        MaPLe(coupling_init="shared")
+
+
+def test_released_ctx_init_rule_learns_what_the_released_code_learns():
+    """The released MaPLe uses ``ctx_init`` whenever ``n_ctx <= 4``: the context is the embedding of
+    token positions 1..n of the tokenized phrase (with "a photo" and n = 3: "a", "photo", EOT), and
+    the prompt "a photo <class>." has its slots 1..3 replaced, covering the class name's first
+    token. ``"words"`` (default) falls back to random placeholders instead."""
+    bb = three_layer_clip()
+    emb = bb.text.token_embedding
+    ids = bb.tokenize(["a photo"])[0]
+    released = MaPLe(n_ctx=3, depth=1, ctx_init="a photo", ctx_init_rule="released")
+    released.build(bb)
+    assert torch.equal(released.ctx, emb(ids[1:4]).detach())
+    assert released.prompt_prefix == "a photo"
+    inputs = released.text_inputs(["cat"])
+    plain = bb.tokenize(["a photo cat."])
+    assert torch.equal(inputs.tokens, plain)
+    expected = torch.cat([emb(plain[:, :1]), released.ctx[None], emb(plain[:, 4:])], dim=1)
+    torch.testing.assert_close(inputs.embeds, expected)
+    words = MaPLe(n_ctx=3, depth=1, ctx_init="a photo")
+    words.build(bb)
+    assert words.prompt_prefix == "X X X"
+    long = MaPLe(n_ctx=5, depth=1, ctx_init="a photo of a", ctx_init_rule="released")
+    long.build(bb)
+    assert long.prompt_prefix == "X X X X X"  # n_ctx > 4: random context, as released
+    with pytest.raises(ValueError, match="ctx_init_rule"):
+        MaPLe(ctx_init_rule="official")

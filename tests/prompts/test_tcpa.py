@@ -13,6 +13,7 @@ import torch
 
 from tests.helpers import tiny_clip_cfg
 from vlm.backbones import ClipBackbone, ViTBackbone
+from vlm.context import BlockContext, Tower, TowerContext
 from vlm.kernels import AttnSpec, attention
 from vlm.prompts.tcpa import TCPA, pack_bits
 from vlm.tokens import TokenState
@@ -24,6 +25,11 @@ MC, MI = 4, 5
 def vit() -> ViTBackbone:
     torch.manual_seed(0)
     return ViTBackbone("test_vit", model_kwargs={"img_size": 32, "patch_size": 8, "depth": 3})
+
+
+def vision_block(bb, layer: int) -> BlockContext:
+    """The context of vision block ``layer`` in a fresh pass (what ``TowerPass`` hands the hooks)."""
+    return TowerContext(Tower.VISION, bb.vision.num_layers).at(layer, bb.vision.blocks[layer])
 
 
 def make(bb, **kw) -> TCPA:
@@ -97,7 +103,7 @@ def test_timm_matches_plain_reference(base, renorm, lp):
         state = bb.vision.forward_features(images, [t])
         torch.testing.assert_close(state.x, m.norm(ref), **TOL)
         assert state.x.shape[1] == x0.shape[1]  # pools dropped after every block
-        torch.testing.assert_close(t.losses({}, {})["pull"], 0.01 * pull, **TOL)
+        torch.testing.assert_close(t.losses({}, {}, bb)["pull"], 0.01 * pull, **TOL)
 
 
 def test_pull_gradient_reaches_tokens_as_in_the_official_code():
@@ -116,7 +122,7 @@ def test_pull_gradient_reaches_tokens_as_in_the_official_code():
             ref, pull = plain_forward(bb, t, x0, m.blocks, timm_parts, 2, 3, False, "vfpt", 1)
             loss = out_weight * m.norm(ref).square().sum() + 0.01 * pull
         else:
-            loss = out_weight * bb.vision.forward_features(images, [t]).x.square().sum() + t.losses({}, {})["pull"]
+            loss = out_weight * bb.vision.forward_features(images, [t]).x.square().sum() + t.losses({}, {}, bb)["pull"]
         loss.backward()
         return {n: torch.zeros_like(getattr(t, n)) if getattr(t, n).grad is None else getattr(t, n).grad.clone() for n in names}
 
@@ -138,10 +144,10 @@ def test_role_only_adds_no_pull_term():
     bb = vit()
     t = make(bb, role_only=True).train()
     bb.encode_image(torch.randn(2, 3, 32, 32), [t])
-    assert t.losses({}, {}) == {}
+    assert t.losses({}, {}, bb) == {}
     t_tok = make(bb).train()
     bb.encode_image(torch.randn(2, 3, 32, 32), [t_tok])
-    assert set(t_tok.losses({}, {})) == {"pull"}
+    assert set(t_tok.losses({}, {}, bb)) == {"pull"}
 
 
 def test_clip_tower_matches_plain_reference():
@@ -177,8 +183,9 @@ def test_topk_equal_pool_size_is_role_only():
     with torch.no_grad():
         torch.testing.assert_close(bb.encode_image(images, [full]), bb.encode_image(images, [role]), atol=0, rtol=0)
         state = TokenState.create(torch.randn(2, 5, 64), torch.tensor([0, 1, 1, 1, 1]))
-        role.before_block("vision", 0, state)
-        bits = role.scratch(state)["bits"]
+        ctx = vision_block(bb, 0)
+        role.before_block(ctx, state)
+        bits = ctx.state(role).bits
     cls_bits = (1 << MC) - 1
     assert bits[:, 0].eq(cls_bits).all() and bits[:, 1:].eq(((1 << (MC + MI)) - 1) ^ cls_bits).all()
 
@@ -188,8 +195,9 @@ def _block_inputs(bb, t, layer=1):
     x = torch.randn(2, 17, 64)
     state = TokenState.create(x, torch.tensor([0] + [1] * 16))
     with torch.no_grad():
-        state = t.before_block("vision", layer, state)
-        spec = t.attention_spec("vision", layer, state, AttnSpec())
+        ctx = vision_block(bb, layer)
+        state = t.before_block(ctx, state)
+        spec = t.attention_spec(ctx, state, AttnSpec())
     return state, spec
 
 
@@ -245,8 +253,9 @@ def test_random_warmup_is_seeded_and_k_subsets():
     for seed in (5, 5, 6):
         t = make(bb, random_epochs=2, seed=seed).train()
         t.on_train_epoch_start(1)
-        s = t.before_block("vision", 0, state)
-        draws.append(t.scratch(s)["bits"])
+        ctx = vision_block(bb, 0)
+        t.before_block(ctx, state)
+        draws.append(ctx.state(t).bits)
     assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
     t = make(bb, random_epochs=2, seed=5).train()
     t.on_train_epoch_start(0)
@@ -263,7 +272,7 @@ def test_gradients_and_pack_bits():
     bb = vit()
     t = make(bb).train()
     out = bb.encode_image(torch.randn(2, 3, 32, 32), [t]).square().sum()
-    (out + t.losses({}, {})["pull"]).backward()
+    (out + t.losses({}, {}, bb)["pull"]).backward()
     assert t.prompts_cls.grad.abs().gt(0).any() and t.prompts_img.grad.abs().gt(0).any()
     assert t.keys_cls.grad.abs().gt(0).any() and t.keys_img.grad.abs().gt(0).any()
     assert all(p.grad is None for p in bb.parameters())

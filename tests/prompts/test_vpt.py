@@ -9,6 +9,7 @@ import torch
 
 from tests.helpers import tiny_clip_cfg
 from vlm.backbones import ClipBackbone, ViTBackbone
+from vlm.context import Tower
 from vlm.prompts.vpt import VPT
 from vlm.tokens import TokenType
 
@@ -131,7 +132,7 @@ def test_prompt_dropout_only_in_training():
 
 def test_vision_only_and_needs_build():
     vpt = VPT(num_tokens=2)
-    assert vpt.towers == ("vision",) and not vpt.learns_text
+    assert vpt.towers == (Tower.VISION,) and not vpt.learns_text
     assert list(vpt.state_dict()) == []
     torch.manual_seed(0)
     bb = ViTBackbone("test_vit", model_kwargs={"img_size": 32})

@@ -68,7 +68,7 @@ def test_flowcut_ragged_state_inside_vit(vit, images):
     class Spy(pruning.TokenPruner):
         name = "spy"
 
-        def after_block(self, tower, layer, state, attn):
+        def after_block(self, ctx, state, attn):
             lengths.append(None if state.lengths is None else state.lengths.tolist())
             return state
 

@@ -78,7 +78,7 @@ def test_cli_checkpoints_are_atomic_weights_only_and_plain(tmp_path: Path) -> No
     assert any(isinstance(c, SigtermCheckpoint) for c in cli.trainer.callbacks)
     assert any(isinstance(c, RNGStateCheckpoint) for c in cli.trainer.callbacks)
     main(["fit", "--config", str(cfg)])
-    (ckpt,) = (tmp_path / "run" / "v0" / "checkpoints").glob("*.ckpt")
+    (ckpt,) = (tmp_path / "run" / "v0" / "checkpoints").glob("epoch=*.ckpt")  # and last.ckpt (save_last)
     data = torch.load(ckpt, map_location="cpu", weights_only=True)
     _plain(data["hyper_parameters"], "hyper_parameters")
     _plain(data["datamodule_hyper_parameters"], "datamodule_hyper_parameters")

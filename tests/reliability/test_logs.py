@@ -61,3 +61,24 @@ def test_fixed_version_logs_survive_test_and_requeue(logger: str, tmp_path: Path
     again = _rows(log_dir / "metrics.csv")
     assert len(again) > len(rows) and [{k: r.get(k, "") for k in fit_rows[0]} for r in again[: len(fit_rows)]] == fit_rows
     assert (log_dir / "config_fit.yaml").read_bytes() == fit_config and (log_dir / "config_fit.1.yaml").is_file()
+
+
+@pytest.mark.parametrize("logger", ["logger: false", "slurm_trainer.yaml"])
+def test_two_tests_in_one_folder_keep_both_results(logger: str, tmp_path: Path) -> None:
+    """Issue 24: the LLaVA configs run with `logger: false`, so every `vlm test` writes into
+    `default_root_dir`, and the SLURM config's logger has a fixed version: a second test in the same
+    folder replaced the first one's results.json while its config got a new name. Now the results
+    are numbered as the configs are (results.json, results.1.json), each citing its own config."""
+    run = tmp_path / "run"
+    cfg = write_cli_config(tmp_path, make_dataset(tmp_path / "toy"), run)
+    data = yaml.safe_load(cfg.read_text())
+    data["trainer"]["logger"] = False if logger == "logger: false" else _slurm_logger(run)
+    cfg.write_text(yaml.safe_dump(data))
+    log_dir = run if logger == "logger: false" else run / "logs"
+    for seed in (3, 4):  # two tests told apart by their seed (the initial prompts: no checkpoint needed)
+        main(["test", "--config", str(cfg), "--allow_untrained", "true", "--seed_everything", str(seed)])
+    first, second = (json.loads((log_dir / name).read_text()) for name in ("results.json", "results.1.json"))
+    assert (first["seed"], second["seed"]) == (3, 4), "the first test's results were replaced"
+    assert first["config"] == str(log_dir / "config_test.yaml") and second["config"] == str(log_dir / "config_test.1.yaml")
+    assert set(first["metrics"]) == set(second["metrics"]) == {"test/acc_base", "test/acc_new", "test/hm"}
+    assert sorted(p.name for p in log_dir.glob("*results*")) == ["results.1.json", "results.json"], "no temporary file is left"

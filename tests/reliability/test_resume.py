@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from tests.datamodules.toydata import make_dataset
 from tests.reliability.helpers import coop_module, toy_datamodule, trainer
+from vlm.datamodules.resumable import ResumeMismatchError
 from vlm.runtime.checkpoint_io import SafeCheckpointIO
 from vlm.runtime.preemption import RNGStateCheckpoint
 
@@ -34,7 +35,8 @@ class InterruptAt(L.Callback):
 
 
 def _run(
-    root: Path, data: Path, interrupt: Optional[int] = None, ckpt_path: Optional[str] = None, num_workers: int = 0
+    root: Path, data: Path, interrupt: Optional[int] = None, ckpt_path: Optional[str] = None, num_workers: int = 0,
+    **data_args: Any,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     L.seed_everything(0, workers=True)
     module = coop_module()
@@ -43,7 +45,7 @@ def _run(
     if interrupt is not None:
         callbacks.append(InterruptAt(interrupt))
     t = trainer(root, callbacks=callbacks, max_epochs=MAX_EPOCHS, deterministic=True, plugins=[SafeCheckpointIO()], limit_val_batches=1)
-    dm = toy_datamodule(data, num_workers=num_workers)  # default train transforms: random crop + flip
+    dm = toy_datamodule(data, num_workers=num_workers, **data_args)  # default train transforms: random crop + flip
     if interrupt is not None:
         with pytest.raises(Interrupted):
             t.fit(module, datamodule=dm, ckpt_path=ckpt_path)
@@ -87,3 +89,29 @@ def test_resume_with_workers_equals_the_single_process_run(reference: tuple, tmp
     ctx, metrics = _run(tmp_path, data, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), num_workers=2)
     assert torch.equal(ctx, ref_ctx)
     assert metrics == ref_metrics
+
+
+# Issue 24: a checkpoint after 2 of the epoch's 3 batches (batch size 2, 2 shots of 3 base classes,
+# sampling seed 1), resumed with one data setting changed. Batch size 3 makes the epoch 2 batches long,
+# and the old end-of-epoch shortcut (checked with the new count) skipped the epoch's last 2 images
+# silently; another sampling seed picks other images for the same 6 places, which the old check
+# (batch size, process count, sample count) did not see at all. Each is now refused, named.
+@pytest.mark.parametrize(
+    "change,expected",
+    [
+        ({"batch_size": 3}, "data.init_args.batch_size was 2 in the checkpoint and is 3 now"),
+        ({"seed": 2}, "data.init_args.seed was 1 in the checkpoint and is 2 now"),
+        ({"num_shots": 1}, "data.init_args.num_shots was 2 in the checkpoint and is 1 now"),
+    ],
+)
+def test_mid_epoch_resume_with_other_data_settings_is_refused(change: dict[str, int], expected: str, tmp_path: Path) -> None:
+    data = make_dataset(tmp_path / "toy")
+    _run(tmp_path, data, interrupt=2)
+    last = tmp_path / "ckpt" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["batches"] == 2
+    with pytest.raises(ResumeMismatchError) as err:
+        _run(tmp_path, data, ckpt_path=str(last), **change)
+    message = str(err.value)
+    assert expected in message and "after batch 2 of 3 of epoch 0" in message, message
+    name, value = next(iter(change.items()))
+    assert f"--data.init_args.{name} {dict(batch_size=2, seed=1, num_shots=2)[name]}" in message

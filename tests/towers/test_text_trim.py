@@ -7,49 +7,63 @@ sequence length the blocks ran at, so a runner that silently stops trimming fail
 Both towers: open_clip's causal text transformer (context 77) and the HF BERT tower
 (all-MiniLM-L6-v2, key padding, mean pooling, context 32) that the quickstart uses through
 open_clip's ``HFTextEncoder``.
+
+Every registered learner that acts on the text tower is checked (``check_text_trim``, the suite a
+new learner runs through with no edit here): built with its defaults, on tiny towers of both kinds
+deep enough for every default prompt depth (``DEEP``), it is exact, or it declares
+``needs_full_text`` and the runner keeps the full context. ``VARIANTS`` adds settings of the
+shipped learners whose paths their defaults do not take.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import json
+import shutil
+from pathlib import Path
+from typing import Callable, Optional
 
 import pytest
 import torch
 
 from tests.helpers import minilm_path, tiny_clip_cfg
+from tests.registries import text_learners
 from vlm.backbones import ClipBackbone
+from vlm.context import Tower, TowerContext
 from vlm.hooks import TowerHook
 from vlm.prompts import create
-from vlm.prompts.base import PromptLearner
+from vlm.prompts.base import PromptLearner, TextInputs
 from vlm.tokens import TokenState, TokenType
 
 TOL = dict(atol=1e-6, rtol=0.0)
 CLASSES = ["cat", "sea_lion", "golden retriever dog sitting on the grass"]
+#: Blocks per tower of the deep tiny towers: ViT-B/16's 12, the model every default prompt depth
+#: of the shipped learners is written for (a learner whose default is deeper fails its build here).
+DEEP = 12
 
 
 class LengthProbe(TowerHook):
     """Records the text sequence length the blocks run at."""
 
-    towers = ("text",)
+    towers = (Tower.TEXT,)
 
     def __init__(self, full: bool = False) -> None:
         super().__init__()
         self.needs_full_text = full
         self.lengths: list[int] = []
 
-    def on_tower_start(self, tower: str, state: TokenState) -> TokenState:
+    def on_tower_start(self, ctx: TowerContext, state: TokenState) -> TokenState:
         self.lengths.append(state.x.shape[1])
         return state
 
 
-@pytest.fixture(scope="module")
-def open_clip_bb() -> ClipBackbone:
+def small_open_clip() -> ClipBackbone:
+    """The tiny CLIP (2 blocks per tower, text context 77)."""
     torch.manual_seed(0)
     return ClipBackbone("tiny", model_cfg=tiny_clip_cfg())
 
 
-@pytest.fixture(scope="module")
-def hf_bb() -> ClipBackbone:
+def small_hf() -> ClipBackbone:
+    """The tiny CLIP vision tower with the pretrained all-MiniLM-L6-v2 text tower (context 32)."""
     cfg = tiny_clip_cfg()
     cfg["text_cfg"] = {"hf_model_name": str(minilm_path()), "hf_pooler_type": "mean_pooler", "hf_proj_type": "linear"}
     cfg["text_cfg"]["context_length"] = 32  # padded to 32 (not 77) keeps the 6-layer tower's full runs short
@@ -57,9 +71,59 @@ def hf_bb() -> ClipBackbone:
     return ClipBackbone("tiny-hf", model_cfg=cfg)
 
 
+@pytest.fixture(scope="module")
+def open_clip_bb() -> ClipBackbone:
+    return small_open_clip()
+
+
+@pytest.fixture(scope="module")
+def hf_bb() -> ClipBackbone:
+    return small_hf()
+
+
 @pytest.fixture(params=["open_clip", "hf"])
 def bb(request, open_clip_bb, hf_bb) -> ClipBackbone:
     return open_clip_bb if request.param == "open_clip" else hf_bb
+
+
+def deep_open_clip() -> ClipBackbone:
+    """The tiny CLIP with ``DEEP`` blocks in both towers."""
+    cfg = tiny_clip_cfg(layers=DEEP)
+    cfg["text_cfg"]["layers"] = DEEP
+    torch.manual_seed(0)
+    return ClipBackbone("tiny-deep", model_cfg=cfg)
+
+
+def deep_hf(folder: Path) -> ClipBackbone:
+    """A random BERT text tower of ``DEEP`` narrow layers with all-MiniLM-L6-v2's tokenizer (its
+    files copied into ``folder``, the config narrowed and deepened; no weights are read), and a
+    vision tower of ``DEEP`` blocks."""
+    for f in minilm_path().iterdir():
+        if f.is_file() and f.suffix in (".json", ".txt") and f.name != "config.json":
+            shutil.copy(f, folder / f.name)
+    config = json.loads((minilm_path() / "config.json").read_text())
+    config.update(num_hidden_layers=DEEP, hidden_size=64, num_attention_heads=2, intermediate_size=128)
+    (folder / "config.json").write_text(json.dumps(config))
+    cfg = tiny_clip_cfg(layers=DEEP)
+    cfg["text_cfg"] = {"hf_model_name": str(folder), "hf_model_pretrained": False, "hf_pooler_type": "mean_pooler",
+                       "hf_proj_type": "linear", "context_length": 32}  # fmt: skip
+    torch.manual_seed(0)
+    return ClipBackbone("tiny-hf-deep", model_cfg=cfg)
+
+
+@pytest.fixture(scope="module")
+def deep_open_clip_bb() -> ClipBackbone:
+    return deep_open_clip()
+
+
+@pytest.fixture(scope="module")
+def deep_hf_bb(tmp_path_factory) -> ClipBackbone:
+    return deep_hf(tmp_path_factory.mktemp("deep_hf"))
+
+
+@pytest.fixture(params=["open_clip", "hf"])
+def deep_bb(request, deep_open_clip_bb, deep_hf_bb) -> ClipBackbone:
+    return deep_open_clip_bb if request.param == "open_clip" else deep_hf_bb
 
 
 def run_both(bb: ClipBackbone, encode: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,6 +152,7 @@ def assert_same_gradients(bb: ClipBackbone, make: Callable[[], PromptLearner], e
     try:
         learner = make()
         params = [p for p in learner.parameters() if p.requires_grad]
+        assert params, f"{type(learner).__name__} has no learned tensor"
         grads = []
         for feats in run_both(bb, lambda: encode(learner)):
             weights = torch.randn(feats.shape, generator=torch.Generator().manual_seed(0), dtype=feats.dtype)
@@ -130,7 +195,10 @@ def test_open_clip_towers_that_read_every_position_are_not_cut(cfg):
         torch.testing.assert_close(bb.encode_text(tokens), bb.model.encode_text(tokens), atol=1e-5, rtol=1e-5)
 
 
-LEARNERS = {
+#: Settings of the shipped learners that take paths their defaults do not (class-token position,
+#: class-specific context, DPL's text modes, DAPT's background slicing), on the small towers. A new
+#: learner needs no entry: ``test_every_text_learner_with_its_defaults`` runs it.
+VARIANTS = {
     "coop_end": ("coop", {"n_ctx": 4}),
     "coop_front": ("coop", {"n_ctx": 4, "class_token_position": "front"}),
     "coop_csc_middle": ("coop", {"n_ctx": 4, "class_specific": True, "num_classes": 3, "class_token_position": "middle"}),
@@ -153,25 +221,56 @@ def build(bb: ClipBackbone, name: str, kwargs: dict) -> PromptLearner:
     return learner.train()
 
 
-@pytest.mark.parametrize("case", list(LEARNERS))
-def test_learned_text_paths_match_the_full_length_run(bb, case):
-    name, kwargs = LEARNERS[case]
+def text_inputs(bb: ClipBackbone, learner: PromptLearner) -> TextInputs:
+    """The learner's text inputs for ``CLASSES``, or the frozen prompts when it has none."""
+    inputs = learner.text_inputs(CLASSES)
+    return inputs if inputs is not None else TextInputs(bb.tokenize([f"a photo of a {c.replace('_', ' ')}." for c in CLASSES]))
+
+
+def check_text_trim(bb: ClipBackbone, name: str, kwargs: Optional[dict] = None) -> PromptLearner:
+    """The text-trim suite for the registered learner ``name`` (built with ``kwargs``, default: its
+    defaults): the trimmed and the full-length run give the same features and gradients, and the
+    trimmed run really ran shorter, by the cut; a learner that declares ``needs_full_text`` runs
+    the full context both times. Returns the learner (built on ``bb``)."""
+    kwargs = dict(kwargs or {})
     probe = LengthProbe()
 
     def encode(learner: PromptLearner) -> torch.Tensor:
-        inputs = learner.text_inputs(CLASSES)
+        inputs = text_inputs(bb, learner)
         return bb.encode_text(inputs.tokens, [learner, probe], inputs.embeds, normalize=True)
 
     learner = build(bb, name, kwargs)
+    assert Tower.TEXT in learner.towers, f"{name} does not act on the text tower"
     assert_same_features(bb, lambda: encode(learner))
-    tokens = learner.text_inputs(CLASSES).tokens
-    cut = bb.text.prefix_length(tokens)
-    assert probe.lengths == [cut, tokens.shape[1]] and cut < tokens.shape[1]
+    tokens = text_inputs(bb, learner).tokens
+    full, cut = tokens.shape[1], bb.text.prefix_length(tokens)
+    trimmed, untrimmed = probe.lengths
+    if learner.needs_full_text:
+        assert trimmed == untrimmed, f"{name} needs the full text but the runner cut it"
+    else:
+        assert cut is not None and cut < full, "the prompts must leave padding to cut"
+        assert untrimmed - trimmed == full - cut, (name, probe.lengths, cut, full)
     assert_same_gradients(bb, lambda: build(bb, name, kwargs), encode)
+    return learner
+
+
+@pytest.mark.parametrize("case", list(VARIANTS))
+def test_learned_text_paths_match_the_full_length_run(bb, case):
+    name, kwargs = VARIANTS[case]
+    learner = check_text_trim(bb, name, kwargs)
+    tokens = learner.text_inputs(CLASSES).tokens
+    assert bb.text.prefix_length(tokens) < tokens.shape[1] and not learner.needs_full_text
     if name == "dapt":  # its background rows: the deep prompts of the class rows apply there too
         words = learner.loss_background_words()
-        assert_same_features(bb, lambda: learner.background_features(words))
-        assert_same_gradients(bb, lambda: build(bb, name, kwargs), lambda m: m.background_features(words))
+        assert_same_features(bb, lambda: learner.background_features(words, bb))
+        assert_same_gradients(bb, lambda: build(bb, name, kwargs), lambda m: m.background_features(words, bb))
+
+
+@pytest.mark.parametrize("name", text_learners())
+def test_every_text_learner_with_its_defaults_is_exact_or_keeps_the_full_text(deep_bb, name):
+    """Every registered learner that acts on the text tower (the registry's list: a new one joins
+    with no edit here), as configured by default, on towers deep enough for its default depths."""
+    check_text_trim(deep_bb, name)
 
 
 def test_disa_frozen_ensemble_matches_the_full_length_run(bb):
@@ -179,19 +278,14 @@ def test_disa_frozen_ensemble_matches_the_full_length_run(bb):
 
     def ensemble() -> torch.Tensor:
         learner._ensemble_cache.clear()
-        return learner.ensemble_text_features(CLASSES)
+        return learner.ensemble_text_features(CLASSES, bb)
 
     assert_same_features(bb, ensemble)
 
 
-def test_every_text_learner_is_shown_exact_or_keeps_the_full_text():
-    """A registered learner that acts on the text tower either is in ``LEARNERS`` (exact above: its
-    context replaces positions 1..b, before EOT, and deep text prompts replace the same slots) or
-    declares ``needs_full_text`` (it reads or writes positions past the cut, e.g. appends tokens)."""
-    from vlm import prompts
-
-    covered = {name for name, _ in LEARNERS.values()}
-    text_learners = [n for n in prompts.available() if "text" in create(n).towers]
-    assert {"coop", "ivlp", "maple", "dpl", "dapt", "disa"} <= set(text_learners)
-    for name in text_learners:
-        assert name in covered or create(name).needs_full_text, f"{name}: no exactness test and needs_full_text is False"
+def test_the_text_learners_come_from_the_registry():
+    """The list the suite runs over is the registry's, not empty, and holds the shipped text
+    learners (a guard against a derivation that silently finds nothing)."""
+    names = text_learners()
+    assert {"coop", "ivlp", "maple", "dpl", "dapt", "disa"} <= set(names)
+    assert all(Tower.TEXT in create(n).towers for n in names)

@@ -19,13 +19,12 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from vlm.backbones.base import Backbone
+from vlm.datamodules.transforms import CLIP_MEAN, CLIP_STD
 from vlm.hooks import TowerHook
 from vlm.runtime.quiet import quiet_hf_text_load
 from vlm.towers.clip import ClipVisionRunner, text_runner_for
 from vlm.towers.runner import TowerOutput
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def build_open_clip(
@@ -110,6 +109,12 @@ class ClipBackbone(Backbone):
     def image_size(self) -> int:
         size = self.model.visual.image_size
         return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+    @property
+    def patches_per_image(self) -> Optional[int]:
+        """Patch tokens per image: open_clip's ``visual.grid_size`` (rows x columns), None if absent."""
+        grid = getattr(self.model.visual, "grid_size", None)
+        return int(grid[0]) * int(grid[1]) if grid is not None else None
 
     @property
     def mean(self) -> tuple[float, ...]:

@@ -60,6 +60,12 @@ class ViTBackbone(Backbone):
         return int(self.model.num_features)
 
     @property
+    def patches_per_image(self) -> Optional[int]:
+        """Patch tokens per image: timm's ``patch_embed.num_patches``, None if absent."""
+        count = getattr(getattr(self.model, "patch_embed", None), "num_patches", None)
+        return int(count) if count is not None else None
+
+    @property
     def data_config(self) -> dict[str, Any]:
         return timm.data.resolve_data_config({}, model=self.model)
 

@@ -18,12 +18,14 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from vlm.backbones import ClipBackbone
 from vlm.datamodules.templates import DEFAULT_TEMPLATE
+from vlm.modules.fit_data import serve_fit_requests
 from vlm.runtime.links import check_image_size
 from vlm.metrics import harmonic_mean
 from vlm.modules.hooked import HookedClassifier
 from vlm.modules.optim import OptimConfig
 from vlm.prompts import PromptLearner
-from vlm.pruning import TokenPruner
+from vlm.pruning.base import Pruner
+from vlm.runtime.paths import ExportDir
 
 
 class CLIPClassifier(HookedClassifier):
@@ -40,7 +42,9 @@ class CLIPClassifier(HookedClassifier):
             ``None`` takes the datamodule's ``template`` (the CLI links ``data.template`` here), else
             "a photo of a {}.".
         optim: optimiser and schedule.
-        init_from: an exported directory (``vlm export``) whose learned tensors are loaded.
+        init_from: an exported directory (``vlm export``) whose learned tensors are loaded; in a
+            config file a relative path is taken from that file's folder (an export's own
+            ``config.yaml`` says ``.``, so a copied or moved export loads its own tensors).
         pruner: a visual-token pruner (``vlm.pruning.available()``) run inside the image tower
             after the prompt learner, trading accuracy for speed; None keeps every token.
     """
@@ -55,12 +59,14 @@ class CLIPClassifier(HookedClassifier):
         test_classnames: Optional[dict[str, list[str]]] = None,
         template: Optional[str] = None,
         optim: Optional[OptimConfig] = None,
-        init_from: Optional[str] = None,
-        pruner: Optional[TokenPruner] = None,
+        init_from: Optional[ExportDir] = None,
+        pruner: Optional[Pruner] = None,
     ) -> None:
         super().__init__()
         # template is left out: the datamodule logs its own (Lightning refuses differing duplicates)
         self.save_hyperparameters(ignore=["backbone", "prompt_learner", "optim", "pruner", "template"])
+        if prompt_learner is not None and classnames:
+            prompt_learner.bind_classes(list(classnames))
         self.attach(backbone, prompt_learner, pruner, optim, init_from)
         self.classnames = list(classnames or [])
         self.test_classnames = dict(test_classnames or {})
@@ -89,6 +95,9 @@ class CLIPClassifier(HookedClassifier):
             self.test_classnames = dict(getattr(dm, "test_classnames", {}) or {})
         self._sync_test_metrics()
         self.test_acc.to(self.device)
+        if stage == "test" and self.prompt_learner is not None:
+            for names in self.test_classnames.values():
+                self.prompt_learner.check_classes(list(names))
 
     # --- features -----------------------------------------------------------------------------
     def _text_is_frozen(self) -> bool:
@@ -143,7 +152,8 @@ class CLIPClassifier(HookedClassifier):
 
     def on_fit_start(self) -> None:
         if self.prompt_learner is not None:
-            self.prompt_learner.on_fit_start(self)
+            dm = getattr(self.trainer, "datamodule", None)
+            serve_fit_requests(self.prompt_learner, self.backbone, dm, list(self.classnames), self.device)
 
     # --- steps --------------------------------------------------------------------------------
     def loss_outputs(self, out: dict[str, Tensor], batch: dict[str, Tensor], stage: str) -> dict[str, Tensor]:

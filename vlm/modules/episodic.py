@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlm.backbones import ClipBackbone, ViTBackbone
+from vlm.datamodules.templates import DEFAULT_TEMPLATE
 from vlm.metrics import mean_ci95
-from vlm.modules.base import LearnedOnlyModule
+from vlm.modules.hooked import HookedClassifier
 from vlm.modules.optim import OptimConfig
 from vlm.prompts import PromptLearner
 
@@ -39,8 +40,9 @@ def episode_logits(features: Tensor, way: int, shot: int, temperature: float) ->
     return query @ protos.T / temperature
 
 
-class EpisodicClassifier(LearnedOnlyModule):
-    """Prototype classifier over episodes, with an optional vision prompt learner.
+class EpisodicClassifier(HookedClassifier):
+    """Prototype classifier over episodes, with an optional vision prompt learner (built, checked,
+    hooked and trained with its loss terms as every :class:`HookedClassifier`).
 
     Args:
         backbone: the frozen ViT (timm) or CLIP (image tower; its text tower gives the class text).
@@ -53,6 +55,8 @@ class EpisodicClassifier(LearnedOnlyModule):
         cache_eval_features: during validation/test, encode each image once per episode class set
             (exact; see ``_cached_features``) instead of once per episode.
     """
+
+    no_learner = "prototype"
 
     def __init__(
         self,
@@ -67,16 +71,13 @@ class EpisodicClassifier(LearnedOnlyModule):
         super().__init__()
         # template is left out: the episodic datamodule logs its own (Lightning refuses differing duplicates)
         self.save_hyperparameters(ignore=["backbone", "prompt_learner", "text_encoder", "optim", "template"])
-        self.backbone = backbone
         self.text_encoder = text_encoder
         if text_encoder is not None:
             text_encoder.requires_grad_(False)
-        self.prompt_learner = prompt_learner
-        if prompt_learner is not None:
-            if prompt_learner.needs_class_text and prompt_learner.class_text_width is None and self._text_model() is not None:
-                prompt_learner.class_text_width = self._text_model().embed_dim
-            prompt_learner.build(backbone)
-        self.method_name = prompt_learner.name if prompt_learner is not None else "prototype"
+        text_model = text_encoder if text_encoder is not None else (backbone if isinstance(backbone, ClipBackbone) else None)
+        if prompt_learner is not None and prompt_learner.needs_class_text and prompt_learner.class_text_width is None and text_model is not None:
+            prompt_learner.class_text_width = text_model.embed_dim
+        self.attach(backbone, prompt_learner, None, optim or OptimConfig(name="adamw", lr=1e-3, weight_decay=0.0), None)
         self.template, self.temperature = template, temperature
         self.optim = optim or OptimConfig(name="adamw", lr=1e-3, weight_decay=0.0)
         self.classnames: list[str] = []
@@ -95,11 +96,7 @@ class EpisodicClassifier(LearnedOnlyModule):
         dm = getattr(self.trainer, "datamodule", None)
         self.classnames = list(getattr(dm, "classnames", None) or self.classnames)
         if self.template is None:
-            self.template = getattr(dm, "template", None) or "a photo of a {}."
-
-    @property
-    def hooks(self) -> list[PromptLearner]:
-        return [self.prompt_learner] if self.prompt_learner is not None else []
+            self.template = getattr(dm, "template", None) or DEFAULT_TEMPLATE
 
     @torch.no_grad()
     def class_text(self) -> Tensor:
@@ -110,7 +107,7 @@ class EpisodicClassifier(LearnedOnlyModule):
                 raise ValueError("This prompt learner needs class text: pass a CLIP text_encoder.")
             if not self.classnames:
                 raise ValueError("No class names: use an episodic datamodule (it provides classnames).")
-            tokens = model.tokenize([(self.template or "a photo of a {}.").format(c) for c in self.classnames]).to(self.device)
+            tokens = model.tokenize([(self.template or DEFAULT_TEMPLATE).format(c) for c in self.classnames]).to(self.device)
             self._text = F.normalize(model.encode_text(tokens).float(), dim=-1)
         return self._text
 
@@ -147,16 +144,9 @@ class EpisodicClassifier(LearnedOnlyModule):
         return torch.stack([cache[i] for i in index])
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        """Cross-entropy of the query rows against their episode labels, plus the learner's terms."""
         logits, target = self.episode_forward(batch)
-        loss = F.cross_entropy(logits, target)
-        extra = self.prompt_learner.losses({"logits": logits}, batch) if self.prompt_learner else {}
-        self.check_finite({"ce": loss, **extra}, "train")
-        for name, value in extra.items():
-            self.log(f"train/{name}", value, batch_size=1)
-        loss = loss + sum(extra.values()) if extra else loss
-        self.log("train/loss", loss, prog_bar=True, batch_size=1)
-        self.log("train/acc", (logits.argmax(-1) == target).float().mean() * 100, prog_bar=True, batch_size=1)
-        return loss
+        return self.supervised_loss({"logits": logits}, {**batch, "label": target}, "train")
 
     def _eval_step(self, batch: dict[str, Tensor], stage: str) -> None:
         logits, target = self.episode_forward(batch)

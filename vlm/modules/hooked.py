@@ -19,7 +19,7 @@ from vlm.hooks import TowerHook
 from vlm.modules.base import LearnedOnlyModule, accuracy_percent
 from vlm.modules.optim import OptimConfig
 from vlm.prompts import PromptLearner
-from vlm.pruning import TokenPruner
+from vlm.pruning.base import Pruner
 from vlm.runtime.reliability import check_hooks
 
 
@@ -37,7 +37,7 @@ class HookedClassifier(LearnedOnlyModule):
         self,
         backbone: nn.Module,
         prompt_learner: Optional[PromptLearner],
-        pruner: Optional[TokenPruner],
+        pruner: Optional[Pruner],
         optim: Optional[OptimConfig],
         init_from: Optional[str],
     ) -> None:
@@ -72,7 +72,7 @@ class HookedClassifier(LearnedOnlyModule):
         """``cross_entropy(logits, label)`` plus the learner's terms; every term is checked finite and
         logged as ``<stage>/<term>``, with the total ``<stage>/loss`` and ``<stage>/acc``."""
         ce = F.cross_entropy(out["logits"], batch["label"])
-        extra = self.prompt_learner.losses(self.loss_outputs(out, batch, stage), batch) if self.prompt_learner else {}
+        extra = self.prompt_learner.losses(self.loss_outputs(out, batch, stage), batch, self.backbone) if self.prompt_learner else {}
         self.check_finite({"ce": ce, **extra}, stage)
         loss = ce + sum(extra.values()) if extra else ce
         bs = batch["label"].shape[0]

@@ -1,4 +1,9 @@
-"""LLaVA evaluation on VQA-style sets: greedy answers, the benchmark's metric, token and latency counts.
+"""VQA-style evaluation of a LLaVA, LLaVA-NeXT, Qwen2.5-VL or Qwen3-VL backbone: greedy answers, the
+benchmark's metric, token and latency counts.
+
+The module is the same for every family: the backbone writes the prompts in its own format and calls
+its own runner (:meth:`~vlm.backbones.llava.LlavaBackbone.answer`; LLaVA: Vicuna v1, Qwen: the
+processor's chat template), so nothing here branches on the model.
 
 ``test`` logs, under ``test/``: the metric(s) of the data's kind (``vqa_acc``, ``gqa_acc``,
 ``pope_acc/precision/recall/f1/yes_ratio``, ``mc_acc``, in percent), ``visual_tokens`` (mean
@@ -14,36 +19,42 @@ from typing import Any, Optional
 
 import lightning as L
 
-from vlm.backbones.llava import LlavaBackbone
+from vlm.backbones.llava import VICUNA_V1, LlavaBackbone
 from vlm.metrics_vqa import scorer
-from vlm.pruning import TokenPruner
+from vlm.pruning.base import Pruner
 
-#: LLaVA-1.5's ``vicuna_v1`` conversation with the image before the question.
-VICUNA_V1 = (
-    "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
-    "detailed, and polite answers to the user's questions. USER: <image>\n{question} ASSISTANT:"
-)
+__all__ = ["LlavaEval", "VICUNA_V1"]
 
 
 class LlavaEval(L.LightningModule):
     """Args:
-    backbone: the LLaVA (or LLaVA-NeXT) model (hub id or path) and its processor.
+    backbone: the model (hub id or path) and its processor: ``LlavaBackbone``, ``LlavaNextBackbone``,
+        ``Qwen2_5VLBackbone`` or ``Qwen3VLBackbone``.
     pruner: a visual-token pruner (``vlm.pruning.available()``: vision-tower pruners, or an
-        LLM-stage one, :class:`~vlm.hooks.LlmStage`) or None.
+        LLM-stage one, :class:`~vlm.llm_stage.LlmStage`) or None. Its budget is checked here, once,
+        against the backbone's patches (``Backbone.check_budget``: per image for LLaVA-1.5, per crop
+        for LLaVA-NeXT, merged tokens per image at the processor's ``max_pixels`` for Qwen; an
+        LLM-stage budget against the most visual tokens that reach its cut with one image per
+        question, which a question with several images only exceeds): a budget that would keep every
+        token is a ``TokenBudgetError`` instead of an unpruned result labelled with the pruner's name.
     metric: ``vqa``, ``gqa``, ``pope`` or ``mc``; None takes the datamodule's ``metric``.
     max_new_tokens: greedy decoding length (LLaVA uses 128 for short-answer sets).
-    prompt_template: the conversation, with ``{question}``.
+    prompt_template: None (the default) for the backbone's own conversation (LLaVA: Vicuna v1;
+        Qwen: the processor's chat template); or a format string with ``{question}`` and the
+        backbone's image placeholder once per image (``<image>`` for LLaVA,
+        ``<|vision_start|><|image_pad|><|vision_end|>`` for Qwen), used as the whole prompt.
     """
 
     def __init__(
         self,
         backbone: LlavaBackbone,
-        pruner: Optional[TokenPruner] = None,
+        pruner: Optional[Pruner] = None,
         metric: Optional[str] = None,
         max_new_tokens: int = 128,
-        prompt_template: str = VICUNA_V1,
+        prompt_template: Optional[str] = None,
     ) -> None:
         super().__init__()
+        backbone.check_budget(pruner)
         self.save_hyperparameters(ignore=["backbone", "pruner"])
         self.backbone = backbone
         self.pruner = pruner
@@ -61,7 +72,7 @@ class LlavaEval(L.LightningModule):
         self.decode_tokens = 0
 
     @property
-    def hooks(self) -> list[TokenPruner]:
+    def hooks(self) -> list[Pruner]:
         return [self.pruner] if self.pruner is not None else []
 
     def setup(self, stage: str) -> None:
@@ -69,16 +80,9 @@ class LlavaEval(L.LightningModule):
             self.metric = getattr(getattr(self.trainer, "datamodule", None), "metric", None) or "vqa"
 
     def answer(self, images: list[Any], questions: list[str]) -> tuple[list[str], Any]:
-        prompts = [self.prompt_template.format(question=q) for q in questions]
-        enc = {k: v.to(self.device) for k, v in self.backbone.encode(prompts, images).items()}
-        tok = self.backbone.processor.tokenizer
-        gen = self.backbone.runner.generate(
-            enc["input_ids"], enc["pixel_values"], enc["attention_mask"], self.hooks,
-            max_new_tokens=self.max_new_tokens, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id or 0,
-            image_sizes=enc.get("image_sizes"),
-        )
-        texts = [t.strip() for t in tok.batch_decode(gen.tokens, skip_special_tokens=True)]
-        return texts, gen
+        """Greedy answers to ``questions`` (``images[i]``: one image or a list of them) and the
+        :class:`~vlm.towers.llava.Generation`; the backbone builds the prompts and runs its runner."""
+        return self.backbone.answer(questions, images, self.hooks, self.max_new_tokens, self.prompt_template)
 
     def test_step(self, batch: dict[str, list[Any]], batch_idx: int) -> None:
         texts, gen = self.answer(batch["image"], batch["text"])

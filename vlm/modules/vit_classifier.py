@@ -16,10 +16,11 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from vlm.backbones import ClipBackbone, ViTBackbone
 from vlm.runtime.links import check_image_size
+from vlm.runtime.paths import ExportDir
 from vlm.modules.hooked import HookedClassifier
 from vlm.modules.optim import OptimConfig
 from vlm.prompts import PromptLearner
-from vlm.pruning import TokenPruner
+from vlm.pruning.base import Pruner
 
 
 class ViTClassifier(HookedClassifier):
@@ -30,7 +31,9 @@ class ViTClassifier(HookedClassifier):
         num_classes: classes of the head (linked from the datamodule).
         prompt_learner: a vision prompt learner (``vlm.prompts.available()``) or None (linear probe).
         optim: optimiser and schedule.
-        init_from: an exported directory (``vlm export``) whose learned tensors are loaded.
+        init_from: an exported directory (``vlm export``) whose learned tensors are loaded; in a
+            config file a relative path is taken from that file's folder (an export's own
+            ``config.yaml`` says ``.``, so a copied or moved export loads its own tensors).
         pruner: a visual-token pruner (``vlm.pruning.available()``) run inside the image tower
             after the prompt learner, trading accuracy for speed; None keeps every token.
     """
@@ -43,8 +46,8 @@ class ViTClassifier(HookedClassifier):
         num_classes: int,
         prompt_learner: Optional[PromptLearner] = None,
         optim: Optional[OptimConfig] = None,
-        init_from: Optional[str] = None,
-        pruner: Optional[TokenPruner] = None,
+        init_from: Optional[ExportDir] = None,
+        pruner: Optional[Pruner] = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone", "prompt_learner", "optim", "pruner"])

@@ -1,252 +1,73 @@
 """The ``vlm`` command: ``vlm fit|validate|test|predict`` (LightningCLI) and ``vlm export``.
 
-Configs compose left to right (``--config backbone.yaml --config prompt.yaml --config data.yaml``)
-and any field can be overridden (``--model.init_args.prompt_learner.init_args.n_ctx 8``). Model
-and data are chosen by ``class_path`` (subclass mode); prompt learners accept a short registry
-name (``class_path: <name>``). Every ``test`` run writes ``results.json`` into its log directory.
+This module is the entry point (``vlm = vlm.runtime.cli:main``) and imports nothing heavy: ``vlm
+--help`` and ``vlm export`` answer without Lightning, and Lightning (with the model code a config
+names) is imported only to run ``fit|validate|test|predict`` (vlm.runtime.lightning_cli.VLMCLI).
+
+* ``vlm --help`` lists the subcommands, ``export`` included (:func:`top_level_parser`).
+* ``vlm export ...`` is a plain subcommand: :func:`export_main`, with its own parser, runs before
+  any LightningCLI is built.
+* ``vlm <subcommand> --help`` is LightningCLI's, kept after the first time (vlm.runtime.help_cache).
+* Errors: our own errors (vlm's error classes, and the ``ValueError``/``FileNotFoundError`` that vlm's
+  code raises with a fix in its message: dataset layout, corrupt image or checkpoint, mismatch,
+  budget, untrained model, linked value, ...) print as ``vlm <subcommand>: error: <message>``, without
+  a traceback, and exit with status 1; ``--debug`` (anywhere on the command line) or ``VLM_DEBUG=1``
+  shows the traceback. Called from Python with an argument list, :func:`main` raises them instead.
 """
 
 from __future__ import annotations
 
+import os
 import sys
-from pathlib import Path
 from typing import Any, Optional
 
-import lightning as L
-from lightning.pytorch.cli import LightningCLI
-
-import vlm.datamodules  # noqa: F401  (registers datamodule subclasses for class_path resolution)
-import vlm.modules  # noqa: F401
-import vlm.prompts  # noqa: F401
-from vlm.runtime.results import write_results
-
-
-class VLMCLI(LightningCLI):
-    """LightningCLI in subclass mode for model and data, with results and resolved-config capture."""
-
-    def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
-        from vlm.runtime.callbacks import StageConfigCallback
-        from vlm.runtime.quiet import quiet_library_notices
-
-        quiet_library_notices()
-
-        kwargs.setdefault("save_config_callback", StageConfigCallback)  # config_<stage>.yaml, never overwritten
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        kwargs.setdefault("parser_kwargs", {"default_env": False})
-        # Lightning's own default (True) seeds 0 as well, with a "No seed found" warning on every run.
-        kwargs.setdefault("seed_everything_default", 0)
-        super().__init__(
-            L.LightningModule,
-            L.LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            args=args,
-            run=run,
-            auto_configure_optimizers=False,
-            **kwargs,
-        )
-
-    def add_arguments_to_parser(self, parser: Any) -> None:
-        """Link the model's template/num_classes/classnames from the data (vlm.runtime.links), and add
-        ``--allow_untrained`` (``vlm test`` of learned parts that no checkpoint restored)."""
-        from vlm.runtime.links import add_data_links
-
-        add_data_links(parser)
-        parser.add_argument("--allow_untrained", type=bool, default=False,
-                            help="vlm test: evaluate learned parts that no --ckpt_path or init_from restored")
-
-    def before_test(self) -> None:
-        from vlm.runtime.results import check_tested_weights
-
-        cfg = self.config[self.subcommand]
-        check_tested_weights(self.model, cfg.get("ckpt_path"), bool(cfg.get("allow_untrained")))
-
-    def _run_subcommand(self, subcommand: str) -> None:
-        """LightningCLI's run, with two changes to what it prints outside ``fit``. ``test``/``validate``
-        print their metrics once, in one table (vlm.runtime.results.print_metrics): Lightning's table repeats
-        each metric under every dataloader when a metric is logged once per epoch across several
-        loaders (base and new). And ModelCheckpoint's "dirpath has changed" warning is dropped: a
-        ``--ckpt_path`` from another run is how every ``vlm test`` starts, and nothing is saved."""
-        import warnings
-
-        from vlm.runtime.results import print_metrics
-
-        before_fn = getattr(self, f"before_{subcommand}", None)
-        if callable(before_fn):
-            before_fn()
-        fn = getattr(self, subcommand, getattr(self.trainer, subcommand))
-        fn_kwargs = self._prepare_subcommand_kwargs(subcommand)
-        own_table = subcommand in ("test", "validate") and fn_kwargs.get("verbose") is True
-        if own_table:
-            fn_kwargs["verbose"] = False
-        with warnings.catch_warnings():
-            if subcommand != "fit":
-                warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
-            output = fn(**fn_kwargs)
-        if own_table and self.trainer.is_global_zero:
-            print_metrics(output, title=f"{subcommand} results")
-        after_fn = getattr(self, f"after_{subcommand}", None)
-        if callable(after_fn):
-            after_fn()
-
-    def parse_arguments(self, parser: Any, args: Any) -> None:
-        """jsonargparse's parse, plus the registered short names when a learner or pruner is unknown
-        (jsonargparse itself only says that the name is not an import path). A ``--config`` file that is
-        not valid YAML is named with its line first (vlm.runtime.config_files)."""
-        import contextlib
-        import io
-
-        from jsonargparse import Namespace
-
-        from vlm.runtime.config_files import ConfigFileError, check_config_args
-
-        try:
-            check_config_args(args if args is None or isinstance(args, (list, tuple)) else [])
-        except ConfigFileError as err:
-            sys.stderr.write(f"vlm: error: {err}\n")
-            raise SystemExit(2) from err
-        captured = io.StringIO()
-        try:
-            with contextlib.redirect_stderr(captured):
-                # LightningCLI.parse_arguments warns whenever `args` is given while sys.argv has arguments,
-                # which is every `vlm` run (main() passes sys.argv[1:] on); its parse is just this.
-                self.config = parser.parse_object(args) if isinstance(args, (dict, Namespace)) else parser.parse_args(args)
-        except SystemExit:
-            message = captured.getvalue()
-            sys.stderr.write(message)
-            if "prompt_learner" in message or "pruner" in message:
-                from vlm import prompts, pruning
-
-                sys.stderr.write(
-                    f"Registered prompt learners: {', '.join(prompts.available())}. Registered pruners: "
-                    f"{', '.join(pruning.available())}. Use one of these names or a full class path.\n"
-                )
-            raise
-        sys.stderr.write(captured.getvalue())
-
-    def _parse_ckpt_path(self) -> None:
-        """LightningCLI's merge of ``--ckpt_path``'s hyper-parameters into the model config, with two
-        changes. The file is read by vlm.runtime.checkpoint_io, so a damaged one is named with its fix (a
-        trusted pickled one, ``--weights_only false``, is left to the Trainer's own load). And the
-        values the CLI links from the data (vlm.runtime.links) are dropped: the data config is their one
-        source, and merged as ``dict_kwargs`` they would also let a link reach a model that lacks
-        the argument (``num_classes`` into CLIPClassifier)."""
-        from vlm.runtime.checkpoint_io import UnsafeCheckpointError, torch_load
-        from vlm.runtime.links import DATA_LINKS
-
-        subcommand = self.config.get("subcommand")
-        if not subcommand:
-            return
-        cfg = self.config[subcommand]
-        ckpt_path = cfg.get("ckpt_path")
-        if not ckpt_path or not Path(ckpt_path).is_file():
-            return
-        try:
-            ckpt = torch_load(ckpt_path, map_location="cpu", weights_only=True)
-        except UnsafeCheckpointError:
-            if cfg.get("weights_only") is False:
-                return
-            raise
-        hparams = dict(ckpt.get("hyper_parameters") or {})
-        hparams.pop("_instantiator", None)
-        class_path = hparams.pop("_class_path", None)
-        for attr in DATA_LINKS:
-            hparams.pop(attr, None)
-        if not hparams:
-            return
-        model = {"class_path": class_path, "init_args": hparams} if class_path else hparams
-        try:
-            self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
-        except SystemExit:
-            sys.stderr.write(f"Parsing of the hyper-parameters saved in {ckpt_path} failed.\n")
-            raise
-
-    def _add_subcommands(self, parser: Any, **kwargs: Any) -> None:
-        """LightningCLI's subcommands, plus ``export`` so that ``vlm --help`` lists it (main() runs it)."""
-        from vlm.runtime.export import EXPORT_HELP, export_parser
-
-        super()._add_subcommands(parser, **kwargs)
-        parser._subcommands_action.add_subcommand("export", export_parser(), help=EXPORT_HELP)
-
-    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
-        """The configured Trainer plus vlm's reliability defaults (vlm.runtime.preemption.install_defaults):
-        a checkpoint on SIGTERM, generator states in checkpoints, atomic weights-only checkpoint IO;
-        no eval-mode warning for a frozen backbone (vlm.runtime.quiet.FrozenBackboneEvalMode); and CSV logs
-        that append instead of deleting an earlier stage's (vlm.runtime.csv_logger.make_appending)."""
-        from vlm.runtime.preemption import install_defaults
-        from vlm.runtime.quiet import FrozenBackboneEvalMode
-
-        from vlm.runtime.csv_logger import make_appending
-
-        trainer = install_defaults(super().instantiate_trainer(**kwargs))
-        trainer.callbacks.append(FrozenBackboneEvalMode())
-        for logger in trainer.loggers:
-            make_appending(logger)
-        return trainer
-
-    def instantiate_classes(self) -> None:
-        from vlm.runtime.init_errors import constructor_error
-
-        try:
-            super().instantiate_classes()
-        except Exception as err:  # a constructor's own error, not jsonargparse's union dump (vlm.runtime.init_errors)
-            original = constructor_error(err)
-            if original is None:
-                raise
-            raise original.with_traceback(original.__traceback__) from None
-        cfg = self.config[self.subcommand] if self.subcommand else self.config
-        from vlm.runtime.links import check_linked_values
-
-        check_linked_values(cfg.get("model", {}).get("init_args"), self.datamodule)
-        resolved = cfg.as_dict()
-        if hasattr(self.model, "run_config"):
-            self.model.run_config = _plain({
-                "seed_everything": resolved.get("seed_everything"),
-                "model": resolved.get("model"),
-                "data": resolved.get("data"),
-                "trainer": _portable_trainer(resolved.get("trainer", {})),
-            })
-
-    def _config_path(self) -> Optional[str]:
-        from vlm.runtime.callbacks import StageConfigCallback
-
-        saved = [cb.saved_path for cb in self.trainer.callbacks if isinstance(cb, StageConfigCallback)]
-        return next((str(p) for p in saved if p is not None and Path(p).exists()), None)
-
-    def after_test(self) -> None:
-        seed = self.config[self.subcommand].get("seed_everything")
-        write_results(self.trainer, self.model, self._config_path(), seed if isinstance(seed, int) else None)
+#: ``vlm --help``'s one line per subcommand (LightningCLI's own come from the Trainer's docstrings).
+SUBCOMMANDS = {
+    "fit": "Train the model's learned parts (prompts, heads) on the data's training set.",
+    "validate": "Evaluate on the validation set.",
+    "test": "Evaluate on the test set(s); writes results.json into the run's log folder.",
+    "predict": "Predict a class and its score for every image; writes predictions.jsonl into the log folder.",
+    # The same text as vlm.runtime.export.EXPORT_HELP (tests/test_cli.py checks), without importing it.
+    "export": "Write the learned tensors of a checkpoint as safetensors, with the config to re-test them.",
+}
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+DEBUG_FLAG = "--debug"
 
 
-class _ParseOnlyCLI(VLMCLI):
-    """Parses and validates configs (class paths, argument names and types) without building."""
+def __getattr__(name: str) -> Any:
+    """``VLMCLI`` and ``ParseOnlyCLI`` (they import Lightning), loaded when first asked for."""
+    if name in ("VLMCLI", "ParseOnlyCLI"):
+        from vlm.runtime import lightning_cli
 
-    def instantiate_classes(self) -> None:
-        self.model = self.datamodule = self.trainer = None  # type: ignore[assignment]
+        return getattr(lightning_cli, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def parse_configs(paths: list[str], overrides: Optional[list[str]] = None) -> Any:
     """Validate composed config files as ``vlm fit`` would, without instantiating anything."""
+    from vlm.runtime.lightning_cli import ParseOnlyCLI
+
     args = [a for p in paths for a in ("--config", str(p))] + list(overrides or [])
-    return _ParseOnlyCLI(args=args, run=False).config
+    return ParseOnlyCLI(args=args, run=False).config
 
 
-def _plain(value: Any) -> Any:
-    """``value`` with every leaf a str/int/float/bool/None (others, e.g. a DDP ``timeout`` timedelta,
-    become their string form, which jsonargparse parses back), so checkpoints that hold the run
-    config load with ``torch.load(weights_only=True)`` and export to YAML."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    return str(value)
+def top_level_parser() -> Any:
+    """``vlm``'s own parser: the subcommands and ``--debug`` (argparse: nothing heavy to import)."""
+    import argparse
 
-
-def _portable_trainer(trainer: dict[str, Any]) -> dict[str, Any]:
-    """The trainer section without run-specific objects (callbacks/loggers stay as config dicts)."""
-    return {k: v for k, v in trainer.items() if v is not None}
+    parser = argparse.ArgumentParser(
+        prog="vlm",
+        description="Prompt learning and visual-token pruning on CLIP, ViT and LLaVA (a LightningCLI).",
+        epilog="Configs compose left to right: vlm fit --config a.yaml --config b.yaml --model.init_args.x 1",
+    )
+    parser.add_argument(DEBUG_FLAG, action="store_true", help="show the traceback of an error (or set VLM_DEBUG=1)")
+    subcommands = parser.add_subparsers(
+        title="subcommands", dest="subcommand", metavar="{" + ",".join(SUBCOMMANDS) + "}",
+        description="For more details of each subcommand, add it as an argument followed by --help.",
+    )  # fmt: skip
+    for name, text in SUBCOMMANDS.items():
+        subcommands.add_parser(name, help=text, add_help=False)
+    return parser
 
 
 def export_main(argv: list[str]) -> None:
@@ -267,6 +88,8 @@ def release_process_group() -> None:
     exit -6) after a successful run, and SLURM then reports the job as failed. Releasing it here,
     after every rank has finished its last collective, makes a clean exit deterministic.
     """
+    if "torch" not in sys.modules:
+        return
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -274,13 +97,107 @@ def release_process_group() -> None:
         dist.destroy_process_group()
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "export":
-        export_main(argv[1:])
+def _lightning(args: list[str]) -> None:
+    """``vlm fit|validate|test|predict``: LightningCLI (its ``--help`` from the cache when it can)."""
+    from vlm.runtime import help_cache
+
+    cached = help_cache.read(args)
+    if cached is not None:
+        sys.stdout.write(cached)
+        raise SystemExit(0)
+    from vlm.runtime.lightning_cli import VLMCLI
+
+    if not help_cache.cacheable(args):
+        VLMCLI(args=args)
+        release_process_group()
         return
-    VLMCLI(args=argv)
-    release_process_group()
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            VLMCLI(args=args)
+    except SystemExit as done:
+        sys.stdout.write(out.getvalue())
+        if done.code in (0, None):
+            help_cache.write(args, out.getvalue())
+        raise
+    sys.stdout.write(out.getvalue())
+
+
+def run(argv: list[str]) -> None:
+    """Run one ``vlm`` command line (without the program name); errors propagate as raised."""
+    args = [a for a in argv if a != DEBUG_FLAG]
+    if len(args) != len(argv):
+        os.environ["VLM_DEBUG"] = "1"
+    first = next((a for a in args if not a.startswith("-")), None)
+    if not args or args[0] in ("-h", "--help") or first is None:
+        top_level_parser().parse_args(args or ["--help"])
+        return
+    if args[0] == "export":
+        export_main(args[1:])
+        return
+    if first not in LIGHTNING_SUBCOMMANDS and args[0] == first:
+        top_level_parser().parse_args(args)  # names the unknown subcommand and lists the valid ones
+        return
+    _lightning(args)
+
+
+def is_user_error(err: BaseException) -> bool:
+    """Whether ``err`` is one of our own errors, whose message names the problem and the fix: an
+    instance of a class defined in vlm, or a ``ValueError``/``OSError``/``KeyError`` raised by vlm's own
+    code (the innermost frame of its traceback is in a vlm source file)."""
+    if not isinstance(err, Exception):
+        return False
+    if (type(err).__module__ or "").split(".")[0] == "vlm":
+        return True
+    if not isinstance(err, (ValueError, OSError, KeyError)):
+        return False
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and _in_vlm(tb.tb_frame.f_code.co_filename)
+
+
+def _in_vlm(filename: str) -> bool:
+    roots = []
+    for name in ("vlm", "vlm.prompts", "vlm.pruning", "vlm.datamodules", "vlm.kernels"):
+        module = sys.modules.get(name)
+        roots += [os.path.realpath(p) for p in getattr(module, "__path__", [])]
+    path = os.path.realpath(filename)
+    return any(path.startswith(root + os.sep) for root in roots)
+
+
+def console(argv: list[str]) -> int:
+    """The ``vlm`` command: :func:`run`, with our own errors shown as their message (the fix
+    included) and exit status 1 instead of a traceback, unless ``--debug``/``VLM_DEBUG=1``."""
+    from vlm.runtime.parse_errors import debug_enabled
+
+    try:
+        run(argv)
+    except SystemExit as done:
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    except Exception as err:
+        if debug_enabled() or not is_user_error(err):
+            raise
+        subcommand = next((a for a in argv if not a.startswith("-")), None)
+        prog = f"vlm {subcommand}" if subcommand in SUBCOMMANDS else "vlm"
+        sys.stdout.flush()
+        sys.stderr.write(f"{prog}: error: {type(err).__name__}: {err}\n(for the traceback: add --debug, or set VLM_DEBUG=1)\n")
+        return 1
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """The ``vlm`` entry point. Without ``argv`` (the command): :func:`console`, exiting with its status.
+    With ``argv`` (from Python): :func:`run`, which raises errors as they are."""
+    if argv is not None:
+        run(list(argv))
+        return
+    code = console(sys.argv[1:])
+    if code:
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":

@@ -2,16 +2,26 @@
 
 ``vlm export --ckpt run.ckpt --out DIR`` writes:
   * ``learned.safetensors``: the trainable tensors (prompt vectors, heads), str->str metadata;
-  * ``config.yaml``: the resolved run config, with ``model.init_args.init_from: DIR``, so
+  * ``config.yaml``: the resolved run config, with ``model.init_args.init_from: .``, so
     ``vlm test --config DIR/config.yaml`` re-evaluates the export;
   * ``classnames.json``: training and test class lists;
-  * ``metadata.json``: method, backbone identity and weight checksum, package versions.
+  * ``metadata.json``: method, backbone identity and weight checksum, package versions;
+  * ``.vlm-export``: the marker that says the folder is an export (see below).
 Loading refuses an export made with another backbone or method, or with missing/extra tensors.
+
+An export is self-contained: the one path inside it, ``init_from``, is relative to the export (a
+relative path in a config file is read from that file's folder: ``vlm.runtime.paths``), so a copy
+or a moved export tests its own tensors, and deleting the original breaks nothing.
+
+``--out`` must be a new or empty folder, or an earlier export (it has the marker), which
+``--overwrite`` replaces. Any other folder is refused whatever the flag, so that an export never
+replaces a user's own ``config.yaml`` or other files (:class:`ExportFolderError`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +37,18 @@ WEIGHTS = "learned.safetensors"
 CONFIG = "config.yaml"
 CLASSNAMES = "classnames.json"
 METADATA = "metadata.json"
+MARKER = ".vlm-export"
+#: ``init_from`` in an export's config.yaml: the export itself (the config file's own folder).
+SELF = "."
+
+
+class MissingExportError(FileNotFoundError):
+    """``init_from`` names a folder that holds no export (moved, deleted, or never one)."""
+
+
+class ExportFolderError(FileExistsError):
+    """``vlm export --out`` names a folder that an export must not write into: one that holds an
+    earlier export (without ``--overwrite``), or a non-empty folder that is not a vlm export."""
 
 
 def load_checkpoint_file(path: str | Path, trust: bool = False) -> dict[str, Any]:
@@ -52,19 +74,44 @@ def existing_export_files(out: Path) -> list[str]:
     return sorted(n for n in (WEIGHTS, CONFIG, CLASSNAMES, METADATA) if (out / n).exists())
 
 
-def export_checkpoint(ckpt: str | Path, out: str | Path, trust: bool = False, overwrite: bool = False) -> Path:
-    """Write an export directory from a ``vlm fit`` checkpoint; returns the directory.
+def is_export(directory: Path) -> bool:
+    """Whether ``directory`` was written by ``vlm export`` (it holds the :data:`MARKER` file)."""
+    return (directory / MARKER).is_file()
 
-    An ``out`` that already holds an export's files is refused unless ``overwrite`` (one run's export
-    must not silently replace another's).
-    """
-    ckpt, out = Path(ckpt), Path(out)
+
+def check_out_folder(out: Path, overwrite: bool) -> None:
+    """Refuse an ``--out`` that the export would damage (:class:`ExportFolderError`, naming the folder
+    and the fix): a file; a non-empty folder without the export marker, whatever ``overwrite`` says
+    (its ``config.yaml`` or other files may be the user's own); an earlier export unless ``overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise ExportFolderError(f"--out {out} is a file, not a folder. Choose a new or empty folder for the export.")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not is_export(out):
+        held = sorted(p.name for p in out.iterdir())
+        raise ExportFolderError(
+            f"--out {out} is not empty ({', '.join(held[:6])}{' ...' if len(held) > 6 else ''}) and is not a vlm export "
+            f"(no {MARKER} marker), so `vlm export` does not write into it, with or without --overwrite: its files, "
+            "e.g. a config.yaml of your own, would be replaced. Choose a new or empty --out folder."
+        )
     existing = existing_export_files(out)
     if existing and not overwrite:
-        raise FileExistsError(
+        raise ExportFolderError(
             f"{out} already holds an export ({', '.join(existing)}). Choose another --out, or pass --overwrite "
             "to replace it."
         )
+
+
+def export_checkpoint(ckpt: str | Path, out: str | Path, trust: bool = False, overwrite: bool = False) -> Path:
+    """Write an export directory from a ``vlm fit`` checkpoint; returns the directory.
+
+    ``out`` must be new, empty, or an earlier export; the last only with ``overwrite`` (one run's
+    export must not silently replace another's), and a folder that is not an export never
+    (:func:`check_out_folder`). The marker is written first, so an export cut short is still
+    recognised as one and can be overwritten.
+    """
+    ckpt, out = Path(ckpt), Path(out)
+    check_out_folder(out, overwrite)
     data = load_checkpoint_file(ckpt, trust=trust)
     record = data.get(CHECKPOINT_KEY)
     if record is None:
@@ -72,6 +119,10 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, trust: bool = False, ov
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in data["state_dict"].items()}
     identity = {k: record[k] for k in ("format", "method", "module", "backbone", "backbone_checksum")}
     out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text(
+        "Written by `vlm export`: a self-contained export (paths inside are relative to this folder). "
+        "`vlm export --overwrite` may replace this folder's export files.\n"
+    )
     meta = {
         "identity": json.dumps(identity, sort_keys=True),
         "versions": json.dumps(package_versions(), sort_keys=True),
@@ -80,7 +131,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, trust: bool = False, ov
     config = record.get("config")
     if config:
         config = json.loads(json.dumps(config))
-        config.setdefault("model", {}).setdefault("init_args", {})["init_from"] = str(out.resolve())
+        config.setdefault("model", {}).setdefault("init_args", {})["init_from"] = SELF  # the export, wherever it is
         (out / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
     (out / CLASSNAMES).write_text(
         json.dumps({"classnames": record.get("classnames"), "test_classnames": record.get("test_classnames")}, indent=1)
@@ -90,7 +141,7 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, trust: bool = False, ov
             {
                 **identity,
                 "versions": package_versions(),
-                "source_checkpoint": str(ckpt),
+                "source_checkpoint": os.path.abspath(ckpt),  # provenance, outside the export: absolute
                 "source_sha256": sha256_file(ckpt),
                 "epoch": data.get("epoch"),
                 "global_step": data.get("global_step"),
@@ -107,7 +158,11 @@ def load_exported(module: Any, directory: str | Path) -> dict[str, Any]:
     directory = Path(directory)
     weights = directory / WEIGHTS
     if not weights.is_file():
-        raise FileNotFoundError(f"{directory} is not a vlm export: {WEIGHTS} is missing. Create one with `vlm export`.")
+        raise MissingExportError(
+            f"{directory} is not a vlm export: {WEIGHTS} is missing. Point model.init_args.init_from at an export folder "
+            "(create one with `vlm export`). An export's own config.yaml says `init_from: .` (the folder it is in); one "
+            "written by an older vlm names the folder it was first written to: change that line to `init_from: .`."
+        )
     tensors, meta = read_safetensors(weights)
     saved = json.loads(meta["identity"]) if "identity" in meta else None
     check_identity(saved, module.identity(), source=f"export {directory}")
@@ -125,6 +180,7 @@ def export_parser() -> Any:
     p = ArgumentParser(prog="vlm export", description=EXPORT_HELP, default_env=False)
     p.add_argument("--ckpt", required=True, help="a .ckpt written by `vlm fit`")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier export in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the files of an earlier export in --out (a folder that is not a vlm export is always refused)")
     p.add_argument("--trust", action="store_true", help="allow full pickle loading of the checkpoint (only for files you trust)")
     return p

@@ -1,13 +1,20 @@
 """Preemption and exact resume: the callbacks and plugin the ``vlm`` CLI installs by default.
 
 * :class:`SigtermCheckpoint`: Lightning turns SIGTERM into ``SIGTERMException`` at the next batch
-  boundary (its signal connector; under DDP rank 0 broadcasts it so every rank stops at the same
-  step), but saves nothing unless SLURM's SIGUSR1 requeue fired first. This callback saves
-  ``hpc_ckpt_<N>.ckpt`` in ``default_root_dir`` when that exception ends ``fit``, the file SLURM
-  auto-resume already picks up. Outside SLURM resume with ``vlm fit ... --ckpt_path hpc``.
-  SLURM's requeue signal (SIGUSR1, ``auto_requeue``) now also stops ``fit`` at the next batch
-  boundary, where Lightning's own handler then saves ``hpc_ckpt_<N>.ckpt`` and requeues the job
-  (instead of saving in the middle of a step and training on until the job is killed).
+  boundary (under DDP rank 0 broadcasts it so every rank stops at the same step), but saves
+  nothing unless SLURM's requeue fired first. This callback saves ``hpc_ckpt_<N>.ckpt`` in
+  ``default_root_dir`` when that exception ends ``fit``, the file that ``--ckpt_path hpc`` (and
+  Lightning's SLURM auto-resume) reads. Outside SLURM resume with ``vlm fit ... --ckpt_path hpc``.
+
+  SLURM's requeue is Lightning's own, configured with ``SLURMEnvironment``'s public options
+  (``auto_requeue``, ``requeue_signal``; ``scripts/slurm/slurm_trainer.yaml``): on the requeue
+  signal Lightning's handler saves ``hpc_ckpt_<N>.ckpt`` and runs ``scontrol requeue``. Left alone
+  it does so inside the signal handler, in the middle of a step, and training goes on until SLURM
+  kills the job. This callback defers that handler to the next batch boundary (every rank agrees
+  on the step through ``strategy.reduce_boolean_decision``), runs it there, and stops ``fit``. It
+  finds the handler with ``signal.getsignal`` once Lightning has installed it (``on_train_start``);
+  nothing of Lightning's is replaced, and Lightning restores the original handlers after ``fit``.
+
   Either way the process exits with status 128 + the signal (143 for SIGTERM, 138 for SIGUSR1),
   never 0, so ``vlm fit ... && vlm test ...`` does not test a half-trained model.
 * :class:`RNGStateCheckpoint`: stores the Python, NumPy and torch (CPU and CUDA) generator states
@@ -19,13 +26,17 @@
 
 from __future__ import annotations
 
+import os
 import random
+import re
 import signal
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -33,33 +44,85 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from vlm.runtime.checkpoint_io import SafeCheckpointIO
 
+_HPC = re.compile(r"^hpc_ckpt_(\d+)\.ckpt$")
+
+
+def hpc_checkpoint_path(folder: str | os.PathLike[str]) -> str:
+    """``folder/hpc_ckpt_<N+1>.ckpt``, N the highest number of the ``hpc_ckpt_<N>.ckpt`` files there
+    (0 if none): the name Lightning's SLURM handler writes and ``--ckpt_path hpc`` picks (the
+    highest N). tests/reliability/test_lightning_seams.py checks this against Lightning."""
+    numbers = [int(m.group(1)) for p in Path(folder).glob("hpc_ckpt_*.ckpt") if (m := _HPC.match(p.name))]
+    return os.path.join(str(folder), f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt")
+
+
+def requeue_signal(trainer: L.Trainer) -> Optional[signal.Signals]:
+    """The signal SLURM requeues the job with, if Lightning's auto-requeue is on: the configured
+    ``SLURMEnvironment``'s ``requeue_signal`` (a parallel strategy holds it as its public
+    ``cluster_environment``), else, under SLURM, ``SLURMEnvironment``'s default (SIGUSR1)."""
+    env = getattr(trainer.strategy, "cluster_environment", None)
+    if isinstance(env, SLURMEnvironment):
+        return env.requeue_signal if env.auto_requeue else None
+    return SLURMEnvironment().requeue_signal if SLURMEnvironment.detect() else None
+
 
 class SigtermCheckpoint(L.Callback):
     """On SIGTERM (or SLURM's requeue signal) during ``fit``, save ``hpc_ckpt_<N>.ckpt`` at a batch
     boundary so a restart resumes from this step, and make the process exit non-zero."""
 
     def __init__(self) -> None:
-        self._requeue: Optional[tuple[Callable[[int, Any], None], int]] = None
+        self._lightning_handler: Optional[Callable[[int, Any], Any]] = None
+        self._signum: Optional[int] = None
+        self._requested = False
+        self._requeued: Optional[tuple[str, int]] = None
 
-    def requeue_requested(self, lightning_handler: Callable[[int, Any], None], signum: int) -> None:
-        """SLURM's requeue signal arrived: stop at the next batch boundary, then let Lightning's
-        handler save and requeue there (see :func:`_stop_on_requeue_signal`)."""
-        self._requeue = (lightning_handler, signum)
+    # -- SLURM requeue: Lightning's handler, deferred to a batch boundary ---------------------------
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._requested, self._requeued, self._lightning_handler = False, None, None
+        signum = requeue_signal(trainer)
+        if signum is None or os.name == "nt":
+            return
+        handler = signal.getsignal(signum)
+        if not callable(handler) or getattr(handler, "__self__", None) is self:
+            return
+        self._lightning_handler, self._signum = handler, int(signum)
+        try:
+            signal.signal(signum, self._request_requeue)
+        except ValueError:  # not the main thread: leave Lightning's handler as it is
+            self._lightning_handler = None
 
+    def _request_requeue(self, signum: int, frame: Any) -> None:
+        self._requested = True
+
+    def _requeue_if_requested(self, trainer: L.Trainer) -> None:
+        if self._lightning_handler is None:
+            return
+        if not trainer.strategy.reduce_boolean_decision(self._requested, all=False):
+            return
+        handler, signum = self._lightning_handler, int(self._signum or signal.SIGUSR1)
+        self._lightning_handler = None
+        handler(signum, None)  # Lightning's: finalise loggers, save hpc_ckpt_<N>.ckpt, scontrol requeue
+        self._requeued = (signal.Signals(signum).name, signum)
+        raise SIGTERMException(128 + signum)
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self._requeue_if_requested(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._requeue_if_requested(trainer)  # a signal after the last boundary (e.g. `should_stop`)
+
+    # -- SIGTERM (and the exit status of both) -----------------------------------------------------
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
             return
-        # The same path Lightning's SLURM requeue handler writes and its auto-resume reads.
-        path = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
-        if self._requeue is not None:
-            handler, signum = self._requeue
-            self._requeue = None
-            handler(signum, None)  # Lightning's SLURM handler: finalise loggers, save `path`, scontrol requeue
-            what = signal.Signals(signum).name
+        if self._requeued is not None:
+            what, signum = self._requeued
+            self._requeued = None
+            path = "hpc_ckpt_<N>.ckpt (Lightning's SLURM handler) in " + str(trainer.default_root_dir)
         else:
-            signum, what = signal.SIGTERM, "SIGTERM"
+            what, signum = "SIGTERM", int(signal.SIGTERM)
+            path = hpc_checkpoint_path(trainer.default_root_dir)  # only rank 0 writes (its name is the one used)
             trainer.save_checkpoint(path)
-        exception.code = 128 + int(signum)
+        exception.code = 128 + signum
         rank_zero_info(
             f"{what}: saved {path} at global step {trainer.global_step}; exiting with status {exception.code} "
             "(the run is not finished). Resume with the same command plus `--ckpt_path hpc` (automatic under SLURM)."
@@ -104,34 +167,12 @@ def _tuples(value: Any) -> Any:
     return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
-def _stop_on_requeue_signal(trainer: L.Trainer, callback: SigtermCheckpoint) -> None:
-    """Make SLURM's requeue signal stop ``fit`` like SIGTERM does (flag, then ``SIGTERMException`` at
-    the next batch boundary, broadcast from rank 0 under DDP), deferring Lightning's own handler
-    (save ``hpc_ckpt`` + ``scontrol requeue``) to :meth:`SigtermCheckpoint.on_exception`. Lightning
-    registers ``connector._slurm_sigusr_handler_fn`` when ``fit`` starts, so the instance attribute
-    set here is what it registers."""
-    connector = trainer._signal_connector
-    lightning_handler = connector._slurm_sigusr_handler_fn
-    if getattr(lightning_handler, "_vlm_deferred", False):
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        callback.requeue_requested(lightning_handler, signum)
-        connector.received_sigterm = True
-
-    handler._vlm_deferred = True  # type: ignore[attr-defined]
-    connector._slurm_sigusr_handler_fn = handler  # type: ignore[method-assign]
-
-
 def install_defaults(trainer: L.Trainer) -> L.Trainer:
-    """Add :class:`SigtermCheckpoint`, :class:`RNGStateCheckpoint` and :class:`SafeCheckpointIO`
-    to ``trainer`` unless it already has them (or a checkpoint IO other than Lightning's default),
-    and route SLURM's requeue signal through :class:`SigtermCheckpoint`."""
+    """Add :class:`SigtermCheckpoint` and :class:`RNGStateCheckpoint` to ``trainer`` unless it already
+    has them, and :class:`SafeCheckpointIO` unless a checkpoint IO other than Lightning's default is set."""
     for cls in (SigtermCheckpoint, RNGStateCheckpoint):
         if not any(isinstance(cb, cls) for cb in trainer.callbacks):
             trainer.callbacks.insert(0, cls())
-    sigterm = next(cb for cb in trainer.callbacks if isinstance(cb, SigtermCheckpoint))
-    _stop_on_requeue_signal(trainer, sigterm)
     if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
         trainer.strategy.checkpoint_io = SafeCheckpointIO()
     return trainer

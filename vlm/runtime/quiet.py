@@ -9,6 +9,10 @@
   :class:`FrozenBackboneEvalMode` ignores that warning only when its N is exactly the number of
   frozen modules (no trainable parameter) that ``train()`` leaves in eval mode, so a module that
   trains while in eval mode is still reported.
+* Lightning's "💡 Tip: ... try installing litlogger / litmodels" lines, printed on every ``fit``
+  (:func:`quiet_lightning_tips`: a ``logging`` filter on Lightning's rank-zero loggers that drops
+  exactly the records starting with ``💡 Tip:``), and its note that the trainer "already" has a
+  model summary when that summary is vlm's default one.
 * Two notices every ``vlm`` run would print that say nothing about the run
   (:func:`quiet_library_notices`): Lightning's "``tensorboardX`` has been removed ... will use
   ``CSVLogger``" (vlm's logs are CSV by design: ``metrics.csv``, ``results.json``) and torch's
@@ -73,6 +77,34 @@ LIBRARY_NOTICES: tuple[tuple[str, str], ...] = (
     (r"Starting from v1\.9\.0, `tensorboardX` has been removed", r"lightning\.pytorch\..*"),
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", r"lightning\.pytorch\.utilities\._pytree"),
 )
+
+
+#: The loggers Lightning's ``rank_zero_info`` writes to (the last one imported sets it).
+LIGHTNING_INFO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero", "lightning_utilities.core.rank_zero")
+LIGHTNING_TIP = "\N{ELECTRIC LIGHT BULB} Tip:"
+
+
+#: Lightning's note when a config (here: vlm's default, vlm.runtime.callbacks.default_callbacks) has its
+#: own model summary; said on every run, about a choice vlm made, so dropped for vlm's own class only.
+OWN_SUMMARY_NOTE = "Trainer already configured with model summary callbacks: [<class 'vlm.runtime.callbacks.ModelSummaryNoFlops'>]"
+
+
+class _DropLightningTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        return not (message.startswith(LIGHTNING_TIP) or message.startswith(OWN_SUMMARY_NOTE))
+
+
+_TIPS = _DropLightningTips()
+
+
+def quiet_lightning_tips() -> None:
+    """Drop Lightning's advertising tips (records starting with ``💡 Tip:``), and its note about vlm's own
+    default model summary, from its info loggers."""
+    for name in LIGHTNING_INFO_LOGGERS:
+        logger = logging.getLogger(name)
+        if _TIPS not in logger.filters:
+            logger.addFilter(_TIPS)
 
 
 def quiet_library_notices() -> None:

@@ -1,7 +1,11 @@
 """Checks that find bad runs early and name the problem and the fix.
 
-* :func:`check_hooks` runs when a classifier is built: a pruner's token budget must fit the
-  backbone's patch tokens, and the prompt learner and pruner must be able to work together.
+* :func:`check_token_budget` runs when any model with a pruner is built (through
+  ``Backbone.check_budget``: the CLIP/ViT classifiers, ``LlavaEval``): a pruner's token budget must
+  fit the tokens the backbone gives it, so a budget that would keep everything is refused instead of
+  labelling an unpruned run with the pruner's name.
+* :func:`check_hooks` runs when a classifier is built: the budget above, and the prompt learner and
+  pruner must be able to work together.
 * :func:`check_finite_losses` runs on every loss: a NaN or inf term stops the run with an error
   naming the step and the term, instead of silently training on garbage for hours.
 
@@ -23,6 +27,7 @@ Both sides declare what the check needs, so it names no method:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any, Optional
 
@@ -65,19 +70,86 @@ def check_finite_losses(terms: Mapping[str, Tensor], step: int, stage: str = "tr
     )
 
 
+# --- token budgets ------------------------------------------------------------------------------
+def _init_params(obj: Any) -> set[str]:
+    """Names of the arguments ``type(obj).__init__`` declares (to name the one a fix should set)."""
+    try:
+        return set(inspect.signature(type(obj).__init__).parameters)
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return set()
+
+
+def check_token_budget(
+    pruner: Any, patches: Optional[int], *, unit: str = "image", views: int = 1, backbone: str = "the backbone"
+) -> None:
+    """Raise :class:`TokenBudgetError` if ``pruner`` asks for more tokens than the backbone gives it.
+
+    The one budget check of every backbone: ``Backbone.check_budget`` calls it with the backbone's
+    own counts when a model is built (never per batch), so a new backbone only declares them.
+
+    Args:
+        pruner: a pruner, or None (nothing to check). Only its declared attributes are read:
+            ``towers``, ``name``, ``num_tokens``, and for an LLM-stage pruner ``vision_stage`` and ``layer``.
+        patches: patch tokens a vision pruner sees per ``unit`` (the vision tower's patches at the
+            feature layer), or None when unknown (no check).
+        unit: what one vision-tower row is: ``"image"`` (CLIP, ViT, LLaVA-1.5), ``"crop"`` (LLaVA-NeXT
+            anyres: the base view and each sub-crop are pruned separately, each to ``num_tokens``).
+        views: the most units one image becomes (1; LLaVA-NeXT: the base view plus the largest crop
+            grid). With one image per sample it bounds the visual tokens that reach an LLM-stage cut.
+        backbone: how the backbone is named in the message.
+
+    Rules (a budget equal to what is available is allowed: it keeps every token, as on CLIP):
+
+    * a vision pruner: ``num_tokens <= patches``;
+    * an LLM-stage pruner (``"llm"`` in ``towers``): its ``vision_stage`` by the rule above, and its
+      own ``num_tokens`` at most ``views x`` the patches per unit that reach the LLM (the vision
+      stage's budget, or every patch without one); a larger budget never cuts anything.
+    """
+    if pruner is None or patches is None:
+        return
+    where = f"the backbone produces only {patches} per {unit} ({backbone})"
+    if "llm" not in tuple(getattr(pruner, "towers", ("vision",))):
+        if pruner.num_tokens > patches:
+            raise TokenBudgetError(
+                f"Pruner {pruner.name!r} keeps num_tokens={pruner.num_tokens} patch tokens, but {where}. "
+                f"Set pruner num_tokens <= {patches}, or drop the pruner to keep every token."
+            )
+        return
+    params = _init_params(pruner)
+    stage = getattr(pruner, "vision_stage", None)
+    per_unit = patches
+    if stage is not None:
+        if stage.num_tokens > patches:
+            setting = "crop_tokens" if "crop_tokens" in params else "its vision_stage's num_tokens"
+            alone = ""
+            if "two_stage" in params and pruner.num_tokens <= views * patches:
+                alone = ", or run the LLM stage alone (two_stage=False)"
+            raise TokenBudgetError(
+                f"Pruner {pruner.name!r} runs a vision stage ({stage.name!r}) that keeps num_tokens={stage.num_tokens} "
+                f"patch tokens per {unit}, but {where}. Set {setting} <= {patches}{alone}."
+            )
+        per_unit = stage.num_tokens
+    reach = views * per_unit
+    if pruner.num_tokens <= reach:
+        return
+    source = f"kept by its vision stage {stage.name!r}" if stage is not None else "every patch"
+    count = f"{per_unit} patch tokens per image" if views == 1 else f"{views} {unit}s per image x {per_unit} patch tokens"
+    fixes = [f"Set pruner num_tokens <= {reach}"]
+    needed = -(-pruner.num_tokens // views)  # the per-unit vision budget that would let the cut act
+    if stage is not None and needed <= patches:
+        setting = "crop_tokens" if "crop_tokens" in params else "its vision_stage's num_tokens"
+        fixes.append(f"raise {setting} to >= {needed}")
+    if stage is not None and "two_stage" in params and pruner.num_tokens <= views * patches:
+        fixes.append("run the LLM stage alone (two_stage=False)")
+    fix = fixes[0] if len(fixes) == 1 else ", ".join(fixes[:-1]) + ", or " + fixes[-1]
+    raise TokenBudgetError(
+        f"Pruner {pruner.name!r} keeps num_tokens={pruner.num_tokens} visual tokens per sample after LLM layer "
+        f"{getattr(pruner, 'layer', '?')}, but at most {reach} reach it ({count}, {source}; {backbone}), "
+        f"so its cut would keep every token. {fix}."
+    )
+
+
 # --- hook compatibility ------------------------------------------------------------------------
-def num_patch_tokens(backbone: Any) -> Optional[int]:
-    """Patch tokens per image of a CLIP (open_clip) or timm ViT backbone, or None if unknown."""
-    model = getattr(backbone, "model", None)
-    visual = getattr(model, "visual", None)
-    grid = getattr(visual, "grid_size", None)
-    if grid is not None:
-        return int(grid[0]) * int(grid[1])
-    patch_embed = getattr(model, "patch_embed", None)
-    count = getattr(patch_embed, "num_patches", None)
-    return int(count) if count is not None else None
-
-
 def num_vision_blocks(backbone: Any) -> Optional[int]:
     """Blocks of the backbone's vision tower runner, or None if unknown."""
     vision = getattr(backbone, "vision", None)
@@ -98,13 +170,9 @@ def check_hooks(backbone: Any, prompt_learner: Any = None, pruner: Any = None) -
             f"a {type(backbone).__name__} classifier has none. Use it with LlavaEval on a LLaVA backbone, "
             f"or pick a vision-tower pruner ({', '.join(vision)})."
         )
-    available = num_patch_tokens(backbone)
-    if available is not None and pruner.num_tokens > available:
-        raise TokenBudgetError(
-            f"Pruner {pruner.name!r} keeps num_tokens={pruner.num_tokens} patch tokens, but the backbone "
-            f"produces only {available} per image. Set pruner num_tokens <= {available}, or drop the "
-            "pruner to keep every token."
-        )
+    check_budget = getattr(backbone, "check_budget", None)  # a Backbone; duck-typed ones are not checked
+    if check_budget is not None:
+        check_budget(pruner)
     blocks = num_vision_blocks(backbone)
     tail = prompt_learner.positional_tail() if prompt_learner is not None else None
     if tail is None or blocks is None:

@@ -1,5 +1,9 @@
 """``results.json``: what every ``vlm test`` run writes into its log directory (CONTRACTS.md).
 
+A folder that already holds one (a second ``vlm test`` with ``logger: false``, which writes into
+``default_root_dir``, or with a fixed logger ``version``) gets ``results.1.json``, ``results.2.json``,
+..., numbered as the resolved configs are (``config_test.1.yaml``): no run replaces another's results.
+
 It also records which weights were tested (``checkpoint``: the ``.ckpt`` and/or the ``vlm export``
 directory, each with its sha256), and :func:`check_tested_weights` refuses a ``vlm test`` that
 would score learned parameters nothing restored (their random initialisation) unless asked to.
@@ -121,12 +125,29 @@ def _env_seed() -> Optional[int]:
 
 
 def write_results(trainer: L.Trainer, model: L.LightningModule, config_path: Optional[str] = None, seed: Optional[int] = None) -> Path:
-    """Write ``results.json`` into ``trainer.log_dir`` (or ``default_root_dir``) on rank 0."""
+    """Write this test's results into ``trainer.log_dir`` (or ``default_root_dir``) on rank 0 and
+    return the file: ``results.json``, or the first free ``results.<n>.json`` when an earlier run's
+    results are there (``vlm.runtime.callbacks.free_name``, the configs' numbering). The file is
+    written under a temporary name and linked into place, so it never replaces an existing one, not
+    even one that a concurrent run created in between."""
+    from vlm.runtime.callbacks import free_name
+
     log_dir = Path(trainer.log_dir or trainer.default_root_dir)
-    path = log_dir / "results.json"
-    if trainer.is_global_zero:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(collect_results(trainer, model, config_path, seed), indent=1))
-        tmp.replace(path)
-    return path
+    if not trainer.is_global_zero:
+        return log_dir / "results.json"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    tmp = log_dir / f".results.{os.getpid()}.json.tmp"
+    tmp.write_text(json.dumps(collect_results(trainer, model, config_path, seed), indent=1))
+    try:
+        while True:
+            path = free_name(log_dir, "results.json")
+            try:
+                os.link(tmp, path)  # fails if the name was taken since free_name looked
+                return path
+            except FileExistsError:
+                continue
+            except OSError:  # a filesystem without hard links: the name was free a moment ago
+                os.replace(tmp, path)
+                return path
+    finally:
+        tmp.unlink(missing_ok=True)

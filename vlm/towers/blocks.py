@@ -16,7 +16,7 @@ from typing import Callable, Optional
 from torch import Tensor, nn
 
 from vlm.kernels import AttnOutput, AttnSpec, attention
-from vlm.tokens import SCRATCH_VALUES, TokenState
+from vlm.tokens import TokenState
 
 
 def split_heads(x: Tensor, heads: int) -> Tensor:
@@ -46,8 +46,13 @@ class BlockAdapter(ABC):
     def attn_out(self, o: Tensor) -> Tensor:
         """The block's output projection of the merged heads ``[B, N, H*d]``."""
 
+    def attn_input(self, x: Tensor) -> Tensor:
+        """What :meth:`qkv` reads from the residual ``x``: the pre-attention norm (identity for a
+        post-norm block). Scoring hooks use it with :meth:`qkv` to project as the block does."""
+        return x
+
     def _attend(
-        self, xn: Tensor, state: TokenState, spec: AttnSpec, queries: Tensor | None = None
+        self, xn: Tensor, spec: AttnSpec, queries: Tensor | None = None
     ) -> tuple[Tensor, AttnOutput]:
         """``queries``: ``state.query_index()`` (None: every token is a query)."""
         q, k, v = self.qkv(xn)
@@ -56,8 +61,6 @@ class BlockAdapter(ABC):
         if spec.scale is None and self.scale is not None:
             spec = spec.replace(scale=self.scale)
         out = attention(q, k, v, spec)
-        if SCRATCH_VALUES in state.scratch:  # a hook asked for the values (e.g. a pruner)
-            state.scratch[SCRATCH_VALUES] = v
         return self.attn_out(merge_heads(out.out)), out
 
 
@@ -78,10 +81,13 @@ class PreNormBlock(BlockAdapter):
         self.drop1 = drop1 if drop1 is not None else nn.Identity()
         self.drop2 = drop2 if drop2 is not None else nn.Identity()
 
+    def attn_input(self, x: Tensor) -> Tensor:
+        return self.norm1(x)
+
     def __call__(self, state: TokenState, spec: AttnSpec) -> tuple[TokenState, AttnOutput]:
         x = state.x
         queries = state.query_index()
-        a, out = self._attend(self.norm1(x), state, spec, queries)
+        a, out = self._attend(self.norm1(x), spec, queries)
         if queries is not None:
             x = x.index_select(1, queries)
         x = x + self.drop1(self.ls1(a))
@@ -155,7 +161,7 @@ class BertBlock(BlockAdapter):
     def __call__(self, state: TokenState, spec: AttnSpec) -> tuple[TokenState, AttnOutput]:
         x = state.x
         queries = state.query_index()
-        a, out = self._attend(x, state, spec, queries)
+        a, out = self._attend(x, spec, queries)
         if queries is not None:
             x = x.index_select(1, queries)
         h = self.layer.attention.output(a, x)  # dense, dropout, LayerNorm(h + x)

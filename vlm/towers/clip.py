@@ -16,10 +16,11 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor, nn
 
+from vlm.context import Tower
 from vlm.hooks import TowerHook
 from vlm.tokens import TokenState, TokenType, masked_mean
 from vlm.towers.blocks import OpenClipBlock
-from vlm.towers.runner import TowerOutput, run_blocks, start_hooks, trim_text
+from vlm.towers.runner import TowerOutput, TowerPass, trim_text
 
 
 class ClipVisionRunner:
@@ -27,7 +28,7 @@ class ClipVisionRunner:
     -> ln_post -> pool -> proj. ``on_tower_start`` hooks see the tokens before ``ln_pre`` (where
     deep vision-language prompt learners insert their first prompts)."""
 
-    name = "vision"
+    tower = Tower.VISION
 
     def __init__(self, visual: nn.Module) -> None:
         if getattr(visual, "attn_pool", None) is not None:
@@ -74,9 +75,9 @@ class ClipVisionRunner:
         return pooled @ v.proj if v.proj is not None else pooled
 
     def __call__(self, images: Tensor, hooks: Optional[Iterable[TowerHook]] = None) -> TowerOutput:
-        state = start_hooks(self.name, self.embed(images), hooks)
-        state = state.replace(x=self.visual.ln_pre(state.x))
-        state = run_blocks(self.name, self.blocks, state, hooks)
+        run = TowerPass(self.tower, self.blocks, hooks)
+        state = run.start(self.embed(images))
+        state = run.run(state.replace(x=self.visual.ln_pre(state.x)))
         return TowerOutput(self.pool(state), state)
 
 
@@ -88,7 +89,7 @@ class ClipTextRunner:
     the positions up to the batch's last EOT (exact under the causal mask; see ``prefix_length``).
     """
 
-    name = "text"
+    tower = Tower.TEXT
 
     def __init__(self, text: nn.Module, trim: bool = True) -> None:
         if getattr(text, "cls_emb", None) is not None:
@@ -167,8 +168,8 @@ class ClipTextRunner:
         project: bool = True,
     ) -> TowerOutput:
         tokens, embeds = trim_text(self, tokens, embeds, hooks)
-        state = start_hooks(self.name, self.embed(tokens, embeds), hooks)
-        state = run_blocks(self.name, self.blocks, state, hooks, causal=self.causal)
+        run = TowerPass(self.tower, self.blocks, hooks)
+        state = run.run(run.start(self.embed(tokens, embeds)), causal=self.causal)
         return TowerOutput(self.pool(state, project), state)
 
 

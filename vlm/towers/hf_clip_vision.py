@@ -18,10 +18,11 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor, nn
 
+from vlm.context import Tower, resolve_layer
 from vlm.hooks import TowerHook
 from vlm.tokens import TokenState, TokenType
 from vlm.towers.blocks import PreNormBlock, split_heads
-from vlm.towers.runner import run_blocks, start_hooks
+from vlm.towers.runner import TowerPass
 
 
 class HFClipBlock(PreNormBlock):
@@ -45,7 +46,7 @@ class HFClipBlock(PreNormBlock):
 class HFClipVisionRunner:
     """embeddings -> pre_layrnorm -> hooks start -> blocks (up to a feature layer) -> hooks end."""
 
-    name = "vision"
+    tower = Tower.VISION
 
     def __init__(self, vision_model: nn.Module) -> None:
         if hasattr(vision_model, "vision_model"):  # CLIPVisionModel wraps CLIPVisionTransformer
@@ -61,10 +62,8 @@ class HFClipVisionRunner:
 
     def blocks_for(self, feature_layer: int) -> int:
         """How many blocks produce ``hidden_states[feature_layer]`` (negative counts from the end)."""
-        idx = feature_layer if feature_layer >= 0 else self.num_layers + 1 + feature_layer
-        if not 0 <= idx <= self.num_layers:
-            raise ValueError(f"vision feature layer {feature_layer} is out of range for {self.num_layers} blocks.")
-        return idx
+        # hidden_states has num_layers + 1 entries (the embeddings first): entry i follows i blocks
+        return resolve_layer(feature_layer, self.num_layers + 1, "the vision hidden states (embeddings + blocks)")
 
     def embed(self, pixel_values: Tensor) -> TokenState:
         m = self.model
@@ -74,12 +73,16 @@ class HFClipVisionRunner:
         return TokenState.create(x, types)
 
     def hidden_state(
-        self, pixel_values: Tensor, feature_layer: int = -1, hooks: Optional[Iterable[TowerHook]] = None
+        self,
+        pixel_values: Tensor,
+        feature_layer: int = -1,
+        hooks: Optional[Iterable[TowerHook]] = None,
+        image_index: Optional[Tensor] = None,
     ) -> TokenState:
-        """The token state at ``hidden_states[feature_layer]`` (hooks may have pruned it)."""
-        hooks = list(hooks or [])
-        state = start_hooks(self.name, self.embed(pixel_values), hooks)
-        return run_blocks(self.name, self.blocks[: self.blocks_for(feature_layer)], state, hooks)
+        """The token state at ``hidden_states[feature_layer]`` (hooks may have pruned it).
+        ``image_index [B]``: the image each row belongs to, when rows are views of one image."""
+        run = TowerPass(self.tower, self.blocks[: self.blocks_for(feature_layer)], hooks, image_index)
+        return run.run(run.start(self.embed(pixel_values)))
 
     def pooled(self, pixel_values: Tensor, hooks: Optional[Iterable[TowerHook]] = None) -> Tensor:
         """``post_layernorm`` of the final CLS token (transformers' ``pooler_output``)."""

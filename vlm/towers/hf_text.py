@@ -14,18 +14,19 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor, nn
 
+from vlm.context import Tower
 from vlm.hooks import TowerHook
 from vlm.tokens import TokenState, TokenType
 from vlm.towers.blocks import BertBlock
 from vlm.tokens import masked_mean
-from vlm.towers.runner import TowerOutput, run_blocks, start_hooks, trim_text
+from vlm.towers.runner import TowerOutput, TowerPass, trim_text
 
 
 class HFTextRunner:
     """Bidirectional HF text encoder with key padding from ``pad_token_id`` (valid tokens first).
     ``trim``: run only the positions up to the batch's longest prompt (see ``prefix_length``)."""
 
-    name = "text"
+    tower = Tower.TEXT
 
     def __init__(self, encoder: nn.Module, trim: bool = True) -> None:
         hf = encoder.transformer
@@ -95,6 +96,6 @@ class HFTextRunner:
         project: bool = True,
     ) -> TowerOutput:
         tokens, embeds = trim_text(self, tokens, embeds, hooks)
-        state = start_hooks(self.name, self.embed(tokens, embeds), hooks)
-        state = run_blocks(self.name, self.blocks, state, hooks)
+        run = TowerPass(self.tower, self.blocks, hooks)
+        state = run.run(run.start(self.embed(tokens, embeds)))
         return TowerOutput(self.pool(state, project), state)

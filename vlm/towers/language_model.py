@@ -1,27 +1,39 @@
-"""The LLM side of the LLaVA runners: the assembled inputs, and a Hugging Face decoder run layer by
-layer with an LLM-stage token cut (:class:`~vlm.hooks.LlmStage`).
+"""The LLM side of the LLaVA and Qwen runners: the assembled inputs, and a Hugging Face decoder run
+layer by layer with an LLM-stage token cut (:class:`~vlm.llm_stage.LlmStage`).
 
-:class:`CutDecoder` drives a ``LlamaModel``-like decoder (``layers``, ``rotary_emb``, ``norm``) with
-the model's own modules, so its attention implementation (sdpa, eager, flash) is untouched:
+:class:`CutDecoder` drives a ``LlamaModel``-like decoder (``layers``, ``rotary_emb``, ``norm``; Llama,
+Qwen2.5-VL's and Qwen3-VL's text models) with the model's own modules, so its attention
+implementation (sdpa, eager, flash) is untouched:
 
 * layers ``0..k`` (``k = pruner.layer``) run on the assembled sequence and always fill a KV cache
   (the caller's, or a scratch one). The pruner scores with layer ``k``'s own post-RoPE keys and
   values from that cache, and the probe row's query (each sample's last prompt token) re-projected
-  from the layer's input with its ``input_layernorm``, ``q_proj`` and RoPE: one query row per
-  sample, no attention matrix and no recomputed keys; then it picks the visual tokens kept;
+  from the layer's input as the layer's attention computes it (``input_layernorm``, ``q_proj``, the
+  per-head or full-width ``q_norm`` where the attention has one, as Qwen3's does, and the RoPE
+  tables of the probe token's own position, 3-D under M-RoPE): one query row per sample, no
+  attention matrix and no recomputed keys; then it picks the visual tokens kept;
 * after layer ``k`` each sample keeps its text tokens, its layout tokens (``LlmInputs.layout_mask``,
   e.g. kept ``image_newline``: never scored, outside the budget) and the kept visual tokens, in order,
   re-padded on the input's padding side; layers ``k+1..`` run on that shorter sequence.
 
 Masks: transformers' ``create_causal_mask`` per layer group, from the group's 2-D padding mask, with
 the ``layer_idx`` of the group's first layer so that the group's KV cache sizes it.
-Positions: layers ``0..k`` use the assembled sequence's position ids. After the cut the
-``compact`` policy renumbers each sample 0..L'-1 (the released LLM-stage pruners' choice), ``original`` keeps every kept
-token's own id. RoPE tables come from ``lm.rotary_emb`` per group.
+Positions: ``[B, L]``, or ``[A, B, L]`` for multi-axis RoPE (Qwen's M-RoPE: ``A = 3`` axes, temporal,
+height, width, as transformers' ``position_ids`` with the axes first). Layers ``0..k`` use the
+assembled sequence's position ids. After the cut the ``compact`` policy renumbers each sample
+0..L'-1 (on every axis; the released LLM-stage pruners' choice), ``original`` keeps every kept
+token's own ids (all axes). RoPE tables come from ``lm.rotary_emb`` per group. The decoder layers get
+``position_ids`` only when it is ``[B, L]``: with M-RoPE transformers hands them None (the tables
+carry the positions), which keeps FlashAttention from reading 3-D ids as packing.
+Per-layer additions (``LlmInputs.deepstack``, Qwen3-VL's DeepStack): after decoder layer ``i < n`` the
+hidden states get ``deepstack[i]`` (zeros except at the visual tokens, so the add gives the values of
+transformers' masked add); layers ``<= k`` on the assembled sequence, layers ``> k`` on the cut one, where
+only the kept visual tokens carry features.
 KV cache: one ``DynamicCache``; layers ``0..k`` hold the full-length keys/values with the original
 positions, layers ``> k`` the cut ones with the group's positions, so per-layer cache lengths
 differ. Each decoding step appends one token to every group: its mask grows by one and the new
-token takes the position after the group's last one (:meth:`LayerGroup.next_token`).
+token takes the position after the group's last one (:meth:`LayerGroup.next_token`; under M-RoPE the
+largest position over the axes plus one on every axis, i.e. transformers' ``rope_deltas``).
 
 Packed (``packed=True``, ``vlm.towers.packed_prefill``): layers ``0..k`` run on the batch packed
 into one row and layers ``k+1..`` on the packed cut sequence, both with the varlen attention; the
@@ -38,14 +50,17 @@ from typing import Callable, Iterable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from vlm.hooks import LlmProbe, LlmStage, StageHooks, TowerHook, split_stages
-from vlm.towers.packed_prefill import PackedLayout, repad_cache, run_packed, scratch_cache
+from vlm.hooks import TowerHook
+from vlm.llm_stage import LlmProbe, LlmStage, StageHooks, split_stages
+from vlm.tokens import kept_first
+from vlm.towers.packed_prefill import PackedLayout, layer_position_ids, repad_cache, run_packed, scratch_cache
 
 
 @dataclass
 class LayerGroup:
     """Consecutive decoder ``layers`` that hold the same tokens: ``attention_mask [B, K]`` (1 = token)
-    over every token they hold (cached and current), ``position_ids [B, Q]`` of the current ones."""
+    over every token they hold (cached and current), ``position_ids [B, Q]`` (or ``[A, B, Q]``, M-RoPE)
+    of the current ones."""
 
     layers: range
     attention_mask: Tensor
@@ -53,19 +68,28 @@ class LayerGroup:
 
     def next_token(self) -> "LayerGroup":
         """The group for one appended token per sample: the mask grows by a valid column, and the
-        token's position follows the sample's last valid one (either padding side)."""
+        token's position follows the sample's last valid one (either padding side). M-RoPE
+        ``[A, B, Q]``: the token takes, on every axis, one more than the largest position of the
+        sample's current tokens over all axes (transformers' ``rope_deltas``: text resumes after the
+        largest vision position)."""
         mask = self.attention_mask
-        current = mask[:, -self.position_ids.shape[1] :].bool()
-        last = self.position_ids.masked_fill(~current, -1).amax(1, keepdim=True)
-        return LayerGroup(self.layers, torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1), last + 1)
+        pos = self.position_ids
+        current = mask[:, -pos.shape[-1] :].bool()
+        if pos.dim() == 2:
+            nxt = pos.masked_fill(~current, -1).amax(1, keepdim=True) + 1
+        else:
+            last = pos.masked_fill(~current[None], -1).amax(dim=(0, 2))
+            nxt = (last + 1).view(1, -1, 1).expand(pos.shape[0], -1, 1).contiguous()
+        return LayerGroup(self.layers, torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1), nxt)
 
 
 @dataclass
 class LlmCut:
     """The sequence after an LLM-stage cut after decoder layer ``layer``: ``index [B, L']`` (the row
     of the assembled sequence each row came from; -1 for padding), ``attention_mask [B, L']``,
-    ``position_ids [B, L']``, ``visual_counts [B]`` (visual tokens kept per sample), and the layer
-    groups (before, after) at the end of the prefill, from which decoding continues."""
+    ``position_ids [B, L']`` (``[A, B, L']`` under M-RoPE), ``visual_counts [B]`` (visual tokens
+    kept per sample), and the layer groups (before, after) at the end of the prefill, from which
+    decoding continues."""
 
     layer: int
     index: Tensor
@@ -77,13 +101,16 @@ class LlmCut:
 
 @dataclass
 class LlmInputs:
-    """``embeds [B, L, D]``, ``attention_mask [B, L]`` (1 = token), ``position_ids [B, L]``,
-    ``visual_counts [B]`` (visual tokens each sample carries), ``visual_mask [B, L]`` (the visual
-    tokens), ``probe_index [B]`` (each sample's last prompt token: the query an LLM-stage pruner
-    scores with), ``cut``: set when an LLM-stage pruner cut the sequence (the runner's logits
-    then follow ``cut``'s layout, not this one), and ``layout_mask [B, L]`` (or None for none): the
+    """``embeds [B, L, D]``, ``attention_mask [B, L]`` (1 = token), ``position_ids [B, L]`` (or
+    ``[A, B, L]``, multi-axis RoPE, axes first: Qwen's M-RoPE), ``visual_counts [B]`` (visual
+    tokens each sample carries), ``visual_mask [B, L]`` (the visual tokens), ``probe_index [B]``
+    (each sample's last prompt token: the query an LLM-stage pruner scores with), ``cut``: set
+    when an LLM-stage pruner cut the sequence (the runner's logits then follow ``cut``'s layout,
+    not this one), ``layout_mask [B, L]`` (or None for none): the
     visual tokens that mark layout (LLaVA-NeXT's ``image_newline``), which the cut keeps like text
-    and does not score or count against its budget."""
+    and does not score or count against its budget; ``deepstack [n, B, L, D]`` (or None): added to the
+    hidden states after decoder layer ``i < n`` (Qwen3-VL's DeepStack features, zeros except at the
+    visual tokens)."""
 
     embeds: Tensor
     attention_mask: Tensor
@@ -93,10 +120,11 @@ class LlmInputs:
     probe_index: Tensor
     cut: Optional[LlmCut] = None
     layout_mask: Optional[Tensor] = None
+    deepstack: Optional[Tensor] = None
 
 
 def llm_stage(hooks: Union[Iterable[TowerHook], StageHooks, None]) -> Optional[LlmStage]:
-    """The LLM stage among ``hooks`` (at most one), or None (vlm.hooks.split_stages)."""
+    """The LLM stage among ``hooks`` (at most one), or None (vlm.llm_stage.split_stages)."""
     return split_stages(hooks).llm
 
 
@@ -110,13 +138,20 @@ def rows(x: Tensor, index: Tensor) -> Tensor:
     return torch.gather(x, 1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:]))
 
 
+def gather_positions(positions: Tensor, index: Tensor) -> Tensor:
+    """``positions [B, L]`` or ``[A, B, L]`` (M-RoPE) gathered along the sequence at ``index [B, M]``."""
+    if positions.dim() == 2:
+        return torch.gather(positions, 1, index)
+    return torch.gather(positions, 2, index[None].expand(positions.shape[0], -1, -1))
+
+
 def repack(keep: Tensor, side: str) -> tuple[Tensor, Tensor, Tensor]:
     """The rows ``keep [B, L]`` marks, in order, padded on ``side`` to the batch maximum L'.
     Returns ``index [B, L']`` (source row), ``valid [B, L']`` (False on padding) and ``rank [B, L']``
     (0-based place of the row among its sample's kept rows); index and rank mean nothing on padding."""
     counts = keep.sum(1)
     width = int(counts.max())
-    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :width]
+    order = kept_first(keep, width)
     rank = torch.arange(width, device=keep.device)[None].expand(keep.shape[0], width)
     if side == "left":
         rank = rank - (width - counts)[:, None]
@@ -139,13 +174,28 @@ class CutDecoder:
         if any(t != "full_attention" for t in layer_types):
             raise NotImplementedError("An LLM-stage cut needs full-attention layers only (no sliding-window or linear layers).")
         attn = lm.layers[pruner.layer].self_attn
-        if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
-            raise NotImplementedError(f"{type(attn).__name__} normalises q/k; the probe query re-projection does not model that.")
+        self.q_norm_per_head = self.query_norm_layout(attn)
         self.lm = lm
         self.pruner = pruner
         self.position_policy = position_policy
         self.packed = packed
         self.apply_rope: Callable = importlib.import_module(type(attn).__module__).apply_rotary_pos_emb
+
+    @staticmethod
+    def query_norm_layout(attn: nn.Module) -> Optional[bool]:
+        """How ``attn`` normalises its queries before RoPE: None (no ``q_norm``), True (per head, on
+        ``[..., H, d]``, as Qwen3 does) or False (on the full ``H * d`` projection, as OLMo2 does)."""
+        norm = getattr(attn, "q_norm", None)
+        if norm is None:
+            return None
+        weight = getattr(norm, "weight", None)
+        width = attn.q_proj.out_features
+        if weight is None or weight.numel() not in (attn.head_dim, width):
+            raise NotImplementedError(
+                f"{type(attn).__name__}.q_norm has no weight of the head size ({attn.head_dim}) or of the query "
+                f"projection ({width}); the probe query re-projection cannot tell how it normalises."
+            )
+        return weight.numel() == attn.head_dim
 
     # --- layers -------------------------------------------------------------------------------
     def context(self, group: LayerGroup, h: Tensor, cache) -> tuple[Optional[Tensor], tuple[Tensor, Tensor]]:
@@ -154,14 +204,22 @@ class CutDecoder:
 
         mask = create_causal_mask(
             config=self.lm.config, inputs_embeds=h, attention_mask=group.attention_mask, cache=cache,
-            position_ids=group.position_ids, layer_idx=group.layers.start,
+            position_ids=layer_position_ids(group.position_ids), layer_idx=group.layers.start,
         )
         return mask, self.lm.rotary_emb(h, position_ids=group.position_ids)
 
-    def run(self, layers: range, h: Tensor, mask, rope: tuple[Tensor, Tensor], position_ids: Tensor, cache) -> Tensor:
+    def run(
+        self, layers: range, h: Tensor, mask, rope: tuple[Tensor, Tensor], position_ids: Tensor, cache,
+        adds: Optional[Tensor] = None,
+    ) -> Tensor:
+        """Decoder ``layers`` over ``h``; after layer ``i`` the hidden states get ``adds[i]`` where
+        ``i < len(adds)`` (DeepStack; module docstring)."""
+        ids = layer_position_ids(position_ids)
         for i in layers:
-            h = self.lm.layers[i](h, attention_mask=mask, position_ids=position_ids, cache=cache,
+            h = self.lm.layers[i](h, attention_mask=mask, position_ids=ids, cache=cache,
                                   use_cache=cache is not None, position_embeddings=rope)
+            if adds is not None and i < adds.shape[0]:
+                h = h + adds[i].to(h.dtype)
         return h
 
     # --- the probe ----------------------------------------------------------------------------
@@ -169,20 +227,25 @@ class CutDecoder:
         self, h: Tensor, rope: tuple[Tensor, Tensor], keys: Tensor, values: Tensor, visual: Tensor, probe_index: Tensor
     ) -> tuple[LlmProbe, Tensor]:
         """The pruner's view of layer ``k``: the probe row's query, re-projected from the layer's input
-        ``h [B, L, D]`` (its input norm, ``q_proj`` and RoPE: one row per sample), and the layer's own
-        post-RoPE ``keys`` / ``values [B, Hkv, L, d]`` (from its KV cache) at the probe row and the
-        visual tokens. Returns the probe and ``visual_index [B, N]`` (sequence row of each visual slot)."""
+        ``h [B, L, D]`` (its input norm, ``q_proj``, ``q_norm`` if any, and RoPE from ``rope``, the
+        tables of the whole sequence: one row per sample), and the layer's own post-RoPE ``keys`` /
+        ``values [B, Hkv, L, d]`` (from its KV cache) at the probe row and the visual tokens. Returns the probe and ``visual_index [B, N]`` (sequence row of each visual slot)."""
         layer = self.lm.layers[self.pruner.layer]
         attn = layer.self_attn
         b, d = h.shape[0], attn.head_dim
         heads = attn.q_proj.out_features // d
         counts = visual.sum(1)
         n = int(counts.max())
-        visual_index = torch.sort((~visual).to(torch.int8), dim=1, stable=True).indices[:, :n]
+        visual_index = kept_first(visual, n)
         x = layer.input_layernorm(rows(h, probe_index[:, None]))
         cos, sin = (rows(t, probe_index[:, None]) for t in rope)
-        q = attn.q_proj(x).view(b, 1, heads, d).transpose(1, 2)
-        q = self.apply_rope(q, q, cos, sin)[0]
+        q = attn.q_proj(x)
+        if self.q_norm_per_head is False:
+            q = attn.q_norm(q)
+        q = q.view(b, 1, heads, d)
+        if self.q_norm_per_head:
+            q = attn.q_norm(q)
+        q = self.apply_rope(q.transpose(1, 2), q.transpose(1, 2), cos, sin)[0]
 
         def at(t: Tensor, index: Tensor) -> Tensor:  # [B, Hkv, L, d] at sequence rows index [B, M]
             return torch.gather(t, 2, index[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))
@@ -207,8 +270,8 @@ class CutDecoder:
             # Layers 0..k always fill a cache: layer k's keys and values are the scores' inputs.
             early = cache if cache is not None else scratch_cache(self.lm)
             mask, rope = self.context(before, inputs.embeds, early)
-            h_in = self.run(range(0, k), inputs.embeds, mask, rope, before.position_ids, early)
-            h = self.run(range(k, k + 1), h_in, mask, rope, before.position_ids, early)
+            h_in = self.run(range(0, k), inputs.embeds, mask, rope, before.position_ids, early, inputs.deepstack)
+            h = self.run(range(k, k + 1), h_in, mask, rope, before.position_ids, early, inputs.deepstack)
             keys, values = early.layers[k].keys, early.layers[k].values
         probe, visual_index = self.probe(h_in, rope, keys, values, scored, probe_index)
 
@@ -218,17 +281,22 @@ class CutDecoder:
         keep = keep.scatter(1, slot, self.pruner.keep(probe) & probe.valid)[:, :length]
         index, kept, rank = repack(keep, padding_side)
         h = rows(h, index).masked_fill(~kept[..., None], 0.0)
+        multi = inputs.position_ids.dim() == 3
         if self.position_policy == "original":
-            positions = torch.gather(inputs.position_ids, 1, index)
+            positions = gather_positions(inputs.position_ids, index)
         else:
-            positions = rank
-        positions = positions.masked_fill(~kept, 1)  # pads at 1, as transformers does
+            positions = rank.expand(inputs.position_ids.shape[0], -1, -1) if multi else rank
+        # pads at 1, as transformers does for 1-D ids; at 0 under M-RoPE, as get_rope_index leaves them
+        positions = positions.masked_fill(~kept, 0 if multi else 1)
+        adds = None
+        if inputs.deepstack is not None and inputs.deepstack.shape[0] > k + 1:  # DeepStack after the cut
+            adds = torch.stack([rows(a, index) for a in inputs.deepstack]).masked_fill(~kept[None, ..., None], 0.0)
         after = LayerGroup(range(k + 1, n_layers), kept.to(inputs.attention_mask.dtype), positions)
         if self.packed:
-            h = self.late_packed(after, h, cache)
+            h = self.late_packed(after, h, cache, adds)
         else:
             mask, rope = self.context(after, h, cache)
-            h = self.run(after.layers, h, mask, rope, positions, cache)
+            h = self.run(after.layers, h, mask, rope, positions, cache, adds)
         cut = LlmCut(
             layer=k, index=index.masked_fill(~kept, -1), attention_mask=after.attention_mask, position_ids=positions,
             visual_counts=(torch.gather(visual, 1, index) & kept).sum(1), groups=[before, after],
@@ -242,22 +310,26 @@ class CutDecoder:
         (if given) gets layers ``0..k`` re-padded."""
         k = self.pruner.layer
         layout = PackedLayout.from_mask(inputs.attention_mask)
-        x, positions = layout.pack(inputs.embeds), layout.pack(inputs.position_ids)
+        x, positions = layout.pack(inputs.embeds), layout.pack_positions(inputs.position_ids)
+        adds = None if inputs.deepstack is None else layout.pack_stack(inputs.deepstack[: k + 1])
         scratch = scratch_cache(self.lm)  # layer k's keys and values are the scores' inputs
-        h_in = run_packed(self.lm, range(0, k), x, layout, positions, scratch)
-        h = run_packed(self.lm, range(k, k + 1), h_in, layout, positions, scratch)
+        h_in = run_packed(self.lm, range(0, k), x, layout, positions, scratch, adds)
+        h = run_packed(self.lm, range(k, k + 1), h_in, layout, positions, scratch, adds)
         if cache is not None:
             repad_cache(scratch, cache, layout, range(0, k + 1))
         rope = tuple(layout.unpack(t) for t in self.lm.rotary_emb(x, position_ids=positions))
         kv = scratch.layers[k]
         return layout.unpack(h_in), layout.unpack(h), rope, layout.unpack_heads(kv.keys), layout.unpack_heads(kv.values)
 
-    def late_packed(self, after: LayerGroup, h: Tensor, cache) -> Tensor:
+    def late_packed(self, after: LayerGroup, h: Tensor, cache, adds: Optional[Tensor] = None) -> Tensor:
         """The layers after the cut over the packed cut sequence ``h [B, L', D]`` (padded on input
-        and output); ``cache`` (if given) gets them re-padded."""
+        and output; ``adds [n, B, L', D]`` the per-layer additions of the cut sequence, or None);
+        ``cache`` (if given) gets them re-padded."""
         layout = PackedLayout.from_mask(after.attention_mask)
         scratch = None if cache is None else scratch_cache(self.lm)
-        out = run_packed(self.lm, after.layers, layout.pack(h), layout, layout.pack(after.position_ids), scratch)
+        packed_adds = None if adds is None else layout.pack_stack(adds)
+        out = run_packed(self.lm, after.layers, layout.pack(h), layout, layout.pack_positions(after.position_ids),
+                         scratch, packed_adds)
         if cache is not None:
             repad_cache(scratch, cache, layout, after.layers)
         return layout.unpack(out)

@@ -5,7 +5,7 @@ projector on the kept tokens only -> LLM inputs built here (text embeddings with
 placeholder run replaced by that image's kept tokens, attention mask, position ids) -> the HF
 language model's own forward (its attention implementation, SDPA or flash, is untouched) -> lm_head.
 
-With an LLM-stage pruner among the hooks (:class:`~vlm.hooks.LlmStage`) its
+With an LLM-stage pruner among the hooks (:class:`~vlm.llm_stage.LlmStage`) its
 vision stage joins the vision hooks, and the language model runs layer by layer
 through :class:`~vlm.towers.language_model.CutDecoder`, which cuts the visual tokens after the
 pruner's layer (masks, positions and the per-layer KV cache are described there); the logits then
@@ -36,8 +36,9 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from vlm.hooks import TowerHook, split_stages
-from vlm.tokens import TokenType
+from vlm.hooks import TowerHook
+from vlm.llm_stage import split_stages
+from vlm.tokens import TokenType, kept_first
 from vlm.towers.hf_clip_vision import HFClipVisionRunner
 from vlm.towers.language_model import CutDecoder, LayerGroup, LlmInputs, llm_stage, vision_hooks
 from vlm.towers.packed_prefill import packed_prefill
@@ -114,16 +115,19 @@ class LlavaRunner:
         self.packed_prefill = packed_prefill
 
     # --- vision -------------------------------------------------------------------------------
-    def project_kept(self, pixel_values: Tensor, hooks: Optional[Iterable[TowerHook]] = None) -> VisualTokens:
+    def project_kept(
+        self, pixel_values: Tensor, hooks: Optional[Iterable[TowerHook]] = None, image_index: Optional[Tensor] = None
+    ) -> VisualTokens:
         """Vision tower to the feature layer (hooks may prune), select, project the kept tokens:
-        one row per ``pixel_values`` entry (an image for LLaVA-1.5, a crop for LLaVA-NeXT). An LLM-stage
-        pruner among ``hooks`` contributes its vision stage here."""
-        state = self.vision.hidden_state(pixel_values, self.feature_layer, vision_hooks(hooks))
+        one row per ``pixel_values`` entry (an image for LLaVA-1.5, a crop for LLaVA-NeXT, whose
+        ``image_index [rows]`` names the image of each crop). An LLM-stage pruner among ``hooks``
+        contributes its vision stage here."""
+        state = self.vision.hidden_state(pixel_values, self.feature_layer, vision_hooks(hooks), image_index)
         keep = state.valid_mask()
         if self.drop_cls:
             keep = keep & (state.batch_types != int(TokenType.CLS))
         counts = keep.sum(1)
-        index = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, : int(counts.max())]
+        index = kept_first(keep, int(counts.max()))
         x = torch.gather(state.x, 1, index[..., None].expand(-1, -1, state.x.shape[-1]))
         positions = torch.gather(state.positions, 1, index) - 1  # sequence index -> patch index (CLS: -1)
         full = self.vision.model.embeddings.num_patches + (0 if self.drop_cls else 1)

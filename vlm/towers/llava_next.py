@@ -17,7 +17,7 @@ crop). The kept tokens are projected, then packed as ``pack_image_features`` doe
 * an LLM-stage pruner that declares ``anyres_newlines = False`` (a released recipe does) gets the
   images packed without any newline: base view, then the unpadded grid's kept patches.
 
-The vision hooks see every crop as one batch row, and ``state.scratch[SCRATCH_IMAGE_INDEX]`` says
+The vision hooks see every crop as one batch row, and ``ctx.image_index`` (``vlm.context``) says
 which image each row belongs to (so a pruner can treat an image's views together, e.g. with one
 prune count per image).
 
@@ -36,23 +36,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 
-from vlm.hooks import TowerHook, split_stages
-from vlm.tokens import SCRATCH_IMAGE_INDEX, TokenState
+from vlm.hooks import TowerHook
+from vlm.llm_stage import split_stages
 from vlm.towers.llava import LlavaRunner, VisualTokens
-
-
-class ImageIndex(TowerHook):
-    """Puts the image index of every crop row (long ``[C]``) into the vision state's scratch."""
-
-    towers = ("vision",)
-
-    def __init__(self, index: Tensor) -> None:
-        super().__init__()
-        self.index = index
-
-    def on_tower_start(self, tower: str, state: TokenState) -> TokenState:
-        state.scratch[SCRATCH_IMAGE_INDEX] = self.index
-        return state
 
 
 @dataclass(kw_only=True)
@@ -121,7 +107,7 @@ class LlavaNextRunner(LlavaRunner):
         split = split_stages(hooks)
         newlines = split.llm is None or split.llm.anyres_newlines
         image_index = torch.repeat_interleave(torch.arange(len(n_crops)), torch.tensor(n_crops)).to(pixel_values.device)
-        crops = self.project_kept(pixel_values, [ImageIndex(image_index), *split.hooks])
+        crops = self.project_kept(pixel_values, split.hooks, image_index)
         dense, kept = self._dense(crops)
         feats, poss, lays, full = [], [], [], []
         for i, start in enumerate(torch.tensor([0] + n_crops).cumsum(0)[:-1].tolist()):

@@ -77,6 +77,18 @@ class PackedLayout:
         out[self.index] = x[0]
         return out.view(self.batch, self.length, *x.shape[2:])
 
+    def pack_positions(self, positions: Tensor) -> Tensor:
+        """Position ids ``[B, L]`` -> ``[1, T]``, or M-RoPE ids ``[A, B, L]`` -> ``[A, 1, T]``."""
+        if positions.dim() == 2:
+            return self.pack(positions)
+        return self.pack(positions.permute(1, 2, 0)).permute(2, 0, 1)
+
+    def pack_stack(self, x: Tensor) -> Tensor:
+        """A stack ``x [n, B, L, ...]`` -> ``[n, 1, T, ...]`` (e.g. per-layer DeepStack additions)."""
+        if x.shape[0] == 0:
+            return x.new_zeros(0, 1, len(self.index), *x.shape[3:])
+        return torch.stack([self.pack(t) for t in x])
+
     def unpack_heads(self, x: Tensor) -> Tensor:
         """A cache tensor ``[1, H, T, d]`` -> ``[B, H, L, d]``, zeros on padding."""
         return self.unpack(x.transpose(1, 2)).transpose(1, 2)
@@ -140,20 +152,33 @@ def attention_implementation(lm: nn.Module, name: str) -> Iterator[None]:
         config._attn_implementation = previous
 
 
+def layer_position_ids(positions: Tensor) -> Optional[Tensor]:
+    """What a decoder layer gets as ``position_ids``: 1-D ids ``[B, L]`` as they are; None for
+    M-RoPE ids ``[A, B, L]``, as transformers' Qwen text models pass (their RoPE tables carry the
+    positions, and FlashAttention must not read 3-D ids as packing)."""
+    return positions if positions.dim() == 2 else None
+
+
 def run_packed(
-    lm: nn.Module, layers: range, h: Tensor, layout: PackedLayout, position_ids: Tensor, cache=None
+    lm: nn.Module, layers: range, h: Tensor, layout: PackedLayout, position_ids: Tensor, cache=None,
+    adds: Optional[Tensor] = None,
 ) -> Tensor:
     """Decoder ``layers`` of ``lm`` (a ``LlamaModel``-like decoder: ``layers``, ``rotary_emb``) over
-    the packed row ``h [1, T, D]`` with packed ``position_ids [1, T]``, filling ``cache`` (packed
-    ``[1, Hkv, T, d]`` per layer) if given; for callers that drive the layers themselves."""
+    the packed row ``h [1, T, D]`` with packed ``position_ids [1, T]`` (M-RoPE: ``[A, 1, T]``),
+    filling ``cache`` (packed ``[1, Hkv, T, d]`` per layer) if given; after layer ``i`` the row gets
+    ``adds[i]`` (packed ``[n, 1, T, D]``, for ``i < n``: Qwen3-VL's DeepStack, zeros off the visual
+    tokens), if given. For callers that drive the layers themselves."""
     register()
     rope = lm.rotary_emb(h, position_ids=position_ids)
+    ids = layer_position_ids(position_ids)
     cu = layout.cu_seqlens
     packing = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=layout.max_len, max_length_k=layout.max_len)
     with attention_implementation(lm, ATTN_IMPLEMENTATION):
         for i in layers:
-            h = lm.layers[i](h, attention_mask=None, position_ids=position_ids, cache=cache, use_cache=cache is not None,
+            h = lm.layers[i](h, attention_mask=None, position_ids=ids, cache=cache, use_cache=cache is not None,
                              position_embeddings=rope, **packing)
+            if adds is not None and i < adds.shape[0]:
+                h = h + adds[i].to(h.dtype)
     return h
 
 

@@ -1,7 +1,7 @@
 """The block loop every tower shares: hooks before, attention spec, block, hooks after.
 
 A tower runner (``clip.py``, ``vit.py``, ``hf_text.py``) embeds its input into a
-:class:`~vlm.tokens.TokenState`, hands it to :func:`run_blocks`, then applies the library's final
+:class:`~vlm.tokens.TokenState`, hands it to a :class:`TowerPass`, then applies the library's final
 norm, pooling and projection. Hooks see every block of every tower in the same way.
 """
 
@@ -12,9 +12,10 @@ from typing import Iterable, Optional, Protocol, Sequence
 
 from torch import Tensor
 
-from vlm.hooks import HookList, TowerHook, active_hooks
+from vlm.context import Tower, TowerContext
+from vlm.hooks import TowerHook, active_hooks
 from vlm.kernels import AttnSpec
-from vlm.tokens import SCRATCH_NUM_BLOCKS, TokenState
+from vlm.tokens import TokenState
 from vlm.towers.blocks import BlockAdapter
 
 
@@ -27,23 +28,47 @@ class TowerOutput:
     state: TokenState
 
 
-def run_blocks(
-    tower: str,
-    blocks: Sequence[BlockAdapter],
-    state: TokenState,
-    hooks: Optional[Iterable[TowerHook]],
-    causal: bool = False,
-) -> TokenState:
-    """Run ``blocks`` over ``state`` with ``hooks`` (already past ``on_tower_start``)."""
-    hl = HookList(hooks, tower)
-    state.scratch[SCRATCH_NUM_BLOCKS] = len(blocks)
-    for i, block in enumerate(blocks):
-        state = hl.before(i, state)
-        spec = AttnSpec(causal=causal, k_lengths=state.lengths)
-        spec = hl.spec(i, state, spec)
-        state, out = block(state, spec)
-        state = hl.after(i, state, out)
-    return hl.end(state)
+class TowerPass:
+    """One pass of one tower with its hooks: ``start`` after embedding, then ``run`` the blocks.
+
+    It opens the pass's :class:`~vlm.context.TowerContext` (fresh per-hook state), and hands each
+    hook, for every block, the block's :class:`~vlm.context.BlockContext`.
+    """
+
+    def __init__(
+        self,
+        tower: Tower,
+        blocks: Sequence[BlockAdapter],
+        hooks: Optional[Iterable[TowerHook]],
+        image_index: Optional[Tensor] = None,
+        token_group: int = 1,
+    ) -> None:
+        self.blocks = blocks
+        self.hooks = active_hooks(hooks, tower)
+        self.ctx = TowerContext(tower, len(blocks), image_index, token_group=token_group)
+
+    def start(self, state: TokenState) -> TokenState:
+        """``on_tower_start`` of every hook, in order (after embedding, before block 0)."""
+        for h in self.hooks:
+            state = h.on_tower_start(self.ctx, state)
+        return state
+
+    def run(self, state: TokenState, causal: bool = False) -> TokenState:
+        """Every block with the hooks around it, then ``on_tower_end``."""
+        hooks = self.hooks
+        for i, block in enumerate(self.blocks):
+            ctx = self.ctx.at(i, block)
+            for h in hooks:
+                state = h.before_block(ctx, state)
+            spec = AttnSpec(causal=causal, k_lengths=state.lengths)
+            for h in hooks:
+                spec = h.attention_spec(ctx, state, spec)
+            state, out = block(state, spec)
+            for h in hooks:
+                state = h.after_block(ctx, state, out)
+        for h in hooks:
+            state = h.on_tower_end(self.ctx, state)
+        return state
 
 
 class TextPrefix(Protocol):
@@ -66,15 +91,9 @@ def trim_text(
     when ``runner.trim`` is off, when the runner returns ``None`` (the pooled feature may read every
     position), or when a text hook sets ``needs_full_text`` (it reads positions past the cut).
     """
-    if not runner.trim or any(getattr(h, "needs_full_text", False) for h in active_hooks(hooks, "text")):
+    if not runner.trim or any(getattr(h, "needs_full_text", False) for h in active_hooks(hooks, Tower.TEXT)):
         return tokens, embeds
     n = runner.prefix_length(tokens)
     if n is None or n >= tokens.shape[1]:
         return tokens, embeds
     return tokens[:, :n], None if embeds is None else embeds[:, :n]
-
-
-def start_hooks(tower: str, state: TokenState, hooks: Optional[Iterable[TowerHook]]) -> TokenState:
-    return HookList(hooks, tower).start(state)
-
-

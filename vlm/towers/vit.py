@@ -13,17 +13,18 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor, nn
 
+from vlm.context import Tower
 from vlm.hooks import TowerHook
 from vlm.tokens import TokenState, TokenType
 from vlm.towers.blocks import TimmBlock
 from vlm.tokens import masked_max, masked_mean
-from vlm.towers.runner import TowerOutput, run_blocks, start_hooks
+from vlm.towers.runner import TowerOutput, TowerPass
 
 
 class TimmViTRunner:
     """patch_embed -> _pos_embed -> hooks start -> patch_drop -> norm_pre -> blocks -> norm -> pool."""
 
-    name = "vision"
+    tower = Tower.VISION
 
     def __init__(self, model: nn.Module) -> None:
         if getattr(model, "attn_pool", None) is not None:
@@ -46,11 +47,12 @@ class TimmViTRunner:
 
     def forward_features(self, images: Tensor, hooks: Optional[Iterable[TowerHook]] = None) -> TokenState:
         m = self.model
-        state = start_hooks(self.name, self.embed(images), hooks)
+        run = TowerPass(self.tower, self.blocks, hooks)
+        state = run.start(self.embed(images))
         if not isinstance(m.patch_drop, nn.Identity) and m.training:
             raise TypeError("timm patch_drop_rate > 0 is not supported by the runner; set patch_drop_rate=0.")
         state = state.replace(x=m.norm_pre(state.x))
-        state = run_blocks(self.name, self.blocks, state, hooks)
+        state = run.run(state)
         return state.replace(x=m.norm(state.x))
 
     def pool(self, state: TokenState) -> Tensor:

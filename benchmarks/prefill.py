@@ -382,18 +382,22 @@ def qwen(args, device: str, dtype: torch.dtype) -> list[dict[str, Any]]:
     def vision(hooks):
         return lambda: runner.encode_images(pix, grid, hooks)
 
-    def lm(inputs, cache=None):
-        return lambda: runner.lm(inputs_embeds=inputs.embeds, attention_mask=inputs.attention_mask,
-                                 position_ids=inputs.position_ids, cache=cache() if cache else None,
-                                 use_cache=cache is not None, **runner.deepstack_kwargs(inputs))
+    def prefill(inputs, cache):
+        """The language model's own forward over the assembled inputs, filling ``cache`` (as
+        generation does; vision pruners leave the LLM untouched)."""
+        return runner.lm(inputs_embeds=inputs.embeds, attention_mask=inputs.attention_mask,
+                         position_ids=inputs.position_ids, cache=cache, use_cache=True,
+                         **runner.deepstack_kwargs(inputs))
+
+    def lm(inputs):
+        return lambda: prefill(inputs, DynamicCache(config=runner.lm.config))
 
     def e2e(hooks):
-        return lambda: lm(runner.prepare(ids, pix, grid, hooks=hooks), DynamicCache)()
+        return lambda: lm(runner.prepare(ids, pix, grid, hooks=hooks))()
 
     def kv_bytes(inputs) -> int:
         cache = DynamicCache(config=runner.lm.config)
-        runner.lm(inputs_embeds=inputs.embeds, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids,
-                  cache=cache, use_cache=True, **runner.deepstack_kwargs(inputs))
+        prefill(inputs, cache)
         return cache_bytes(cache)
 
     with attention_calls() as calls:
@@ -413,7 +417,7 @@ def qwen(args, device: str, dtype: torch.dtype) -> list[dict[str, Any]]:
     print("| budget (merged/img) | kept % | LLM seq | vision ms | vision speed-up | LLM prefill ms | LLM speed-up | "
           "FLOP ideal | ratio | e2e ms | e2e speed-up | KV MiB | KV / unpruned | tokens / unpruned |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    t_llm_full = timed(lm(full, DynamicCache), args.repeats, device)
+    t_llm_full = timed(lm(full), args.repeats, device)
     rows = [dict(budget=n_units, length=len_full, kv=kv_full, speedup=1.0, ideal=1.0, calls=len(calls),
                  overhead=overhead)]
     print(f"| {n_units} (none) | 100.0 | {len_full} | {1e3 * statistics.median(plain):.1f} | 1.00 | {1e3 * t_llm_full:.1f} | "
@@ -425,7 +429,7 @@ def qwen(args, device: str, dtype: torch.dtype) -> list[dict[str, Any]]:
             inputs = runner.prepare(ids, pix, grid, hooks=hooks)
         length = inputs.embeds.shape[1]
         vis_base, vis_pruned = timed_pairs(vision([]), vision(hooks), args.repeats, device)
-        llm_base, llm_pruned = timed_pairs(lm(full, DynamicCache), lm(inputs, DynamicCache), args.repeats, device)
+        llm_base, llm_pruned = timed_pairs(lm(full), lm(inputs), args.repeats, device)
         e2e_base, e2e_pruned = timed_pairs(e2e([]), e2e(hooks), args.repeats, device)
         speed = median_ratio(llm_base, llm_pruned)
         ideal = qwen_llm_flops(cfg, len_full) / qwen_llm_flops(cfg, length)

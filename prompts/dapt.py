@@ -31,7 +31,7 @@ Documented choices (``prompt-learners.md`` §3.7):
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -60,8 +60,9 @@ class DAPT(MaPLe):
     """MaPLe prompts trained with DAPT's decoupled views.
 
     Args:
-        n_ctx, depth, ctx_init, init_std, coupling_init, ctx_init_rule: MaPLe's (official DAPT config: 2, 9,
-            "a photo of a"; couplings cloned from one Linear as in its MaPLe base).
+        prompts: MaPLe's arguments (``n_ctx``, ``depth``, ``ctx_init``, ``init_std``,
+            ``coupling_init``, ``ctx_init_rule``); the official DAPT config is MaPLe's defaults (2, 9,
+            "a photo of a", couplings cloned from one Linear).
         mask_source: ``"dataset"`` (DAPT-S: ``batch["mask"]``, an error if absent) or
             ``"cls_attention"`` (variant: masks from the frozen CLIP's last-block CLS attention).
         mask_threshold: CLS-attention threshold after dividing by the maximum (DAPT-G's 0.5).
@@ -77,10 +78,6 @@ class DAPT(MaPLe):
 
     def __init__(
         self,
-        n_ctx: int = 2,
-        depth: int = 9,
-        ctx_init: Optional[str] = "a photo of a",
-        init_std: float = 0.02,
         mask_source: str = "dataset",
         mask_threshold: float = 0.5,
         mask_normalize: str = "image",
@@ -93,12 +90,9 @@ class DAPT(MaPLe):
         background_template: str = BACKGROUND_TEMPLATE,
         bg_slicing: str = "correct",
         eval_extra_bg_columns: int = 0,
-        coupling_init: str = "cloned",
-        ctx_init_rule: str = "words",
+        **prompts: Any,
     ) -> None:
-        super().__init__(
-            n_ctx=n_ctx, depth=depth, ctx_init=ctx_init, init_std=init_std, coupling_init=coupling_init, ctx_init_rule=ctx_init_rule
-        )
+        super().__init__(**prompts)
         if mask_source not in MASK_SOURCES:
             raise ValueError(f"mask_source must be one of {MASK_SOURCES}; got {mask_source!r}.")
         if mask_normalize not in NORMALIZE_MODES:

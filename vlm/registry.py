@@ -1,7 +1,7 @@
 """Name -> class registries for prompt learners and pruners, and short ``class_path`` names.
 
 ``register("name")`` records a class under a short, lowercase name. Configs may then write
-``class_path: coop`` instead of ``class_path: vlm.prompts.coop.CoOp``: the ``vlm`` CLI expands a
+``class_path: myprompt`` instead of ``class_path: vlm.prompts.myprompt.MyPrompt``: the ``vlm`` CLI expands a
 short name to the class's full import path in every mapping it reads, before jsonargparse checks the
 config (:func:`expand_short_names`), so the class that is built is the registered class itself and
 the resolved config (``config_fit.yaml``) records its full path. Nothing is added to ``sys.modules``.

@@ -65,9 +65,13 @@ def test_unknown_name_lists_available():
 
 
 @pytest.mark.parametrize("class_path", ["coop", "vlm.prompts.coop.CoOp"])
-def test_jsonargparse_resolves_short_name(class_path):
+def test_short_and_full_class_paths_build_the_same_class(class_path):
+    """A config's short name is expanded to the registered class's import path before jsonargparse
+    reads it (``vlm.registry.expand_short_names``, what the CLI does), so both build ``CoOp`` itself."""
+    from vlm.registry import expand_short_names
+
     parser = ArgumentParser()
     parser.add_argument("--prompt", type=PromptLearner)
-    cfg = parser.parse_object({"prompt": {"class_path": class_path, "init_args": {"n_ctx": 4}}})
+    cfg = parser.parse_object(expand_short_names({"prompt": {"class_path": class_path, "init_args": {"n_ctx": 4}}}))
     learner = parser.instantiate_classes(cfg).prompt
-    assert isinstance(learner, CoOp) and learner.n_ctx == 4 and learner.name == "coop"
+    assert type(learner) is CoOp and learner.n_ctx == 4 and learner.name == "coop"

@@ -82,7 +82,7 @@ def test_random_fragment_composes_and_its_model_runs(kind):
 
     cfg = parse_configs([ROOT / f"{RANDOM[kind]}.yaml", ROOT / "random" / f"{kind}.yaml", DATA[0]])
     init = cfg.model.init_args.backbone.init_args
-    cls, hub, unit = MODELS[RANDOM[kind]]
+    _, hub, unit = MODELS[RANDOM[kind]]
     assert init.model is None and init.processor == hub and init.dtype == "float32"
     assert init.max_pixels == 1280 * unit and cfg.trainer.accelerator == "cpu"
     backbone = {"qwen2_5_vl": Qwen2_5VLBackbone, "qwen3_vl": Qwen3VLBackbone}[kind](config=init.config, max_pixels=init.max_pixels)

@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 
 from vlm.backbones.base import Backbone
-from vlm.towers.llava import Generation, LlavaRunner
+from vlm.towers.greedy import Generation
+from vlm.towers.llava import LlavaRunner
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -30,7 +30,7 @@ from typing import Any, Optional
 from torch import Tensor
 
 from vlm.backbones.llava import LlavaBackbone
-from vlm.towers.llava import Generation
+from vlm.towers.greedy import Generation
 from vlm.towers.qwen import QwenRunner
 
 

@@ -18,6 +18,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from vlm.backbones import ClipBackbone
 from vlm.datamodules.templates import DEFAULT_TEMPLATE
+from vlm.datamodules.protocols import ClassificationData, data_of
 from vlm.modules.fit_data import serve_fit_requests
 from vlm.runtime.links import check_image_size
 from vlm.metrics import harmonic_mean
@@ -83,16 +84,15 @@ class CLIPClassifier(HookedClassifier):
                 self.test_acc[subset] = MulticlassAccuracy(num_classes=max(2, len(names)), average="micro")
 
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        check_image_size(self.backbone, dm)
-        if not self._template_given and getattr(dm, "template", None):
-            self.template = dm.template
-            self._text_cache.clear()
-            self._frozen_text_cache.clear()
-        if not self.classnames and dm is not None:
-            self.classnames = list(getattr(dm, "classnames", []) or [])
-        if not self.test_classnames and dm is not None:
-            self.test_classnames = dict(getattr(dm, "test_classnames", {}) or {})
+        data = data_of(self.trainer, ClassificationData)
+        check_image_size(self.backbone, self.trainer.datamodule)
+        if data is not None:
+            if not self._template_given and data.template:
+                self.template = data.template
+                self._text_cache.clear()
+                self._frozen_text_cache.clear()
+            self.classnames = self.classnames or list(data.classnames)
+            self.test_classnames = self.test_classnames or dict(data.test_classnames)
         self._sync_test_metrics()
         self.test_acc.to(self.device)
         if stage == "test" and self.prompt_learner is not None:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlm.backbones import ClipBackbone, ViTBackbone
+from vlm.datamodules.protocols import EpisodicData, data_of
 from vlm.datamodules.templates import DEFAULT_TEMPLATE
 from vlm.metrics import mean_ci95
 from vlm.modules.hooked import HookedClassifier
@@ -93,10 +94,11 @@ class EpisodicClassifier(HookedClassifier):
         return self.backbone if isinstance(self.backbone, ClipBackbone) else None
 
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        self.classnames = list(getattr(dm, "classnames", None) or self.classnames)
+        data = data_of(self.trainer, EpisodicData)
+        if data is not None and data.classnames:
+            self.classnames = list(data.classnames)
         if self.template is None:
-            self.template = getattr(dm, "template", None) or DEFAULT_TEMPLATE
+            self.template = (data.template if data is not None else None) or DEFAULT_TEMPLATE
 
     @torch.no_grad()
     def class_text(self) -> Tensor:

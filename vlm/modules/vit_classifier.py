@@ -15,6 +15,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torchmetrics.classification import MulticlassAccuracy
 
 from vlm.backbones import ClipBackbone, ViTBackbone
+from vlm.datamodules.protocols import ClassificationData, data_of
 from vlm.runtime.links import check_image_size
 from vlm.runtime.paths import ExportDir
 from vlm.modules.hooked import HookedClassifier
@@ -59,9 +60,9 @@ class ViTClassifier(HookedClassifier):
         self.restore()
 
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        check_image_size(self.backbone, dm)
-        n = getattr(dm, "num_classes", None)
+        data = data_of(self.trainer, ClassificationData)
+        check_image_size(self.backbone, self.trainer.datamodule)
+        n = data.num_classes if data is not None else None
         if n is not None and int(n) != self.num_classes:
             raise ValueError(
                 f"The data has {n} classes but the head has {self.num_classes}: "
@@ -89,19 +90,22 @@ class ViTClassifier(HookedClassifier):
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._step(batch, "val")
 
+    def _test_subsets(self) -> list[str]:
+        """The datamodule's test subsets in loader order (``["all"]`` for other data)."""
+        data = data_of(self.trainer, ClassificationData)
+        return list(data.test_subsets) if data is not None and data.test_subsets else ["all"]
+
     def _subset_name(self, dataloader_idx: int) -> str:
-        dm = getattr(self.trainer, "datamodule", None)
-        names = list(getattr(dm, "test_subsets", None) or ["all"])
+        names = self._test_subsets()
         if dataloader_idx >= len(names):
             raise ValueError(f"Test dataloader {dataloader_idx} has no name: the datamodule's test_subsets are {names}.")
         return names[dataloader_idx]
 
     def on_test_epoch_start(self) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        self.skipped_subsets = unscorable_subsets(dm)
+        self.skipped_subsets = unscorable_subsets(data_of(self.trainer, ClassificationData))
         for name, why in self.skipped_subsets.items():
             rank_zero_warn(f"ViTClassifier: test subset {name!r} is skipped, not scored: {why}")
-        for name in list(getattr(dm, "test_subsets", None) or ["all"]):
+        for name in self._test_subsets():
             if name not in self.test_acc and name not in self.skipped_subsets:
                 self.test_acc[name] = MulticlassAccuracy(num_classes=self.num_classes, average="micro").to(self.device)
 
@@ -129,11 +133,12 @@ class ViTClassifier(HookedClassifier):
         return {"index": batch.get("index"), "pred": pred, "confidence": conf}
 
 
-def unscorable_subsets(datamodule: Any) -> dict[str, str]:
-    """``{subset: reason}`` for the datamodule's test subsets whose label ``i`` is not training class
-    ``i`` (their class list is not a prefix of the training classes), which a linear head cannot score."""
-    train = list(getattr(datamodule, "classnames", None) or [])
-    tests = dict(getattr(datamodule, "test_classnames", None) or {})
+def unscorable_subsets(data: Optional[ClassificationData]) -> dict[str, str]:
+    """``{subset: reason}`` for the data's test subsets whose label ``i`` is not training class ``i``
+    (their class list is not a prefix of the training classes), which a linear head cannot score."""
+    if data is None:
+        return {}
+    train, tests = list(data.classnames), dict(data.test_classnames)
     out = {}
     for name, names in tests.items():
         if train and list(names) != train[: len(names)]:

@@ -3,7 +3,7 @@
 Configs compose left to right (``--config backbone.yaml --config prompt.yaml --config data.yaml``)
 and any field can be overridden (``--model.init_args.prompt_learner.init_args.n_ctx 8``). Model
 and data are chosen by ``class_path`` (subclass mode); prompt learners and pruners accept a short
-registry name (``class_path: coop``, vlm.registry). Every ``test`` run writes ``results.json`` into
+registry name (``class_path: <name>``, vlm.registry). Every ``test`` run writes ``results.json`` into
 its log directory.
 
 Everything here goes through LightningCLI's public seams: ``setup_parser``,

@@ -6,7 +6,7 @@ alternative it tried. :func:`explain_parse_error` keeps the ``error:`` part and,
 knows, replaces it with one sentence that names the key and the nearest valid one (difflib):
 
 * ``Subcommand 'fit' does not accept option 'trainer.max_epoch'`` (a key the parser does not have);
-* ``Option 'n_ctxx' is not accepted`` inside ``class_path 'vlm.prompts.coop.CoOp'`` (an argument the
+* ``Option 'n_ctxx' is not accepted`` inside ``class_path 'vlm.prompts.<module>.<Class>'`` (an argument the
   configured class does not take; the valid ones are its constructor's);
 * ``Expected a dot import path string: coopp`` (a ``class_path`` that is neither an import path nor
   a registered short name: the registered names are listed, since they are what it could have been).

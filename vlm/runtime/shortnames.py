@@ -1,15 +1,15 @@
-"""Short ``class_path`` names (``class_path: coop``) in everything the ``vlm`` CLI reads.
+"""Short ``class_path`` names (``class_path: <name>``) in everything the ``vlm`` CLI reads.
 
 jsonargparse resolves a ``class_path`` without a dot only to an imported subclass of that very
-``__name__`` (``CoOp``), so a registry name (``coop``, vlm.registry) is expanded to the class's full
+``__name__`` (the class name), so a registry name (vlm.registry) is expanded to the class's full
 import path before jsonargparse checks anything:
 
 * in config files and inline YAML/JSON values, by jsonargparse's public loader hook
   (``jsonargparse.set_loader``): the ``yaml`` loader is wrapped so that every mapping it returns goes
   through :func:`vlm.registry.expand_short_names` (only a ``class_path`` that is a registered name
   changes; the file is still read by jsonargparse, from its own folder);
-* in command-line values given as a bare name (``--model.init_args.prompt_learner coop``,
-  ``--model.init_args.pruner.class_path flowcut``), by :func:`expand_args`;
+* in command-line values given as a bare name (``--model.init_args.prompt_learner <name>``,
+  ``--model.init_args.pruner.class_path <name>``), by :func:`expand_args`;
 * in a dict or Namespace config passed to the CLI from Python, by :func:`expand_args`.
 """
 

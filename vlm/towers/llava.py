@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from vlm.hooks import TowerHook
 from vlm.llm_stage import split_stages
 from vlm.tokens import TokenType, kept_first
+from vlm.towers.greedy import Generation, greedy_tokens, sync
 from vlm.towers.hf_clip_vision import HFClipVisionRunner
 from vlm.towers.language_model import CutDecoder, LayerGroup, LlmInputs, llm_stage, vision_hooks
 from vlm.towers.packed_prefill import packed_prefill
@@ -64,23 +65,6 @@ class VisualTokens:
     def full(self, image: int) -> int:
         """Tokens image ``image`` has without pruning."""
         return self.full_count if isinstance(self.full_count, int) else int(self.full_count[image])
-
-
-@dataclass
-class Generation:
-    """Greedy output ``tokens [B, T]`` (``pad_token_id`` after EOS), the LLM inputs (with the
-    LLM-stage cut's layout in ``inputs.cut`` when one ran), and wall times of the vision+prefill
-    step and of the decode steps (seconds)."""
-
-    tokens: Tensor
-    inputs: LlmInputs
-    prefill_s: float
-    decode_s: float
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def image_runs(ids: Tensor, image_token_id: int) -> list[tuple[int, int]]:
@@ -305,35 +289,33 @@ class LlavaRunner:
         from transformers import DynamicCache
 
         device = pixel_values.device
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         hooks = split_stages(hooks)  # once: vision hooks and the LLM stage
         decoder = self.decoder(hooks)
         inputs = self.prepare(input_ids, pixel_values, attention_mask, hooks, "left", image_sizes)
         cache = DynamicCache(config=self.lm.config)
         h, inputs = self.prefill(inputs, decoder, "left", cache)
-        nxt = self.lm_head(h[:, -1]).argmax(-1)
+        first = self.lm_head(h[:, -1])
         if inputs.cut is None:
             groups = [LayerGroup(range(len(self.lm.layers)), inputs.attention_mask, inputs.position_ids)]
         else:
             groups = inputs.cut.groups
-        _sync(device)
+        sync(device)
         t1 = time.perf_counter()
-        out = [nxt]
-        done = torch.zeros_like(nxt, dtype=torch.bool) if eos_token_id is None else nxt == eos_token_id
-        while len(out) < max_new_tokens and not bool(done.all()):
+
+        def step(tokens: Tensor) -> Tensor:
+            nonlocal groups
             groups = [g.next_token() for g in groups]
-            x = self.embed_tokens(nxt[:, None])
+            x = self.embed_tokens(tokens[:, None])
             if decoder is None:
                 g = groups[0]
                 h = self.lm(inputs_embeds=x, attention_mask=g.attention_mask, position_ids=g.position_ids, cache=cache,
                             use_cache=True).last_hidden_state
             else:
                 h = decoder.decode(x, groups, cache)
-            nxt = self.lm_head(h[:, -1]).argmax(-1)
-            nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
-            out.append(nxt)
-            if eos_token_id is not None:
-                done = done | (nxt == eos_token_id)
-        _sync(device)
-        return Generation(torch.stack(out, 1), inputs, t1 - t0, time.perf_counter() - t1)
+            return self.lm_head(h[:, -1])
+
+        tokens = greedy_tokens(first, step, max_new_tokens, eos_token_id, pad_token_id)
+        sync(device)
+        return Generation(tokens, inputs, t1 - t0, time.perf_counter() - t1)

@@ -31,7 +31,7 @@ Position policies (after a vision hook pruned tokens):
   numbering, what a port gets when it drops tokens and lets the model count them), and decoding
   continues at ``L``.
 
-LLM-stage pruners (:class:`~vlm.llm_stage.LlmStage`, e.g. ``flowcut_llm``): the stage's vision stage
+LLM-stage pruners (:class:`~vlm.llm_stage.LlmStage`): the stage's vision stage
 (if any) joins the vision hooks (it cuts whole merge units), and the language model runs layer by
 layer through :class:`~vlm.towers.language_model.CutDecoder`, as LLaVA's does: layers ``0..k`` on the
 assembled sequence, the probe query (the last prompt token) re-projected as the layer's attention
@@ -63,7 +63,8 @@ from torch import Tensor, nn
 from vlm.hooks import TowerHook
 from vlm.llm_stage import split_stages
 from vlm.towers.language_model import CutDecoder, LlmInputs
-from vlm.towers.llava import Generation, VisualTokens, image_runs
+from vlm.towers.greedy import Generation, greedy_tokens, sync
+from vlm.towers.llava import VisualTokens, image_runs
 from vlm.towers.packed_prefill import (
     PackedLayout,
     repad_cache,
@@ -95,11 +96,6 @@ class QwenLlmInputs(LlmInputs):
     DeepStack features placed at ``visual_mask`` (zeros elsewhere), or None."""
 
     next_position: Tensor
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class QwenRunner:
@@ -329,23 +325,22 @@ class QwenRunner:
         from transformers import DynamicCache
 
         device = pixel_values.device
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         hooks = split_stages(hooks)  # once: vision hooks and the LLM stage
         decoder = self.decoder(hooks)
         inputs = self.prepare(input_ids, pixel_values, image_grid_thw, attention_mask, hooks, "left")
         cache = DynamicCache(config=self.lm.config)
         h, inputs = self.prefill(inputs, decoder, "left", cache)
-        nxt = self.lm_head(h[:, -1]).argmax(-1)
-        _sync(device)
+        first = self.lm_head(h[:, -1])
+        sync(device)
         t1 = time.perf_counter()
-        out = [nxt]
-        mask = inputs.attention_mask
-        position = inputs.next_position
+        mask, position = inputs.attention_mask, inputs.next_position
         groups = None if inputs.cut is None else inputs.cut.groups
-        done = torch.zeros_like(nxt, dtype=torch.bool) if eos_token_id is None else nxt == eos_token_id
-        while len(out) < max_new_tokens and not bool(done.all()):
-            x = self.embed_tokens(nxt[:, None])
+
+        def step(tokens: Tensor) -> Tensor:
+            nonlocal mask, position, groups
+            x = self.embed_tokens(tokens[:, None])
             if groups is not None:
                 groups = [g.next_token() for g in groups]
                 h = decoder.decode(x, groups, cache)
@@ -354,10 +349,8 @@ class QwenRunner:
                 h = self.lm(inputs_embeds=x, attention_mask=mask, cache=cache, use_cache=True,
                             position_ids=position.view(1, -1, 1).expand(3, -1, 1)).last_hidden_state
                 position = position + 1
-            nxt = self.lm_head(h[:, -1]).argmax(-1)
-            nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
-            out.append(nxt)
-            if eos_token_id is not None:
-                done = done | (nxt == eos_token_id)
-        _sync(device)
-        return Generation(torch.stack(out, 1), inputs, t1 - t0, time.perf_counter() - t1)
+            return self.lm_head(h[:, -1])
+
+        tokens = greedy_tokens(first, step, max_new_tokens, eos_token_id, pad_token_id)
+        sync(device)
+        return Generation(tokens, inputs, t1 - t0, time.perf_counter() - t1)

@@ -172,7 +172,7 @@ class CutDecoder:
             )
         layer_types = getattr(lm.config, "layer_types", None) or ["full_attention"]
         if any(t != "full_attention" for t in layer_types):
-            raise NotImplementedError("An LLM-stage cut needs full-attention layers only (no sliding-window or linear layers).")
+            raise TypeError("An LLM-stage cut needs full-attention layers only (no sliding-window or linear layers); use a vision-tower pruner on this model.")
         attn = lm.layers[pruner.layer].self_attn
         self.q_norm_per_head = self.query_norm_layout(attn)
         self.lm = lm
@@ -191,7 +191,7 @@ class CutDecoder:
         weight = getattr(norm, "weight", None)
         width = attn.q_proj.out_features
         if weight is None or weight.numel() not in (attn.head_dim, width):
-            raise NotImplementedError(
+            raise TypeError(
                 f"{type(attn).__name__}.q_norm has no weight of the head size ({attn.head_dim}) or of the query "
                 f"projection ({width}); the probe query re-projection cannot tell how it normalises."
             )

@@ -281,9 +281,9 @@ class QwenVisionBlock(BlockAdapter):
         pass and its hooks built (``k_lengths`` is replaced by the packing)."""
         for name in _ROW_FIELDS:
             if getattr(spec, name) is not None:
-                raise NotImplementedError(f"QwenVisionBlock: AttnSpec.{name} is not supported on the packed tower.")
+                raise TypeError(f"QwenVisionBlock: AttnSpec.{name} (a per-row field) is not supported on the packed Qwen tower; use a hook that sets no {name} on Qwen models.")
         if spec.causal:
-            raise NotImplementedError("QwenVisionBlock: the Qwen vision tower's attention is bidirectional.")
+            raise TypeError("QwenVisionBlock: the Qwen vision tower's attention is bidirectional; a hook asked for causal attention.")
         return spec.replace(k_lengths=None, cu_seqlens_q=cu, cu_seqlens_k=cu,
                             scale=self.scale if spec.scale is None else spec.scale)
 
@@ -310,7 +310,7 @@ class QwenVisionBlock(BlockAdapter):
 
     def __call__(self, state: TokenState, spec: AttnSpec) -> tuple[TokenState, AttnOutput]:
         if state.kv_only is not None:
-            raise NotImplementedError("QwenVisionBlock: key/value-only tokens are not supported on the vision tower.")
+            raise TypeError("QwenVisionBlock: key/value-only tokens (e.g. prompt pools) are not supported on the Qwen vision tower.")
         b, n, _ = state.x.shape
         p = self.packing(state)
         vspec = self.packed_spec(spec, p.cu)

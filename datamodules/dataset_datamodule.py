@@ -17,7 +17,7 @@ from vlm.datamodules.distributed import local_rank_zero
 from vlm.datamodules.fewshot_datamodule import FewShotDataModule, SubsetName
 from vlm.datamodules.image_list import OnCorrupt
 from vlm.datamodules.splits import Datum, label_to_classname
-from vlm.datamodules.transforms import CLIP_MEAN, CLIP_STD, DEFAULT_TRAIN_TRANSFORMS
+from vlm.datamodules.settings import ImageTransforms, Loaders
 
 
 class DatasetDataModule(FewShotDataModule):
@@ -47,19 +47,12 @@ class DatasetDataModule(FewShotDataModule):
         template: str | None = None,
         train_split: str = "train",
         download: bool = False,
-        image_size: int = 224,
-        mean: Sequence[float] = CLIP_MEAN,
-        std: Sequence[float] = CLIP_STD,
-        train_transforms: Sequence[str] = DEFAULT_TRAIN_TRANSFORMS,
-        crop_scale: Sequence[float] = (0.08, 1.0),
-        batch_size: int = 32,
-        eval_batch_size: int = 100,
-        num_workers: int = 0,
+        transforms: ImageTransforms = ImageTransforms(),
+        loader: Loaders = Loaders(),
         strict_shots: bool = False,
         on_corrupt: OnCorrupt = "fail",
         check_files: bool = True,
         fewshot_cache_dir: str | None = None,
-        pin_memory: bool = False,
     ) -> None:
         self.spec: DatasetSpec = get_dataset(dataset)
         self.train_split = train_split
@@ -73,20 +66,13 @@ class DatasetDataModule(FewShotDataModule):
             seed=seed,
             subsample=subsample,
             test_subsets=test_subsets,
-            image_size=image_size,
-            mean=mean,
-            std=std,
-            train_transforms=train_transforms,
-            crop_scale=crop_scale,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
+            transforms=transforms,
+            loader=loader,
             template=template if template is not None else self.spec.template,
             strict_shots=strict_shots,
             on_corrupt=on_corrupt,
             check_files=check_files,
             fewshot_cache_dir=fewshot_cache_dir or str(self._default_cache_dir(Path(root).expanduser())),
-            pin_memory=pin_memory,
         )
         self.save_hyperparameters()  # this class's own arguments, not the parent's
 

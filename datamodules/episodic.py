@@ -46,12 +46,12 @@ from torch.utils.data import DataLoader, Sampler, default_collate
 
 from vlm.datamodules.dataset_specs import DatasetSpec, available_datasets, get_dataset
 from vlm.datamodules.image_list import ImageListDataset
-from vlm.datamodules.mnist import MNIST_TRAIN_TRANSFORMS, prepare_mnist
+from vlm.datamodules.mnist import MNIST_TRANSFORMS, prepare_mnist
 from vlm.datamodules.readers_episodic import read_episodic
 from vlm.datamodules.resumable import PassLoader, ResumableLoader, SeededDataset, SeededIndex, sample_seed
 from vlm.datamodules.splits import Datum, label_to_classname, read_split
 from vlm.datamodules.templates import DEFAULT_TEMPLATE
-from vlm.datamodules.transforms import CLIP_MEAN, CLIP_STD, build_test_transform, build_train_transform
+from vlm.datamodules.settings import ImageTransforms, check_settings, test_transform, train_transform
 
 
 @dataclass(frozen=True)
@@ -223,11 +223,9 @@ class EpisodicDataModule(L.LightningDataModule):
         seed: episode seed (fixed val/test episodes).
         episodes_dir: if set, val/test episodes are stored there as index files on first use and
             replayed from them afterwards (:func:`load_or_create_episodes`).
-        image_size: crop size.
-        mean: normalisation mean.
-        std: normalisation std.
-        train_transforms: Dassl transform names for meta-training images.
-        crop_scale: RandomResizedCrop scale range.
+        transforms: image size, normalisation and the meta-training augmentations
+            (:class:`~vlm.datamodules.settings.ImageTransforms`; episodes fix the batch, so there is
+            no ``loader`` setting besides ``num_workers``).
         num_workers: DataLoader workers.
         template: class-name prompt for text towers (default: the registered dataset's template);
             a model without its own template uses this one.
@@ -247,11 +245,7 @@ class EpisodicDataModule(L.LightningDataModule):
         test_episodes: int = 2000,
         seed: int = 0,
         episodes_dir: Optional[str] = None,
-        image_size: int = 224,
-        mean: Sequence[float] = CLIP_MEAN,
-        std: Sequence[float] = CLIP_STD,
-        train_transforms: Sequence[str] = ("random_resized_crop", "random_flip", "normalize"),
-        crop_scale: Sequence[float] = (0.08, 1.0),
+        transforms: ImageTransforms = ImageTransforms(),
         num_workers: int = 0,
         template: Optional[str] = None,
     ) -> None:
@@ -260,9 +254,9 @@ class EpisodicDataModule(L.LightningDataModule):
         self.root = Path(root).expanduser()
         self.dataset, self.source, self.way, self.shot, self.query = dataset, source, way, shot, query
         self.episodes = {"train": train_episodes, "val": val_episodes, "test": test_episodes}
-        self.seed, self.image_size, self.mean, self.std = seed, image_size, tuple(mean), tuple(std)
+        self.seed, self.transforms, _ = seed, *check_settings(transforms)
         self.episodes_dir = Path(episodes_dir).expanduser() if episodes_dir else None
-        self.train_transforms, self.crop_scale, self.num_workers = list(train_transforms), tuple(crop_scale), num_workers
+        self.num_workers = num_workers
         self.items, self.classnames = self._read(dataset, image_dir)
         if template is None:
             template = _episodic_spec(dataset).template if source == "imagefolder" else DEFAULT_TEMPLATE
@@ -302,9 +296,7 @@ class EpisodicDataModule(L.LightningDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         if self.sets:
             return
-        norm = "normalize" in self.train_transforms
-        train_tf = build_train_transform(self.image_size, self.train_transforms, self.mean, self.std, crop_scale=self.crop_scale)
-        test_tf = build_test_transform(self.image_size, self.mean, self.std, normalize=norm)
+        train_tf, test_tf = train_transform(self.transforms), test_transform(self.transforms)
         for key, items in self.items.items():
             self.sets[key] = ImageListDataset(items, train_tf if key == "train" else test_tf, name=f"episodic/{key}")
             seed = self.seed + {"train": 0, "val": 1_000_003, "test": 2_000_003}[key]
@@ -361,9 +353,7 @@ class MNISTEpisodicDataModule(EpisodicDataModule):
         val_episodes: int = 100,
         test_episodes: int = 2000,
         seed: int = 0,
-        image_size: int = 28,
-        train_transforms: Sequence[str] = MNIST_TRAIN_TRANSFORMS,
-        crop_scale: Sequence[float] = (0.6, 1.0),
+        transforms: ImageTransforms = MNIST_TRANSFORMS,
         num_workers: int = 0,
         template: str = "a photo of the digit {}.",
     ) -> None:
@@ -371,7 +361,6 @@ class MNISTEpisodicDataModule(EpisodicDataModule):
         super().__init__(
             root=str(data_dir), source="coop", dataset="MNIST", image_dir="images", way=way, shot=shot,
             query=query, train_episodes=train_episodes, val_episodes=val_episodes, test_episodes=test_episodes,
-            seed=seed, image_size=image_size, train_transforms=train_transforms, crop_scale=crop_scale,
-            num_workers=num_workers, template=template,
+            seed=seed, transforms=transforms, num_workers=num_workers, template=template,
         )  # fmt: skip
         self.save_hyperparameters()

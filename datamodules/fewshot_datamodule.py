@@ -22,13 +22,7 @@ from vlm.datamodules.resumable import PassLoader, resumable_loader
 from vlm.datamodules.fewshot import load_or_create_fewshot, subsample_classes
 from vlm.datamodules.image_list import CollateSkipCorrupt, ImageListDataset, OnCorrupt
 from vlm.datamodules.splits import Datum, check_images_exist, label_to_classname, read_split, split_file_path
-from vlm.datamodules.transforms import (
-    CLIP_MEAN,
-    CLIP_STD,
-    DEFAULT_TRAIN_TRANSFORMS,
-    build_test_transform,
-    build_train_transform,
-)
+from vlm.datamodules.settings import ImageTransforms, Loaders, check_settings, test_transform, train_transform
 
 SubsetName = Literal["base", "new", "all"]
 
@@ -52,15 +46,9 @@ class FewShotDataModule(L.LightningDataModule):
         subsample: classes to train and validate on: "base" (first half of the sorted labels),
             "new" (second half) or "all".
         test_subsets: class subsets to test on, one loader each, e.g. ["base", "new"].
-        image_size: crop size of train and test images.
-        mean: normalisation mean (CLIP's by default).
-        std: normalisation std (CLIP's by default).
-        train_transforms: Dassl transform names: "random_resized_crop", "random_crop",
-            "random_flip", "normalize"; test images are normalised iff "normalize" is listed.
-        crop_scale: RandomResizedCrop scale range (Dassl's `INPUT.RRCROP_SCALE`).
-        batch_size: training batch size.
-        eval_batch_size: validation/test/predict batch size.
-        num_workers: DataLoader worker processes.
+        transforms: image size, normalisation and training augmentations
+            (:class:`~vlm.datamodules.settings.ImageTransforms`; CLIP's 224 px and mean/std by default).
+        loader: batch sizes, workers, pinned memory (:class:`~vlm.datamodules.settings.Loaders`).
         template: hand-written prompt template; `prompts()` fills it with class names.
         strict_shots: raise if a class has fewer than K train (or min(K, 4) val) examples,
             instead of keeping all of them (Dassl's behaviour).
@@ -69,7 +57,6 @@ class FewShotDataModule(L.LightningDataModule):
         check_files: verify in `prepare_data`/`setup` that every image used exists.
         fewshot_cache_dir: where the few-shot index files go; default `<root>/split_fewshot`.
         split_file: explicit split file path, overriding `<root>/split_zhou_<dataset>.json`.
-        pin_memory: DataLoader `pin_memory`.
     """
 
     def __init__(
@@ -81,21 +68,14 @@ class FewShotDataModule(L.LightningDataModule):
         seed: int = 1,
         subsample: SubsetName = "base",
         test_subsets: Sequence[SubsetName] = ("base", "new"),
-        image_size: int = 224,
-        mean: Sequence[float] = CLIP_MEAN,
-        std: Sequence[float] = CLIP_STD,
-        train_transforms: Sequence[str] = DEFAULT_TRAIN_TRANSFORMS,
-        crop_scale: Sequence[float] = (0.08, 1.0),
-        batch_size: int = 32,
-        eval_batch_size: int = 100,
-        num_workers: int = 0,
+        transforms: ImageTransforms = ImageTransforms(),
+        loader: Loaders = Loaders(),
         template: str = "a photo of a {}.",
         strict_shots: bool = False,
         on_corrupt: OnCorrupt = "fail",
         check_files: bool = True,
         fewshot_cache_dir: str | None = None,
         split_file: str | None = None,
-        pin_memory: bool = False,
     ) -> None:
         super().__init__()
         if type(self).__init__ is FewShotDataModule.__init__:  # subclasses with own args save their own
@@ -118,11 +98,9 @@ class FewShotDataModule(L.LightningDataModule):
         )
         self.num_shots, self.seed, self.subsample = num_shots, seed, subsample
         self.test_subsets: list[str] = list(test_subsets)
-        self.image_size, self.mean, self.std = image_size, tuple(mean), tuple(std)
-        self.train_transforms, self.crop_scale = list(train_transforms), tuple(crop_scale)
-        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.transforms, self.loader = check_settings(transforms, loader)
         self.template, self.strict_shots, self.on_corrupt = template, strict_shots, on_corrupt
-        self.check_files, self.pin_memory = check_files, pin_memory
+        self.check_files = check_files
 
         self._split: dict[str, list[Datum]] = self._load_split()
         self.classnames: list[str] = self._subset_classnames(subsample)
@@ -194,13 +172,7 @@ class FewShotDataModule(L.LightningDataModule):
         self._check(train=train, val=val, test=self._split["test"])
 
     def _dataset(self, items: list[Datum], train: bool, name: str) -> ImageListDataset:
-        if train:
-            tf = build_train_transform(
-                self.image_size, self.train_transforms, self.mean, self.std, crop_scale=self.crop_scale
-            )
-        else:
-            norm = "normalize" in self.train_transforms
-            tf = build_test_transform(self.image_size, self.mean, self.std, normalize=norm)
+        tf = train_transform(self.transforms) if train else test_transform(self.transforms)
         return ImageListDataset(items, tf, on_corrupt=self.on_corrupt, name=f"{self.dataset}/{name}")
 
     def setup(self, stage: str | None = None) -> None:
@@ -223,15 +195,16 @@ class FewShotDataModule(L.LightningDataModule):
 
     def _collate(self, ds: ImageListDataset) -> Callable[[list], Any]:
         """The batch collation of ``ds`` (subclasses with other sample layouts override it)."""
-        return CollateSkipCorrupt((3, self.image_size, self.image_size))
+        size = self.transforms.image_size
+        return CollateSkipCorrupt((3, size, size))
 
     def _loader(self, ds: ImageListDataset | None, batch_size: int, shuffle: bool, stage: str) -> DataLoader:
         if ds is None:
             raise RuntimeError(f"Call setup('{stage}') before asking for its dataloader.")
         kwargs: dict = dict(
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
+            num_workers=self.loader.num_workers,
+            pin_memory=self.loader.pin_memory,
+            persistent_workers=self.loader.num_workers > 0,
             collate_fn=self._collate(ds),
         )
         if shuffle:  # training: resumable mid-epoch, per-sample seeded augmentation
@@ -251,21 +224,21 @@ class FewShotDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled few-shot train set of the training subset."""
-        return self._loader(self.train_set, self.batch_size, True, "fit")
+        return self._loader(self.train_set, self.loader.batch_size, True, "fit")
 
     def val_dataloader(self) -> DataLoader:
         """Few-shot val set (min(K, 4) per class) of the training subset."""
-        return self._loader(self.val_set, self.eval_batch_size, False, "fit")
+        return self._loader(self.val_set, self.loader.eval_batch_size, False, "fit")
 
     def test_dataloader(self) -> list[DataLoader]:
         """One loader per `test_subsets` entry, in that order (see `test_classnames`)."""
         if not self.test_sets:
             raise RuntimeError("Call setup('test') before asking for its dataloaders.")
-        return [self._loader(ds, self.eval_batch_size, False, "test") for ds in self.test_sets]
+        return [self._loader(ds, self.loader.eval_batch_size, False, "test") for ds in self.test_sets]
 
     def predict_dataloader(self) -> DataLoader:
         """The full test set over all classes, original labels."""
-        return self._loader(self.predict_set, self.eval_batch_size, False, "predict")
+        return self._loader(self.predict_set, self.loader.eval_batch_size, False, "predict")
 
     # ----------------------------------------------------------------------------- bookkeeping
     def skipped_images(self) -> list[str]:

@@ -38,6 +38,7 @@ from torchvision.transforms import functional as TF
 
 from vlm.datamodules.fewshot_datamodule import FewShotDataModule
 from vlm.datamodules.image_list import CollateSkipCorrupt, ImageListDataset, OnCorrupt
+from vlm.datamodules.settings import ImageTransforms, Loaders
 from vlm.datamodules.splits import Datum
 from vlm.datamodules.transforms import (
     AVAILABLE_TRAIN_TRANSFORMS,
@@ -214,21 +215,14 @@ class MaskedFewShotDataModule(FewShotDataModule):
         seed: int = 1,
         subsample: str = "base",
         test_subsets: Sequence[str] = ("base", "new"),
-        image_size: int = 224,
-        mean: Sequence[float] = CLIP_MEAN,
-        std: Sequence[float] = CLIP_STD,
-        train_transforms: Sequence[str] = DEFAULT_TRAIN_TRANSFORMS,
-        crop_scale: Sequence[float] = (0.08, 1.0),
-        batch_size: int = 32,
-        eval_batch_size: int = 100,
-        num_workers: int = 0,
+        transforms: ImageTransforms = ImageTransforms(),
+        loader: Loaders = Loaders(),
         template: str = "a photo of a {}.",
         strict_shots: bool = False,
         on_corrupt: OnCorrupt = "fail",
         check_files: bool = True,
         fewshot_cache_dir: Optional[str] = None,
         split_file: Optional[str] = None,
-        pin_memory: bool = False,
     ) -> None:
         if root is None or dataset is None:
             raise ValueError(
@@ -237,10 +231,8 @@ class MaskedFewShotDataModule(FewShotDataModule):
             )
         super().__init__(
             root=root, dataset=dataset, image_dir=image_dir, num_shots=num_shots, seed=seed, subsample=subsample,
-            test_subsets=test_subsets, image_size=image_size, mean=mean, std=std, train_transforms=train_transforms,
-            crop_scale=crop_scale, batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
-            template=template, strict_shots=strict_shots, on_corrupt=on_corrupt, check_files=check_files,
-            fewshot_cache_dir=fewshot_cache_dir, split_file=split_file, pin_memory=pin_memory,
+            test_subsets=test_subsets, transforms=transforms, loader=loader, template=template, strict_shots=strict_shots,
+            on_corrupt=on_corrupt, check_files=check_files, fewshot_cache_dir=fewshot_cache_dir, split_file=split_file,
         )  # fmt: skip
         self.save_hyperparameters()
         self.mask_root = Path(mask_root).expanduser() if mask_root else self.root / "mask"
@@ -249,10 +241,8 @@ class MaskedFewShotDataModule(FewShotDataModule):
     def _dataset(self, items: list[Datum], train: bool, name: str) -> ImageListDataset:
         if not train:
             return super()._dataset(items, train, name)
-        tf = PairedTrainTransform(
-            self.image_size, self.train_transforms, self.mean, self.std, crop_scale=self.crop_scale,
-            mask_interpolation=self.mask_interpolation,
-        )  # fmt: skip
+        t = self.transforms
+        tf = PairedTrainTransform(t.image_size, t.train, t.mean, t.std, crop_scale=t.crop_scale, mask_interpolation=self.mask_interpolation)
         if self.check_files:
             missing = [str(mask_path(d, self.image_root, self.mask_root, self.mask_ext)) for d in items]
             missing = [p for p in missing if not Path(p).is_file()]
@@ -265,5 +255,5 @@ class MaskedFewShotDataModule(FewShotDataModule):
 
     def _collate(self, ds: ImageListDataset) -> Callable[[list], Any]:
         if isinstance(ds, MaskedImageListDataset):
-            return CollateMasked((3, self.image_size, self.image_size))
+            return CollateMasked((3, self.transforms.image_size, self.transforms.image_size))
         return super()._collate(ds)

@@ -24,7 +24,7 @@ from vlm.datamodules.fewshot_datamodule import FewShotDataModule, SubsetName
 from vlm.datamodules.image_list import CollateSkipCorrupt, ImageListDataset, OnCorrupt
 from vlm.datamodules.resumable import PassLoader, resumable_loader
 from vlm.datamodules.splits import read_split
-from vlm.datamodules.transforms import CLIP_MEAN, CLIP_STD, build_test_transform, build_train_transform
+from vlm.datamodules.settings import ImageTransforms, Loaders, check_settings, test_transform, train_transform
 
 MNIST_CLASSNAMES: list[str] = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 SPLIT_SIZES: dict[str, int] = {"pretrain": 250, "train": 100, "val": 50, "test": 100}  # per class, in this order
@@ -37,6 +37,8 @@ PRETRAIN_TEMPLATES: list[str] = [
     "a drawing of the number {}.",
 ]
 MNIST_TRAIN_TRANSFORMS: tuple[str, ...] = ("random_resized_crop", "normalize")  # no flip: digits are chiral
+#: the quickstart's digit-friendly image settings: 28 px, no flip, milder crops.
+MNIST_TRANSFORMS = ImageTransforms(image_size=28, train=MNIST_TRAIN_TRANSFORMS, crop_scale=(0.6, 1.0))
 DATASET_DIR = "mnist5k"
 
 
@@ -138,14 +140,8 @@ class MNISTFewShotDataModule(FewShotDataModule):
         seed: int = 1,
         subsample: SubsetName = "base",
         test_subsets: Sequence[SubsetName] = ("base", "new"),
-        image_size: int = 28,
-        mean: Sequence[float] = CLIP_MEAN,
-        std: Sequence[float] = CLIP_STD,
-        train_transforms: Sequence[str] = MNIST_TRAIN_TRANSFORMS,
-        crop_scale: Sequence[float] = (0.6, 1.0),
-        batch_size: int = 32,
-        eval_batch_size: int = 100,
-        num_workers: int = 0,
+        transforms: ImageTransforms = MNIST_TRANSFORMS,
+        loader: Loaders = Loaders(),
         template: str = "a photo of the digit {}.",
         strict_shots: bool = False,
         on_corrupt: OnCorrupt = "fail",
@@ -155,9 +151,7 @@ class MNISTFewShotDataModule(FewShotDataModule):
         data_dir = prepare_mnist(self.data_root)  # class names are read at init, so the files must exist
         super().__init__(
             root=str(data_dir), dataset="MNIST", image_dir="images", num_shots=num_shots, seed=seed,
-            subsample=subsample, test_subsets=test_subsets, image_size=image_size, mean=mean, std=std,
-            train_transforms=train_transforms, crop_scale=crop_scale, batch_size=batch_size,
-            eval_batch_size=eval_batch_size, num_workers=num_workers, template=template,
+            subsample=subsample, test_subsets=test_subsets, transforms=transforms, loader=loader, template=template,
             strict_shots=strict_shots, on_corrupt=on_corrupt, fewshot_cache_dir=fewshot_cache_dir,
         )  # fmt: skip
         self.save_hyperparameters()  # record this class's own arguments, not the parent's
@@ -178,37 +172,23 @@ class MNISTPretrainDataModule(L.LightningDataModule):
 
     Args:
         root: data cache folder; default `$VLM_DATA` or `~/.cache/vlm/data`.
-        image_size: image side in pixels.
-        mean: normalisation mean.
-        std: normalisation std.
-        train_transforms: Dassl transform names for training images.
-        crop_scale: RandomResizedCrop scale range.
-        batch_size: training batch size.
-        eval_batch_size: validation/test batch size.
-        num_workers: DataLoader worker processes.
+        transforms: image size, normalisation and training augmentations (``ImageTransforms``).
+        loader: batch sizes and workers (``Loaders``; 128 to train, 500 to evaluate by default).
         templates: caption templates, filled with the class name.
     """
 
     def __init__(
         self,
         root: str | None = None,
-        image_size: int = 28,
-        mean: Sequence[float] = CLIP_MEAN,
-        std: Sequence[float] = CLIP_STD,
-        train_transforms: Sequence[str] = MNIST_TRAIN_TRANSFORMS,
-        crop_scale: Sequence[float] = (0.6, 1.0),
-        batch_size: int = 128,
-        eval_batch_size: int = 500,
-        num_workers: int = 0,
+        transforms: ImageTransforms = MNIST_TRANSFORMS,
+        loader: Loaders = Loaders(batch_size=128, eval_batch_size=500),
         templates: Sequence[str] = tuple(PRETRAIN_TEMPLATES),
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.data_root = Path(root).expanduser() if root is not None else default_data_root()
         self.data_dir = prepare_mnist(self.data_root)
-        self.image_size, self.mean, self.std = image_size, tuple(mean), tuple(std)
-        self.train_transforms, self.crop_scale = list(train_transforms), tuple(crop_scale)
-        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.transforms, self.loader = check_settings(transforms, loader)
         self.templates: list[str] = list(templates)
         self.classnames: list[str] = list(MNIST_CLASSNAMES)
         self.sets: dict[str, ImageListDataset] = {}
@@ -232,11 +212,7 @@ class MNISTPretrainDataModule(L.LightningDataModule):
         if self.sets:
             return
         split = read_split(self.data_dir / "split_zhou_MNIST.json", self.data_dir / "images", check_files=True)
-        norm = "normalize" in self.train_transforms
-        train_tf = build_train_transform(
-            self.image_size, self.train_transforms, self.mean, self.std, crop_scale=self.crop_scale
-        )
-        test_tf = build_test_transform(self.image_size, self.mean, self.std, normalize=norm)
+        train_tf, test_tf = train_transform(self.transforms), test_transform(self.transforms)
         self.sets = {
             "pretrain": ImageListDataset(split["pretrain"], train_tf, name="MNIST/pretrain"),
             "val": ImageListDataset(split["val"], test_tf, name="MNIST/val"),
@@ -247,8 +223,9 @@ class MNISTPretrainDataModule(L.LightningDataModule):
         if key not in self.sets:
             raise RuntimeError("Call setup() before asking for a dataloader.")
         kwargs: dict = dict(
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-            collate_fn=CollateSkipCorrupt((3, self.image_size, self.image_size)),
+            num_workers=self.loader.num_workers, persistent_workers=self.loader.num_workers > 0,
+            pin_memory=self.loader.pin_memory,
+            collate_fn=CollateSkipCorrupt((3, self.transforms.image_size, self.transforms.image_size)),
         )  # fmt: skip
         if shuffle:
             return resumable_loader(self.sets[key], batch_size, **kwargs)
@@ -256,12 +233,12 @@ class MNISTPretrainDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled "pretrain" split (2,500 digits)."""
-        return self._loader("pretrain", self.batch_size, True)
+        return self._loader("pretrain", self.loader.batch_size, True)
 
     def val_dataloader(self) -> DataLoader:
         """The "val" split, all classes: zero-shot accuracy while pretraining."""
-        return self._loader("val", self.eval_batch_size, False)
+        return self._loader("val", self.loader.eval_batch_size, False)
 
     def test_dataloader(self) -> DataLoader:
         """The "test" split, all classes."""
-        return self._loader("test", self.eval_batch_size, False)
+        return self._loader("test", self.loader.eval_batch_size, False)

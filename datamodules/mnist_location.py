@@ -17,7 +17,6 @@ it unchanged.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +34,7 @@ from vlm.datamodules.mnist import (
     write_split_atomic,
 )
 from vlm.datamodules.splits import read_split
-from vlm.datamodules.transforms import CLIP_MEAN, CLIP_STD
+from vlm.datamodules.settings import ImageTransforms, Loaders, check_settings
 
 LOCATION_CLASSNAMES: list[str] = ["top left", "top right", "bottom left", "bottom right"]
 LOCATION_DIR = "mnist5k_location"
@@ -43,6 +42,7 @@ LOCATION_DATASET = "MNISTLocation"
 # Spatial augmentation would move the digit across a quadrant border or mirror left and right,
 # changing the label: only photometric normalisation is allowed.
 LOCATION_TRANSFORMS: tuple[str, ...] = ("normalize",)
+LOCATION_IMAGES = ImageTransforms(image_size=28, train=LOCATION_TRANSFORMS)
 LOCATION_SPLITS: dict[str, int] = {k: SPLIT_SIZES[k] for k in ("train", "val", "test")}  # digits per class
 
 
@@ -102,7 +102,7 @@ class MNISTLocationDataModule(FewShotDataModule):
     Args:
         root: data cache folder (the dataset lands in `<root>/mnist5k_location`, next to the digits).
         num_shots: images per quadrant for training (250 = the whole train split, VTAB-1k-sized).
-        train_transforms: only ``normalize`` (a crop or flip would change the quadrant).
+        transforms: 28 px; ``train`` may only be ``[normalize]`` (a crop or flip would change the quadrant).
         Other arguments: as `FewShotDataModule`; every class is in "all" (base/new is meaningless here).
     """
 
@@ -111,30 +111,24 @@ class MNISTLocationDataModule(FewShotDataModule):
         root: str | None = None,
         num_shots: int = 250,
         seed: int = 1,
-        image_size: int = 28,
-        mean: Sequence[float] = CLIP_MEAN,
-        std: Sequence[float] = CLIP_STD,
-        train_transforms: Sequence[str] = LOCATION_TRANSFORMS,
-        batch_size: int = 32,
-        eval_batch_size: int = 100,
-        num_workers: int = 0,
+        transforms: ImageTransforms = LOCATION_IMAGES,
+        loader: Loaders = Loaders(),
         strict_shots: bool = True,
         on_corrupt: OnCorrupt = "fail",
         fewshot_cache_dir: str | None = None,
     ) -> None:
-        spatial = [t for t in train_transforms if t != "normalize"]
+        transforms, loader = check_settings(transforms, loader)
+        spatial = [t for t in transforms.train if t != "normalize"]
         if spatial:
             raise ValueError(
-                f"MNIST-Location labels are positions: train_transforms {spatial} would move or mirror the "
-                "digit and change its label. Use train_transforms: [normalize]."
+                f"MNIST-Location labels are positions: transforms.train {spatial} would move or mirror the "
+                "digit and change its label. Use transforms: {train: [normalize]}."
             )
         self.data_root = Path(root).expanduser() if root is not None else default_data_root()
         data_dir = prepare_mnist_location(self.data_root)
         super().__init__(
             root=str(data_dir), dataset=LOCATION_DATASET, image_dir="images", num_shots=num_shots, seed=seed,
-            subsample="all", test_subsets=("all",), image_size=image_size, mean=mean, std=std,
-            train_transforms=train_transforms, batch_size=batch_size, eval_batch_size=eval_batch_size,
-            num_workers=num_workers, template="a digit in the {} corner.", strict_shots=strict_shots,
+            subsample="all", test_subsets=("all",), transforms=transforms, loader=loader, template="a digit in the {} corner.", strict_shots=strict_shots,
             on_corrupt=on_corrupt, fewshot_cache_dir=fewshot_cache_dir,
         )  # fmt: skip
         self.save_hyperparameters()

@@ -249,7 +249,7 @@ class ResumableLoader(PassLoader):
                     changes.append((name, old, new, f"--{name} {old}"))
         if state.get("batch_size") != self.batch_size:
             old = state.get("batch_size")
-            changes.append(("data.init_args.batch_size", old, self.batch_size, f"--data.init_args.batch_size {old}"))
+            changes.append(("data.init_args.loader.batch_size", old, self.batch_size, f"--data.init_args.loader.batch_size {old}"))
         if state.get("num_replicas") != self.order.num_replicas:
             old = state.get("num_replicas")
             changes.append(("world size (processes: trainer.devices x trainer.num_nodes)", old, self.order.num_replicas,

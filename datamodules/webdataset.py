@@ -30,7 +30,8 @@ from torch.utils.data import DataLoader
 
 from vlm.datamodules.distributed import exact_eval_sampler, rank_and_world
 from vlm.datamodules.shards import ShardIndexDataset, read_manifest
-from vlm.datamodules.transforms import CLIP_MEAN, CLIP_STD, DEFAULT_TRAIN_TRANSFORMS, build_test_transform, build_train_transform, to_rgb
+from vlm.datamodules.settings import ImageTransforms, Loaders, check_settings, test_transform, train_transform
+from vlm.datamodules.transforms import to_rgb
 
 SubsetName = Literal["base", "new", "all"]
 IMAGE_KEYS = "jpg;png;ppm;bmp;webp"
@@ -82,10 +83,8 @@ class ShardDataModule(L.LightningDataModule):
         shuffle_buffer: in-memory sample shuffle buffer of the training stream.
         seed: shard-shuffle seed of the training stream (also offset by rank and worker).
         template: prompt template for `prompts()`.
-        image_size, mean, std, train_transforms, crop_scale: as `FewShotDataModule`.
-        batch_size: per-process training batch size.
-        eval_batch_size: per-process evaluation batch size.
-        num_workers: DataLoader workers.
+        transforms: image size, normalisation and augmentations (``ImageTransforms``), as `FewShotDataModule`.
+        loader: per-process batch sizes and workers (``Loaders``; ``pin_memory`` applies to evaluation).
     """
 
     def __init__(
@@ -100,14 +99,8 @@ class ShardDataModule(L.LightningDataModule):
         shuffle_buffer: int = 1000,
         seed: int = 1,
         template: str = "a photo of a {}.",
-        image_size: int = 224,
-        mean: Sequence[float] = CLIP_MEAN,
-        std: Sequence[float] = CLIP_STD,
-        train_transforms: Sequence[str] = DEFAULT_TRAIN_TRANSFORMS,
-        crop_scale: Sequence[float] = (0.08, 1.0),
-        batch_size: int = 32,
-        eval_batch_size: int = 100,
-        num_workers: int = 0,
+        transforms: ImageTransforms = ImageTransforms(),
+        loader: Loaders = Loaders(),
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -125,9 +118,7 @@ class ShardDataModule(L.LightningDataModule):
         self.val_dir = Path(val_shards).expanduser() if val_shards else None
         self.test_dir = Path(test_shards).expanduser() if test_shards else None
         self.mode, self.shuffle_buffer, self.seed, self.template = mode, shuffle_buffer, seed, template
-        self.image_size, self.mean, self.std = image_size, tuple(mean), tuple(std)
-        self.train_transforms, self.crop_scale = list(train_transforms), tuple(crop_scale)
-        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.transforms, self.loader = check_settings(transforms, loader)
 
     @property
     def num_classes(self) -> int:
@@ -138,26 +129,26 @@ class ShardDataModule(L.LightningDataModule):
         return [self.template.format(c.replace("_", " ")) for c in names]
 
     def _eval_transform(self) -> Any:
-        return build_test_transform(self.image_size, self.mean, self.std, normalize="normalize" in self.train_transforms)
+        return test_transform(self.transforms)
 
     def batches_per_epoch(self, world_size: int) -> int:
         """Batches each rank yields per epoch: the train samples of the subset over the global batch."""
         keep = set(subset_labels(len(self.all_classnames), self.subsample))
         count = sum(c for y, c in enumerate(self.manifest["class_counts"]) if y in keep)
-        return max(1, count // (self.batch_size * world_size))
+        return max(1, count // (self.loader.batch_size * world_size))
 
     def train_dataloader(self) -> wds.WebLoader:
         """The shard stream: every rank and worker yields the same number of full batches."""
         _, world = rank_and_world()
         urls = [str(self.train_dir / s["url"]) for s in self.manifest["shards"]]
-        workers = max(1, self.num_workers)
+        workers = max(1, self.loader.num_workers)
         if self.mode == "split" and len(urls) < world * workers:
             raise ValueError(
                 f"mode='split' needs at least world_size x workers = {world * workers} shards; {self.train_dir} has "
                 f"{len(urls)}. Re-shard with a smaller --shard-size, or use mode='resampled'."
             )
         keep = subset_labels(len(self.all_classnames), self.subsample)
-        tf = build_train_transform(self.image_size, self.train_transforms, self.mean, self.std, crop_scale=self.crop_scale)
+        tf = train_transform(self.transforms)
         if self.mode == "resampled":
             ds = wds.WebDataset(urls, resampled=True, shardshuffle=False, nodesplitter=None, seed=self.seed)
         else:
@@ -171,10 +162,11 @@ class ShardDataModule(L.LightningDataModule):
             .decode("pil")
             .to_tuple(IMAGE_KEYS, "cls", "json")
             .map(_ToItem(tf, {y: i for i, y in enumerate(keep)}))
-            .batched(self.batch_size, partial=False)
+            .batched(self.loader.batch_size, partial=False)
             .with_epoch(per_worker)
         )
-        loader = wds.WebLoader(pipeline, batch_size=None, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        n = self.loader.num_workers
+        loader = wds.WebLoader(pipeline, batch_size=None, num_workers=n, persistent_workers=n > 0)
         with warnings.catch_warnings():  # with_length only tells Lightning the batch count; with_epoch sets it
             warnings.simplefilter("ignore", UserWarning)
             return loader.with_length(per_worker * workers)
@@ -183,7 +175,8 @@ class ShardDataModule(L.LightningDataModule):
         if folder is None:
             raise RuntimeError(f"No {stage} shards were given (set `{stage}_shards`).")
         ds = ShardIndexDataset(folder, self._eval_transform(), subset_labels(len(self.all_classnames), subset))
-        return DataLoader(ds, batch_size=self.eval_batch_size, shuffle=False, sampler=exact_eval_sampler(ds), num_workers=self.num_workers)
+        return DataLoader(ds, batch_size=self.loader.eval_batch_size, shuffle=False, sampler=exact_eval_sampler(ds),
+                          num_workers=self.loader.num_workers, pin_memory=self.loader.pin_memory)  # fmt: skip
 
     def val_dataloader(self) -> DataLoader | list:
         return self._eval_loader(self.val_dir, self.subsample, "val") if self.val_dir is not None else []

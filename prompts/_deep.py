@@ -48,6 +48,7 @@ from torch import Tensor
 from vlm.context import BlockContext, Tower, TowerContext
 from vlm.prompts.base import PromptLearner, TextInputs
 from vlm.prompts.text_context import TextCodec, TextContext
+from vlm.protocols import tower_runner
 from vlm.tokens import TokenState, TokenType, check
 #: When ``ctx_init`` initialises the text context (see ``DeepVLPrompts.build_text_context``).
 CTX_INIT_RULES = ("words", "released")
@@ -138,7 +139,7 @@ class DeepVLPrompts(PromptLearner, ABC):
         takes the text codec (tokenizer, token types, frozen embedding) from it."""
         self.codec = TextCodec.of(backbone, type(self).__name__)
         for tower, depth in ((Tower.TEXT, self.depth_text), (Tower.VISION, self.depth_vision)):
-            layers = int(getattr(backbone, tower.value).num_layers)
+            layers = int(tower_runner(backbone, tower, type(self).__name__).num_layers)
             if depth > layers:
                 raise ValueError(f"{type(self).__name__}: {tower.value} prompt depth {depth} exceeds the tower's {layers} layers.")
 

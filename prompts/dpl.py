@@ -50,11 +50,12 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from vlm.context import BlockContext
+from vlm.context import BlockContext, Tower
 from vlm.kernels import AttnSpec
 from vlm.prompts._deep import is_prompt
 from vlm.prompts.ivlp import IVLP
 from vlm.prompts.registry import register
+from vlm.protocols import tower_runner
 from vlm.tokens import TokenState, TokenType, check, kept_first
 
 GATES = ("exact", "constant", "learned")
@@ -131,7 +132,7 @@ class DPL(IVLP):
         for tower in self.decouple:
             if tower not in self.towers:
                 continue
-            runner = getattr(backbone, tower)
+            runner = tower_runner(backbone, Tower(tower), "DPL")
             shape = (int(runner.num_layers), int(runner.heads), 2)
             self.gate_logits[tower] = nn.Parameter(torch.full(shape, logit, dtype=ref.dtype, device=ref.device))
 

@@ -45,6 +45,7 @@ from vlm.kernels import AttnSpec
 from vlm.context import BlockContext, Tower
 from vlm.prompts.base import PromptLearner
 from vlm.prompts.registry import register
+from vlm.protocols import ImageTextBackbone, tower_runner
 from vlm.tokens import TokenState, TokenType, check, prefix_length
 
 
@@ -115,7 +116,7 @@ class KTPP(PromptLearner):
     def build(self, backbone: Any) -> None:
         """alpha per layer, and per stage a text-to-image projection and interaction weight."""
         super().build(backbone)
-        runner = backbone.vision
+        runner = tower_runner(backbone, Tower.VISION, "KTPP")
         dim, self.num_layers = int(runner.width), int(runner.num_layers)
         if self.num_layers < self.num_stages:
             raise ValueError(f"KTPP: {self.num_stages} stages need at least as many layers; the tower has {self.num_layers}.")
@@ -123,7 +124,7 @@ class KTPP(PromptLearner):
         kw = dict(dtype=ref.dtype, device=ref.device)
         self.alpha = nn.Parameter(torch.full((self.num_layers,), float(self.alpha_init), **kw))
         if self.pyramid:
-            e = self.class_text_width if self.class_text_width is not None else getattr(backbone, "embed_dim", None)
+            e = self.class_text_width if self.class_text_width is not None else (backbone.embed_dim if isinstance(backbone, ImageTextBackbone) else None)
             if e is None:
                 raise ValueError("KTPP pyramid prompts need text_dim (the class text embedding width).")
             self.class_text_width = int(e)

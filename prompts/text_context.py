@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from vlm.protocols import ImageTextBackbone
 from vlm.tokens import TokenType
 
 #: The placeholder word tokenized in place of each randomly initialised context vector.
@@ -36,9 +37,12 @@ class TextCodec:
     @classmethod
     def of(cls, backbone: Any, who: str) -> "TextCodec":
         """The codec of a CLIP-like ``backbone`` (``tokenize`` and ``text.token_embedding``)."""
-        text = getattr(backbone, "text", None)
-        if not hasattr(backbone, "tokenize") or not hasattr(text, "token_embedding"):
-            raise TypeError(f"{who} needs a backbone with a text tower (tokenize + text.token_embedding).")
+        if not isinstance(backbone, ImageTextBackbone) or not hasattr(backbone.text, "token_embedding"):
+            raise TypeError(
+                f"{who} needs a CLIP-like backbone with a text tower (vlm.protocols.ImageTextBackbone, whose "
+                f"text runner has a token_embedding); {type(backbone).__name__} has none. Use a CLIP (open_clip) backbone."
+            )
+        text = backbone.text
         return cls(backbone.tokenize, text.token_types, text.token_embedding)
 
     @property

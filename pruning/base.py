@@ -77,6 +77,13 @@ class TokenPruner(Pruner):
     in ``vlm.pruning``."""
 
     towers = (Tower.VISION,)
+    #: whether it runs on a tower without a CLS token whose patches merge in groups (Qwen's 2x2
+    #: units, ``ctx.token_group > 1``). False for a method that needs the CLS row or the patch grid:
+    #: such a backbone refuses it when the model is built (``check_budget``), naming the fix.
+    runs_on_merge_units: bool = True
+    #: whether the kept tokens leave the cut in their original (raster) order; a method that emits
+    #: them in another order (e.g. kept tokens, then merged ones) says so here.
+    keeps_raster_order: bool = True
 
     # --- probes -------------------------------------------------------------------------------
     @staticmethod

@@ -34,3 +34,19 @@ def short_text_clip(seed: int = 0):
     cfg["text_cfg"]["context_length"] = 24
     torch.manual_seed(seed)
     return ClipBackbone("tiny", model_cfg=cfg)
+
+
+def data_args(**kwargs):
+    """Datamodule keyword arguments with the image and loader settings written flat
+    (``image_size=8, batch_size=4``) regrouped as the datamodules take them
+    (``transforms={"image_size": 8}, loader={"batch_size": 4}``; vlm.datamodules.settings)."""
+    from vlm.datamodules.settings import MOVED_KEYS
+
+    out: dict = {}
+    for key, value in kwargs.items():
+        if key in MOVED_KEYS:
+            group, field = MOVED_KEYS[key].split(".")
+            out.setdefault(group, {})[field] = value
+        else:
+            out[key] = value
+    return out

@@ -38,6 +38,13 @@ def text_learners() -> list[str]:
     return [n for n in prompts.available() if Tower.TEXT in prompts.create(n).towers]
 
 
+def merge_unit_pruners() -> list[str]:
+    """Registered vision pruners that run on merge-unit towers (Qwen's; ``runs_on_merge_units``)."""
+    from vlm import pruning
+
+    return [n for n in vision_pruners() if pruning.create(n).runs_on_merge_units]
+
+
 def vision_pruners() -> list[str]:
     """Registered pruners that cut in the vision tower (LLM-stage pruners act on ``Tower.LLM``)."""
     from vlm import pruning

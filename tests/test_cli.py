@@ -34,7 +34,8 @@ def _write_configs(tmp: Path, data_root: Path, seed: int = 0) -> list[str]:
     data = {
         "data": {
             "class_path": "vlm.datamodules.FewShotDataModule",
-            "init_args": {"root": str(data_root), "dataset": "Toy", "num_shots": 2, "image_size": 32, "batch_size": 4, "eval_batch_size": 8},
+            "init_args": {"root": str(data_root), "dataset": "Toy", "num_shots": 2, "transforms": {"image_size": 32},
+                          "loader": {"batch_size": 4, "eval_batch_size": 8}},
         }
     }
     trainer = {

@@ -71,7 +71,7 @@ def _image_folder(root: Path) -> None:
 def test_imagefolder_layout_batches(tmp_path):
     _image_folder(tmp_path)
     (tmp_path / "classnames.txt").write_text("ant red ant\nfox arctic_fox\n")
-    dm = EpisodicDataModule(str(tmp_path), way=2, shot=1, query=2, train_episodes=3, val_episodes=2, test_episodes=4, image_size=8)
+    dm = EpisodicDataModule(str(tmp_path), way=2, shot=1, query=2, train_episodes=3, val_episodes=2, test_episodes=4, transforms={"image_size": 8})
     assert dm.classnames == ["red ant", "bee", "cat", "dog", "eel", "arctic fox", "gnu", "hen"]
     dm.setup()
     batches = list(dm.test_dataloader())
@@ -86,7 +86,7 @@ def test_imagefolder_layout_batches(tmp_path):
 def test_stored_episodes_are_replayed(tmp_path):
     """``episodes_dir``: val/test episodes are written once as index files and replayed (one sampler)."""
     _image_folder(tmp_path / "data")
-    kw = dict(way=2, shot=1, query=2, train_episodes=3, val_episodes=2, test_episodes=4, image_size=8)
+    kw = dict(way=2, shot=1, query=2, train_episodes=3, val_episodes=2, test_episodes=4, transforms={"image_size": 8})
     plain = EpisodicDataModule(str(tmp_path / "data"), **kw)
     stored = EpisodicDataModule(str(tmp_path / "data"), episodes_dir=str(tmp_path / "eps"), **kw)
     plain.setup(), stored.setup()
@@ -100,7 +100,7 @@ def test_stored_episodes_are_replayed(tmp_path):
 
 def test_ktpp_fit_and_test_on_mnist_episodes(tmp_path):
     """KTPP through episodes on the offline digits: meta-train on zero..four, test on five..nine."""
-    dm = MNISTEpisodicDataModule(shot=1, query=2, train_episodes=3, val_episodes=2, test_episodes=6, image_size=32)
+    dm = MNISTEpisodicDataModule(shot=1, query=2, train_episodes=3, val_episodes=2, test_episodes=6, transforms={"image_size": 32})
     assert dm.classnames[:2] == ["zero", "one"]
     torch.manual_seed(0)
     bb = ClipBackbone("tiny", model_cfg=tiny_clip_cfg(layers=3))

@@ -30,6 +30,20 @@ class LlmProbe:
     the batch maximum N; ``counts [B]`` visual tokens per sample (slots at or after the count are
     padding). ``H = Hkv * G`` with grouped-query attention: query head ``h`` reads key/value head
     ``h // G``, as the model's attention does.
+
+    Optional fields (None where the runner does not fill them; ``CutDecoder`` fills them all):
+
+    * ``scale``: the layer's attention logit scale (``scaling``, ``d ** -0.5`` on Llama/Qwen);
+    * ``query_lse [B, H]`` (fp32): per head, the log-sum-exp of the probe row's scaled logits
+      ``scale * q_h . k_{h,j}`` over every key of its causal row (all the sample's tokens up to and
+      including the probe: text, visual and layout ones), i.e. the normaliser of the layer's own
+      attention softmax for that row; ``exp(scale * q_h . k_{h,j} - query_lse_h)`` is the weight the
+      layer gives token ``j``. Computed from the probe row alone (no attention matrix);
+    * ``hidden [B, N, D]``: the layer's output hidden states at the visual slots, passed through the
+      language model's final norm (padding slots are zeros);
+    * ``text_keys [B, Hkv, T, d]``, ``text_hidden [B, T, D]``, ``text_counts [B]``: the same keys and
+      normed output states for the sample's prompt tail, the non-visual tokens after its last visual
+      token up to and including the probe row, in order, padded to the batch maximum T.
     """
 
     query: Tensor
@@ -37,12 +51,26 @@ class LlmProbe:
     keys: Tensor
     values: Tensor
     counts: Tensor
+    scale: Optional[float] = None
+    query_lse: Optional[Tensor] = None
+    hidden: Optional[Tensor] = None
+    text_keys: Optional[Tensor] = None
+    text_hidden: Optional[Tensor] = None
+    text_counts: Optional[Tensor] = None
 
     @property
     def valid(self) -> Tensor:
         """``[B, N]`` bool: the slots that hold a visual token."""
         n = self.keys.shape[2]
         return torch.arange(n, device=self.counts.device)[None] < self.counts[:, None]
+
+    @property
+    def text_valid(self) -> Tensor:
+        """``[B, T]`` bool: the prompt-tail slots that hold a token (needs ``text_counts``)."""
+        if self.text_keys is None or self.text_counts is None:
+            raise ValueError("This LlmProbe carries no prompt tail (text_keys / text_counts are None).")
+        t = self.text_keys.shape[2]
+        return torch.arange(t, device=self.text_counts.device)[None] < self.text_counts[:, None]
 
 
 class LlmStage(TowerHook):

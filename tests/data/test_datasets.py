@@ -99,7 +99,7 @@ def test_prepare_writes_a_split_from_class_folders(name: str, tmp_path: Path) ->
 
 def test_datamodule_base_new_and_template(tmp_path: Path) -> None:
     write_layout("eurosat", tmp_path)
-    dm = DatasetDataModule(str(tmp_path), "eurosat", num_shots=2, image_size=16, batch_size=2)
+    dm = DatasetDataModule(str(tmp_path), "eurosat", num_shots=2, transforms={"image_size": 16}, loader={"batch_size": 2})
     assert dm.template == "a centered satellite photo of {}."
     assert dm.classnames == ["alpha_one", "beta"] and dm.test_classnames["new"] == ["gamma"]
     dm.setup("fit")
@@ -110,7 +110,7 @@ def test_datamodule_base_new_and_template(tmp_path: Path) -> None:
 
 def test_test_only_dataset_and_ensembles(tmp_path: Path) -> None:
     write_layout("imagenet_a", tmp_path)
-    dm = DatasetDataModule(str(tmp_path), "imagenet_a", test_subsets=["all"], image_size=16)
+    dm = DatasetDataModule(str(tmp_path), "imagenet_a", test_subsets=["all"], transforms={"image_size": 16})
     assert dm.test_classnames["all"] == ["goldfish", "great white shark"]
     assert dm.templates("imagenet80") == IMAGENET_TEMPLATES and len(dm.templates("imagenet7")) == 7
     assert dm.templates("imagenet7") == IMAGENET_TEMPLATES_SELECT
@@ -124,7 +124,7 @@ def test_test_only_dataset_and_ensembles(tmp_path: Path) -> None:
 def test_vtab_final_split_keeps_sparse_labels(tmp_path: Path) -> None:
     write_layout("vtab_dtd", tmp_path)
     dm = DatasetDataModule(str(tmp_path), "vtab_dtd", num_shots=0, subsample="all", test_subsets=["all"],
-                           train_split="train800val200", image_size=16)
+                           train_split="train800val200", transforms={"image_size": 16})
     assert dm.num_classes == 47  # labels 0, 1, 46 present: the class list still has all 47 classes
     dm.setup("fit")
     assert len(dm.train_set) == 15

@@ -79,7 +79,8 @@ def test_manifest_counts_and_checksums(shard_dirs: dict[str, Path], tmp_path: Pa
 
 
 def test_eval_from_shards_counts_every_sample_once(shard_dirs: dict[str, Path]) -> None:
-    dm = ShardDataModule(str(shard_dirs["fewshot"]), test_shards=str(shard_dirs["test"]), image_size=16, eval_batch_size=4)
+    dm = ShardDataModule(str(shard_dirs["fewshot"]), test_shards=str(shard_dirs["test"]), transforms={"image_size": 16},
+                         loader={"eval_batch_size": 4})
     assert dm.classnames == ["Annual Crop Land", "River"] and dm.test_classnames["new"] == ["Sea or Lake"]
     base, new = dm.test_dataloader()
     seen = torch.cat([b["index"] for b in base]).tolist() + torch.cat([b["index"] for b in new]).tolist()
@@ -101,7 +102,7 @@ def test_every_rank_yields_the_same_batches(mode: str, shard_dirs: dict[str, Pat
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
         monkeypatch.setattr(vwds, "rank_and_world", lambda r=rank: (r, 2))
-        dm = ShardDataModule(str(shard_dirs["train"]), subsample="all", mode=mode, batch_size=2, image_size=16,
+        dm = ShardDataModule(str(shard_dirs["train"]), subsample="all", mode=mode, loader={"batch_size": 2}, transforms={"image_size": 16},
                              shuffle_buffer=4)  # fmt: skip
         loader = dm.train_dataloader()
         batches = list(loader)
@@ -113,7 +114,7 @@ def test_every_rank_yields_the_same_batches(mode: str, shard_dirs: dict[str, Pat
 
 def test_split_mode_needs_enough_shards(shard_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(vwds, "rank_and_world", lambda: (0, 8))
-    dm = ShardDataModule(str(shard_dirs["train"]), mode="split", image_size=16)
+    dm = ShardDataModule(str(shard_dirs["train"]), mode="split", transforms={"image_size": 16})
     with pytest.raises(ValueError, match="at least world_size x workers = 8 shards"):
         dm.train_dataloader()
 

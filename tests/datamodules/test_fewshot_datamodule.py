@@ -14,12 +14,13 @@ from vlm.datamodules.fewshot import sample_fewshot, subsample_classes
 from vlm.datamodules.fewshot_datamodule import FewShotDataModule
 from vlm.datamodules.splits import read_split
 from tests.datamodules.toydata import CLASSNAMES, TEST_COUNTS
+from tests.helpers import data_args
 
 
 def make_dm(root: Path, **kwargs: object) -> FewShotDataModule:
     args: dict[str, object] = dict(root=str(root), dataset="Toy", num_shots=4, image_size=8, batch_size=4)
     args.update(kwargs)
-    return FewShotDataModule(**args)  # type: ignore[arg-type]
+    return FewShotDataModule(**data_args(**args))  # type: ignore[arg-type]
 
 
 def test_classnames_at_init(toy_root: Path) -> None:
@@ -87,7 +88,7 @@ def test_image_dir_and_split_file_options(tmp_path: Path, dataset_factory) -> No
     assert (tmp_path / "cache" / "shot_4-seed_1.json").is_file()
     moved = tmp_path / "elsewhere.json"
     moved.write_text((root / "split_zhou_Toy.json").read_text())
-    dm2 = FewShotDataModule(root=str(root), dataset="Other", image_dir="", split_file=str(moved), image_size=8)
+    dm2 = FewShotDataModule(root=str(root), dataset="Other", image_dir="", split_file=str(moved), transforms={"image_size": 8})
     assert dm2.classnames == dm.classnames
 
 
@@ -149,8 +150,9 @@ def test_vlm_cli_links_classnames_from_the_data(toy_root: Path, tmp_path: Path, 
     config = {
         "model": {"class_path": f"{__name__}.TinyClassifier"},
         "data": {"class_path": "vlm.datamodules.FewShotDataModule",
-                 "init_args": {"root": str(toy_root), "dataset": "Toy", "num_shots": 2, "image_size": 8,
-                               "train_transforms": ["random_resized_crop", "normalize"], "test_subsets": ["base", "new"]}},
+                 "init_args": {"root": str(toy_root), "dataset": "Toy", "num_shots": 2,
+                               "transforms": {"image_size": 8, "train": ["random_resized_crop", "normalize"]},
+                               "test_subsets": ["base", "new"]}},
         "trainer": {"max_epochs": 1, "logger": False, "enable_checkpointing": False,
                     "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": str(tmp_path)},
     }  # fmt: skip
@@ -159,7 +161,7 @@ def test_vlm_cli_links_classnames_from_the_data(toy_root: Path, tmp_path: Path, 
     # vlm's own CLI (vlm.runtime.links): the model's classnames come from the data config, not from the model's
     cli = VLMCLI(args=["--config", str(cfg_path)], run=False, save_config_callback=None)
     assert cli.model.classnames == ["cat", "dog", "golden_retriever"]
-    assert cli.datamodule.train_transforms == ["random_resized_crop", "normalize"]
+    assert cli.datamodule.transforms.train == ("random_resized_crop", "normalize")
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     cli.trainer.test(cli.model, datamodule=cli.datamodule)
     assert sorted(set(cli.model.seen_test)) == [0, 1]

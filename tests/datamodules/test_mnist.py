@@ -78,7 +78,7 @@ def test_fewshot_datamodule(mnist_root: Path, monkeypatch: pytest.MonkeyPatch) -
     assert dm.classnames == MNIST_CLASSNAMES[:5]
     assert dm.test_classnames == {"base": MNIST_CLASSNAMES[:5], "new": MNIST_CLASSNAMES[5:]}
     assert dm.prompts("new")[0] == "a photo of the digit five."
-    assert "random_flip" not in dm.train_transforms
+    assert "random_flip" not in dm.transforms.train
     assert dict(dm.hparams)["root"] is None and "dataset" not in dm.hparams
     dm.prepare_data()
     dm.setup("fit")
@@ -90,7 +90,7 @@ def test_fewshot_datamodule(mnist_root: Path, monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_pretrain_datamodule(mnist_root: Path) -> None:
-    dm = MNISTPretrainDataModule(root=str(mnist_root), batch_size=64)
+    dm = MNISTPretrainDataModule(root=str(mnist_root), loader={"batch_size": 64})
     assert dm.classnames == MNIST_CLASSNAMES and dm.num_classes == 10
     assert len(dm.templates) >= 4 and dm.templates == PRETRAIN_TEMPLATES
     dm.setup("fit")

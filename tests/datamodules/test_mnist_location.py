@@ -75,7 +75,7 @@ def test_prepare_is_idempotent(root: Path) -> None:
 
 
 def test_datamodule(root: Path) -> None:
-    dm = MNISTLocationDataModule(root=str(root), num_shots=10, batch_size=8)
+    dm = MNISTLocationDataModule(root=str(root), num_shots=10, loader={"batch_size": 8})
     dm.prepare_data()
     dm.setup("fit")
     dm.setup("test")
@@ -87,4 +87,4 @@ def test_datamodule(root: Path) -> None:
 
 def test_spatial_augmentation_is_refused(root: Path) -> None:
     with pytest.raises(ValueError, match=r"random_flip.*change its label.*\[normalize\]"):
-        MNISTLocationDataModule(root=str(root), train_transforms=["random_flip", "normalize"])
+        MNISTLocationDataModule(root=str(root), transforms={"train": ["random_flip", "normalize"]})

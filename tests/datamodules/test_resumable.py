@@ -74,7 +74,7 @@ def test_changed_batch_size_is_a_clear_error() -> None:
     torch.manual_seed(0)
     first = resumable_loader(NoisyItems(12), batch_size=3)
     batches(first, limit=1)
-    with pytest.raises(ResumeMismatchError, match="data.init_args.batch_size was 3 in the checkpoint and is 4 now.*epoch-end checkpoint"):
+    with pytest.raises(ResumeMismatchError, match="data.init_args.loader.batch_size was 3 in the checkpoint and is 4 now.*epoch-end checkpoint"):
         resumable_loader(NoisyItems(12), batch_size=4).load_state_dict(first.state_dict())
 
 
@@ -92,8 +92,8 @@ def test_a_larger_batch_size_near_the_epoch_end_is_refused_not_skipped() -> None
         again.load_state_dict(state)
     message = str(err.value)
     assert "after batch 2 of 3 of epoch 0" in message
-    assert "data.init_args.batch_size was 2 in the checkpoint and is 3 now" in message
-    assert "--data.init_args.batch_size 2" in message and "epoch-end checkpoint" in message
+    assert "data.init_args.loader.batch_size was 2 in the checkpoint and is 3 now" in message
+    assert "--data.init_args.loader.batch_size 2" in message and "epoch-end checkpoint" in message
 
 
 def _distributed(n: int, batch_size: int, world: int, seed: int = 0) -> ResumableLoader:
@@ -107,7 +107,7 @@ def _distributed(n: int, batch_size: int, world: int, seed: int = 0) -> Resumabl
 #: settings), the multi-process order's seed, the world size, and the training set's size.
 CHANGES = {
     "batch size": (lambda: resumable_loader(NoisyItems(12), batch_size=2), lambda: resumable_loader(NoisyItems(12), batch_size=3),
-                   ["data.init_args.batch_size was 2 in the checkpoint and is 3 now", "--data.init_args.batch_size 2"]),
+                   ["data.init_args.loader.batch_size was 2 in the checkpoint and is 3 now", "--data.init_args.loader.batch_size 2"]),
     "shots": (lambda: resumable_loader(NoisyItems(12), 2, settings={"data.init_args.num_shots": 2}),
               lambda: resumable_loader(NoisyItems(12), 2, settings={"data.init_args.num_shots": 4}),
               ["data.init_args.num_shots was 2 in the checkpoint and is 4 now", "--data.init_args.num_shots 2"]),

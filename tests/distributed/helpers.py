@@ -30,7 +30,7 @@ def toy_data(root: Path) -> Path:
 
 
 def write_config(tmp: Path, data_root: Path, batch_size: int, max_epochs: int = 2, run_dir: Path | None = None) -> Path:
-    """One YAML for every world size: only `--trainer.devices` / `--data.init_args.batch_size` change."""
+    """One YAML for every world size: only `--trainer.devices` / `--data.init_args.loader.batch_size` change."""
     run_dir = run_dir or tmp / "run"
     cfg: dict[str, Any] = {
         "seed_everything": 3,
@@ -45,8 +45,9 @@ def write_config(tmp: Path, data_root: Path, batch_size: int, max_epochs: int = 
         "data": {
             "class_path": "vlm.datamodules.FewShotDataModule",
             "init_args": {
-                "root": str(data_root), "dataset": "Toy", "num_shots": 2, "image_size": 32, "batch_size": batch_size,
-                "eval_batch_size": 2, "train_transforms": ["normalize"],  # deterministic: identical inputs on every rank
+                "root": str(data_root), "dataset": "Toy", "num_shots": 2,
+                "transforms": {"image_size": 32, "train": ["normalize"]},  # deterministic: identical inputs on every rank
+                "loader": {"batch_size": batch_size, "eval_batch_size": 2},
             },
         },
         "trainer": {

@@ -79,7 +79,7 @@ def test_two_processes_resume_mid_epoch_bitwise(tmp_path: Path) -> None:
     cfg = write_config(tmp_path, data, batch_size=1)
     every_step = ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.every_n_train_steps=1",
                   "--trainer.callbacks.save_last=true", "--trainer.deterministic=true",
-                  "--data.init_args.train_transforms=[random_resized_crop, random_flip, normalize]"]  # fmt: skip
+                  "--data.init_args.transforms.train=[random_resized_crop, random_flip, normalize]"]  # fmt: skip
 
     def fit(name: str, extra: list[str]) -> dict:
         run = tmp_path / name

@@ -154,7 +154,7 @@ def test_sweep_task_fit_then_test_keeps_the_fit_logs(tmp_path: Path) -> None:
         **_slurm_env(1, 1), "SLURM_ARRAY_TASK_ID": "0", "PATH": f"{bin_dir}:{os.environ['PATH']}",
         "PROTOCOLS": "base2new", "DATASETS": "dtd", "SEEDS": "1", "CONFIGS": f"--config {model}",
         "VLM": f"{sys.executable} -m vlm.runtime.cli",
-        "EXTRA_ARGS": "--data.init_args.image_size 32 --data.init_args.batch_size 2 --data.init_args.num_workers 0",
+        "EXTRA_ARGS": "--data.init_args.transforms.image_size 32 --data.init_args.loader.batch_size 2 --data.init_args.loader.num_workers 0",
     })  # fmt: skip
     proc = subprocess.run(["bash", "scripts/slurm/sweep_task.sbatch"], cwd=work, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -61,7 +61,7 @@ def test_image_size_mismatch_names_both_sizes(tmp_path: Path) -> None:
     not a tensor-shape error inside the image tower."""
     fit = readme_flow("dtd", tmp_path).commands[0]
     with pytest.raises(ValueError, match=r"data gives 64 px images.*backbone 'tiny' takes 32 px.*image_size 32"):
-        run([*fit, "--data.init_args.image_size", "64"])
+        run([*fit, "--data.init_args.transforms.image_size", "64"])
 
 
 def test_model_values_disagreeing_with_the_data_are_an_error(tmp_path: Path) -> None:

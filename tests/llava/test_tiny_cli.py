@@ -8,12 +8,10 @@ import re
 import shlex
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
-from PIL import Image
 
-from tests.llava.tiny import TINY_LLAVA_CONFIG, save_tiny_processor
+from tests.llava.tiny import TINY_LLAVA_CONFIG, save_tiny_processor, write_tiny_pope
 from vlm.runtime.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,14 +57,7 @@ def test_readme_tiny_llava_config_matches_the_llava15_processor() -> None:
 @pytest.fixture(scope="module")
 def pope(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("pope")
-    rng = np.random.default_rng(0)
-    questions, labels = [], []
-    for i in range(4):
-        Image.fromarray((rng.random((40, 48, 3)) * 255).astype("uint8")).save(root / f"{i}.png")
-        questions.append({"question_id": i, "image": f"{i}.png", "text": f"w{i} w{i + 1}", "category": "random"})
-        labels.append({"question_id": i, "label": "yes" if i % 2 else "no"})
-    (root / "questions.jsonl").write_text("\n".join(json.dumps(q) for q in questions))
-    (root / "labels.jsonl").write_text("\n".join(json.dumps(x) for x in labels))
+    write_tiny_pope(root, (40, 48))
     save_tiny_processor(root / "processor")
     return root
 

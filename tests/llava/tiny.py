@@ -82,3 +82,21 @@ def save_tiny_processor(path) -> str:
     LlavaProcessor(image_processor=image, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
                    num_additional_image_tokens=1).save_pretrained(str(path))
     return str(path)
+
+
+def write_tiny_pope(root, size: tuple[int, int] = (32, 32), count: int = 4) -> None:
+    """``count`` random images and a POPE question/label file pair in LLaVA's layout under ``root``
+    (answers alternate no/yes), for the CLI tests on local files."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    questions, labels = [], []
+    for i in range(count):
+        Image.fromarray((rng.random((*size, 3)) * 255).astype("uint8")).save(root / f"{i}.png")
+        questions.append({"question_id": i, "image": f"{i}.png", "text": f"w{i} w{i + 1}", "category": "random"})
+        labels.append({"question_id": i, "label": "yes" if i % 2 else "no"})
+    (root / "questions.jsonl").write_text("\n".join(json.dumps(q) for q in questions))
+    (root / "labels.jsonl").write_text("\n".join(json.dumps(x) for x in labels))

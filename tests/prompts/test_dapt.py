@@ -262,7 +262,7 @@ def write_masks(root: Path) -> Path:
 @pytest.mark.parametrize("source", ["dataset", "cls_attention"])
 def test_fit_and_base_new_test(tmp_path: Path, clip, source):
     root = make_dataset(tmp_path / "toy")
-    kw = dict(root=str(root), dataset="Toy", num_shots=2, image_size=32, batch_size=4, eval_batch_size=8)
+    kw = dict(root=str(root), dataset="Toy", num_shots=2, transforms={"image_size": 32}, loader={"batch_size": 4, "eval_batch_size": 8})
     if source == "dataset":
         dm = MaskedFewShotDataModule(mask_root=str(write_masks(root)), **kw)
         dm.setup("fit")

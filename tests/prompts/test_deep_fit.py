@@ -35,7 +35,7 @@ def test_fit_then_test_base_and_new(name, toy, tmp_path):
     model = CLIPClassifier(backbone, learner, optim=OptimConfig(lr=0.05))
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     assert before and all(k.startswith("prompt_learner.") for k in before)
-    dm = FewShotDataModule(str(toy), "Toy", num_shots=2, image_size=32, batch_size=4, eval_batch_size=8)
+    dm = FewShotDataModule(str(toy), "Toy", num_shots=2, transforms={"image_size": 32}, loader={"batch_size": 4, "eval_batch_size": 8})
     trainer = L.Trainer(
         max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),

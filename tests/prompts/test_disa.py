@@ -116,7 +116,7 @@ def test_cir_direction_flag_and_validation(clip):
 
 def test_fit_builds_prototypes_from_training_shots_and_tests_base_new(tmp_path: Path, clip):
     root = make_dataset(tmp_path / "toy")
-    dm = FewShotDataModule(root=str(root), dataset="Toy", num_shots=2, image_size=32, batch_size=4, eval_batch_size=8)
+    dm = FewShotDataModule(root=str(root), dataset="Toy", num_shots=2, transforms={"image_size": 32}, loader={"batch_size": 4, "eval_batch_size": 8})
     torch.manual_seed(0)
     learner = DiSa(depth_text=2, depth_vision=2, sr_templates=TEMPLATES)
     module = CLIPClassifier(clip, learner)

@@ -290,7 +290,7 @@ def test_fit_and_test_through_vit_classifier_on_mnist(tmp_path):
     from vlm.modules.optim import OptimConfig
     from vlm.modules.vit_classifier import ViTClassifier
 
-    dm = MNISTFewShotDataModule(num_shots=2, subsample="all", test_subsets=["all"], image_size=32, batch_size=10, eval_batch_size=200)
+    dm = MNISTFewShotDataModule(num_shots=2, subsample="all", test_subsets=["all"], transforms={"image_size": 32}, loader={"batch_size": 10, "eval_batch_size": 200})
     learner = TCPA(pool_size_cls=4, pool_size_img=4, topk_cls=2, topk_img=2, random_epochs=1)
     model = ViTClassifier(vit(), num_classes=10, prompt_learner=learner, optim=OptimConfig(name="adamw", lr=0.01))
     keys = learner.keys_img.detach().clone()

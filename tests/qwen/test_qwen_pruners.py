@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from tests.qwen.tiny import encode
+from tests.registries import merge_unit_pruners, vision_pruners
 from vlm import pruning
 from vlm.context import Tower
 from vlm.hooks import TowerHook
@@ -26,7 +27,7 @@ from vlm.pruning.registry import PRUNERS
 from vlm.towers.qwen import QwenRunner
 
 #: every registered vision-tower pruner (LLM-stage ones are covered where the LLM cut runs)
-VISION_PRUNERS = [n for n in pruning.available() if Tower.VISION in PRUNERS.get(n).towers]
+VISION_PRUNERS = merge_unit_pruners()  # the ones that need a CLS row or a patch grid are refused (tested below)
 BUDGET = 3  # merged tokens per image; the four images have 15, 4, 16 and 12 units
 
 
@@ -184,3 +185,22 @@ def test_an_image_keeps_the_same_units_alone_as_in_the_batch(model, name):
             alone = runner.vision.run(enc["pixel_values"][start : start + n], grid[None], [pruning.create(name, num_tokens=BUDGET)])
             start += n
             assert kept_units(alone, 0) == kept_units(together, row)
+
+
+@pytest.mark.parametrize("name", sorted(set(vision_pruners()) - set(merge_unit_pruners())))
+@pytest.mark.parametrize("kind", ["qwen2_5_vl", "qwen3_vl"])
+def test_a_pruner_that_needs_cls_or_a_grid_is_refused_when_the_model_is_built(kind, name):
+    """A vision pruner that declares ``runs_on_merge_units = False`` is refused by the Qwen backbone's
+    build-time check (what ``LlavaEval`` calls), with the usable pruners named; alone and as an LLM
+    stage's vision stage."""
+    from tests.qwen.tiny import MODELS
+    from vlm.backbones import Qwen2_5VLBackbone, Qwen3VLBackbone
+    from vlm.runtime.reliability import IncompatibleHooksError
+
+    backbone = {"qwen2_5_vl": Qwen2_5VLBackbone, "qwen3_vl": Qwen3VLBackbone}[kind](config=MODELS[kind][0])
+    with pytest.raises(IncompatibleHooksError, match=f"Pruner '{name}' needs a vision tower with a CLS token.*vtc_cls"):
+        backbone.check_budget(pruning.create(name, num_tokens=BUDGET))
+    stage = next(pruning.create(n, num_tokens=BUDGET) for n in pruning.available() if Tower.LLM in PRUNERS.get(n).towers)
+    stage.vision_stage = pruning.create(name, num_tokens=BUDGET)
+    with pytest.raises(IncompatibleHooksError, match=f"Pruner '{name}'"):
+        backbone.check_budget(stage)

@@ -9,7 +9,7 @@ import lightning as L
 import torch
 import yaml
 
-from tests.helpers import tiny_clip_cfg
+from tests.helpers import data_args, tiny_clip_cfg
 from vlm.backbones import ClipBackbone
 from vlm.datamodules import FewShotDataModule
 from vlm.modules import CLIPClassifier
@@ -29,7 +29,7 @@ def toy_datamodule(root: Path, **kwargs: Any) -> FewShotDataModule:
     """The toy dataset as few-shot base-to-new data at 32 px."""
     args: dict[str, Any] = dict(root=str(root), dataset="Toy", num_shots=2, image_size=32, batch_size=2, eval_batch_size=8)
     args.update(kwargs)
-    return FewShotDataModule(**args)
+    return FewShotDataModule(**data_args(**args))
 
 
 def trainer(root: Path, callbacks: Optional[list[L.Callback]] = None, **kwargs: Any) -> L.Trainer:
@@ -42,7 +42,7 @@ def trainer(root: Path, callbacks: Optional[list[L.Callback]] = None, **kwargs: 
     return L.Trainer(**args)
 
 
-def write_cli_config(tmp: Path, data_root: Path, run_dir: Path, **data_args: Any) -> Path:
+def write_cli_config(tmp: Path, data_root: Path, run_dir: Path, **data: Any) -> Path:
     """One YAML for `vlm fit/test`: tiny CLIP + CoOp, toy data, CSV logs in ``run_dir/v0``."""
     cfg: dict[str, Any] = {
         "seed_everything": 0,
@@ -56,8 +56,8 @@ def write_cli_config(tmp: Path, data_root: Path, run_dir: Path, **data_args: Any
         },
         "data": {
             "class_path": "vlm.datamodules.FewShotDataModule",
-            "init_args": {"root": str(data_root), "dataset": "Toy", "num_shots": 2, "image_size": 32, "batch_size": 2,
-                          "eval_batch_size": 8, **data_args},
+            "init_args": data_args(root=str(data_root), dataset="Toy", num_shots=2, image_size=32, batch_size=2,
+                                   eval_batch_size=8, **data),
         },  # fmt: skip
         "trainer": {
             "max_epochs": 1,

@@ -99,7 +99,7 @@ def test_resume_with_workers_equals_the_single_process_run(reference: tuple, tmp
 @pytest.mark.parametrize(
     "change,expected",
     [
-        ({"batch_size": 3}, "data.init_args.batch_size was 2 in the checkpoint and is 3 now"),
+        ({"batch_size": 3}, "data.init_args.loader.batch_size was 2 in the checkpoint and is 3 now"),
         ({"seed": 2}, "data.init_args.seed was 1 in the checkpoint and is 2 now"),
         ({"num_shots": 1}, "data.init_args.num_shots was 2 in the checkpoint and is 1 now"),
     ],
@@ -114,4 +114,5 @@ def test_mid_epoch_resume_with_other_data_settings_is_refused(change: dict[str, 
     message = str(err.value)
     assert expected in message and "after batch 2 of 3 of epoch 0" in message, message
     name, value = next(iter(change.items()))
-    assert f"--data.init_args.{name} {dict(batch_size=2, seed=1, num_shots=2)[name]}" in message
+    key = {"batch_size": "loader.batch_size"}.get(name, name)
+    assert f"--data.init_args.{key} {dict(batch_size=2, seed=1, num_shots=2)[name]}" in message

@@ -130,6 +130,11 @@ class ClipBackbone(Backbone):
             self.model.text_projection
         ) else int(self.model.visual.output_dim)
 
+    @property
+    def feature_dim(self) -> int:
+        """Width of :meth:`encode_image`'s output: the joint embedding width."""
+        return self.embed_dim
+
     # --- forward pieces -----------------------------------------------------------------------
     def tokenize(self, texts: list[str]) -> Tensor:
         return self.tokenizer(texts).to(self.logit_scale.device)

@@ -30,6 +30,9 @@ from typing import Any, Optional
 from torch import Tensor
 
 from vlm.backbones.llava import LlavaBackbone
+from vlm.llm_stage import LlmStage
+from vlm.pruning.base import TokenPruner
+from vlm.runtime.reliability import IncompatibleHooksError
 from vlm.towers.greedy import Generation
 from vlm.towers.qwen import QwenRunner
 
@@ -115,6 +118,22 @@ class QwenVLBackbone(LlavaBackbone):
         vision = self.model.config.vision_config
         return (f"{type(self).__name__}: merged tokens of {vision.patch_size} px patches merged "
                 f"{vision.spatial_merge_size}x{vision.spatial_merge_size}, at most {self.pixel_limit} pixels per image")
+
+    def check_budget(self, pruner: Any) -> None:
+        """Also refuse a vision pruner (or an LLM stage's vision stage) that cannot run on merge units
+        (``runs_on_merge_units`` False: it needs a CLS row or the patch grid), naming the ones that can."""
+        stage = pruner.vision_stage if isinstance(pruner, LlmStage) else pruner
+        if isinstance(stage, TokenPruner) and not stage.runs_on_merge_units:
+            from vlm.pruning import available, create
+
+            usable = [n for n in available() if not isinstance(p := create(n), TokenPruner) or p.runs_on_merge_units]
+            raise IncompatibleHooksError(
+                f"Pruner {stage.name!r} needs a vision tower with a CLS token and a fixed patch grid; "
+                f"{type(self).__name__}'s tower has neither (dynamic resolution, patches merged in "
+                f"{self.model.config.vision_config.spatial_merge_size}x{self.model.config.vision_config.spatial_merge_size} units). "
+                f"Use one of: {', '.join(usable)}."
+            )
+        super().check_budget(pruner)
 
     def encode(self, prompts: list[str], images: list[Any]) -> dict[str, Tensor]:
         """The processor's ``input_ids``, ``attention_mask``, ``mm_token_type_ids``, ``pixel_values``

@@ -60,6 +60,23 @@ class ViTBackbone(Backbone):
         return int(self.model.num_features)
 
     @property
+    def feature_dim(self) -> int:
+        """Width of :meth:`encode_image`'s output: timm's ``num_features``."""
+        return self.num_features
+
+    @property
+    def image_size(self) -> Optional[int]:
+        """The square size the patch embedding requires, or None when it takes any size (built with
+        ``dynamic_img_size`` or without ``strict_img_size``)."""
+        embed = getattr(self.model, "patch_embed", None)  # timm models without one take any size
+        if embed is None or getattr(embed, "dynamic_img_size", False) or not getattr(embed, "strict_img_size", True):
+            return None
+        size = getattr(embed, "img_size", None)
+        if isinstance(size, (tuple, list)):
+            size = size[0]
+        return int(size) if size is not None else None
+
+    @property
     def patches_per_image(self) -> Optional[int]:
         """Patch tokens per image: timm's ``patch_embed.num_patches``, None if absent."""
         count = getattr(getattr(self.model, "patch_embed", None), "num_patches", None)

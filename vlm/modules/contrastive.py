@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from vlm.backbones import ClipBackbone
+from vlm.datamodules.protocols import CaptionData, data_of
 from vlm.modules.base import accuracy_percent
 
 
@@ -76,13 +77,17 @@ class ContrastiveCLIP(L.LightningModule):
         return self
 
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
+        dm = data_of(self.trainer, CaptionData)
         if not self.classnames and dm is not None:
             self.classnames = list(dm.classnames)
         if not self.templates and dm is not None:
-            self.templates = list(getattr(dm, "templates", ["{}"]))
+            self.templates = list(dm.templates)
         if not self.classnames or not self.templates:
-            raise ValueError("ContrastiveCLIP needs class names and caption templates (from args or the datamodule).")
+            raise ValueError(
+                "ContrastiveCLIP needs class names and caption templates: set model.init_args.classnames and "
+                "model.init_args.templates, or use a datamodule that has both (datamodules.protocols.CaptionData, "
+                "e.g. MNISTPretrainDataModule)."
+            )
 
     @torch.no_grad()
     def _pooled_captions(self) -> Tensor:

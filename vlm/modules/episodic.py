@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlm.backbones import ClipBackbone, ViTBackbone
+from vlm.protocols import ImageTextBackbone
 from vlm.datamodules.protocols import EpisodicData, data_of
 from vlm.datamodules.templates import DEFAULT_TEMPLATE
 from vlm.metrics import mean_ci95
@@ -75,7 +76,7 @@ class EpisodicClassifier(HookedClassifier):
         self.text_encoder = text_encoder
         if text_encoder is not None:
             text_encoder.requires_grad_(False)
-        text_model = text_encoder if text_encoder is not None else (backbone if isinstance(backbone, ClipBackbone) else None)
+        text_model = text_encoder if text_encoder is not None else (backbone if isinstance(backbone, ImageTextBackbone) else None)
         if prompt_learner is not None and prompt_learner.needs_class_text and prompt_learner.class_text_width is None and text_model is not None:
             prompt_learner.class_text_width = text_model.embed_dim
         self.attach(backbone, prompt_learner, None, optim or OptimConfig(name="adamw", lr=1e-3, weight_decay=0.0), None)
@@ -88,10 +89,10 @@ class EpisodicClassifier(HookedClassifier):
         self.cache_eval_features = cache_eval_features
         self._feature_cache: dict[tuple[int, ...], dict[int, Tensor]] = {}
 
-    def _text_model(self) -> Optional[ClipBackbone]:
+    def _text_model(self) -> Optional[ImageTextBackbone]:
         if self.text_encoder is not None:
             return self.text_encoder
-        return self.backbone if isinstance(self.backbone, ClipBackbone) else None
+        return self.backbone if isinstance(self.backbone, ImageTextBackbone) else None
 
     def setup(self, stage: str) -> None:
         data = data_of(self.trainer, EpisodicData)

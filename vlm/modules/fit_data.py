@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from vlm.datamodules.protocols import ShotData
+
 from vlm.prompts.base import PromptLearner, ShotFeatures, TrainShotFeatures
 
 
@@ -22,17 +24,17 @@ def shot_loader(datamodule: Any, request: TrainShotFeatures) -> Any:
     if request.transform == "train":
         return datamodule.train_dataloader()
     from vlm.datamodules.image_list import ImageListDataset
-    from vlm.datamodules.transforms import build_test_transform
+    from vlm.datamodules.settings import test_transform
 
-    train = getattr(datamodule, "train_set", None)
-    if train is None or not hasattr(train, "items"):
+    if not isinstance(datamodule, ShotData) or not hasattr(datamodule.train_set, "items"):
         raise TypeError(
             f"{type(datamodule).__name__} has no train_set.items: TrainShotFeatures(transform='test') needs a "
-            "FewShotDataModule-like datamodule; use transform='train' to read the training loader instead."
+            "few-shot datamodule (datamodules.protocols.ShotData, e.g. FewShotDataModule); use transform='train' "
+            "to read the training loader instead."
         )
-    norm = "normalize" in getattr(datamodule, "train_transforms", ("normalize",))
-    tf = build_test_transform(datamodule.image_size, datamodule.mean, datamodule.std, normalize=norm)
-    return DataLoader(ImageListDataset(train.items, tf, name="train-shot-features"), batch_size=datamodule.eval_batch_size)
+    tf = test_transform(datamodule.transforms)
+    train = datamodule.train_set
+    return DataLoader(ImageListDataset(train.items, tf, name="train-shot-features"), batch_size=datamodule.loader.eval_batch_size)
 
 
 @torch.no_grad()

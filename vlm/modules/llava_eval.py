@@ -20,6 +20,7 @@ from typing import Any, Optional
 import lightning as L
 
 from vlm.backbones.llava import VICUNA_V1, LlavaBackbone
+from vlm.datamodules.protocols import QuestionData, data_of
 from vlm.metrics_vqa import scorer
 from vlm.pruning.base import Pruner
 
@@ -77,7 +78,8 @@ class LlavaEval(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         if self.metric is None:
-            self.metric = getattr(getattr(self.trainer, "datamodule", None), "metric", None) or "vqa"
+            data = data_of(self.trainer, QuestionData)
+            self.metric = data.metric if data is not None else "vqa"
 
     def answer(self, images: list[Any], questions: list[str]) -> tuple[list[str], Any]:
         """Greedy answers to ``questions`` (``images[i]``: one image or a list of them) and the

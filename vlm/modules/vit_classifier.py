@@ -53,7 +53,7 @@ class ViTClassifier(HookedClassifier):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone", "prompt_learner", "optim", "pruner"])
         self.attach(backbone, prompt_learner, pruner, optim, init_from)
-        dim = backbone.num_features if isinstance(backbone, ViTBackbone) else backbone.embed_dim
+        dim = backbone.feature_dim
         self.num_classes = num_classes
         self.head = nn.Linear(dim, num_classes)
         self.skipped_subsets: dict[str, str] = {}

@@ -18,6 +18,7 @@ from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
+from vlm.datamodules.protocols import LabelledData
 from vlm.metrics import harmonic_mean
 
 if TYPE_CHECKING:
@@ -215,7 +216,7 @@ class PredictionWriter(BasePredictionWriter):
 
     def write_on_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any, batch_indices: Any,
                            batch: Any, batch_idx: int, dataloader_idx: int) -> None:  # fmt: skip
-        rows = prediction_rows(prediction, classnames=getattr(trainer.datamodule, "classnames", None),
+        rows = prediction_rows(prediction, classnames=_classnames(trainer.datamodule),
                                dataset=_predict_dataset(trainer, dataloader_idx))  # fmt: skip
         if self.path is None or not rows:
             return
@@ -226,6 +227,10 @@ class PredictionWriter(BasePredictionWriter):
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.path is not None:
             print(f"vlm predict: wrote {self.count} predictions to {self.path}")
+
+
+def _classnames(datamodule: Any) -> Optional[list[str]]:
+    return list(datamodule.classnames) if isinstance(datamodule, LabelledData) else None
 
 
 def _predict_dataset(trainer: L.Trainer, dataloader_idx: int) -> Any:

@@ -15,6 +15,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from vlm.datamodules.protocols import SizedImages
+from vlm.protocols import ImageBackbone
+
 #: datamodule attribute -> the model argument of the same name that it fills.
 DATA_LINKS: tuple[str, ...] = ("template", "num_classes", "classnames", "test_classnames")
 
@@ -64,28 +67,21 @@ def check_linked_values(model_init_args: Any, datamodule: Any) -> None:
 
 
 def image_size_of(backbone: Any) -> int | None:
-    """The square input size a backbone requires, or ``None`` if it accepts any size."""
-    size = getattr(backbone, "image_size", None)
-    if size is None:  # a timm ViT: its patch embedding fixes the size unless built dynamic
-        embed = getattr(getattr(backbone, "model", None), "patch_embed", None)
-        if embed is None or getattr(embed, "dynamic_img_size", False) or not getattr(embed, "strict_img_size", True):
-            return None
-        size = getattr(embed, "img_size", None)
-    if isinstance(size, (tuple, list)):
-        size = size[0]
-    return int(size) if size is not None else None
+    """The square input size an :class:`~vlm.protocols.ImageBackbone` requires, or ``None`` if it
+    accepts any size (or is not an image backbone, e.g. a LLaVA model with its own processor)."""
+    return backbone.image_size if isinstance(backbone, ImageBackbone) else None
 
 
 def check_image_size(backbone: Any, datamodule: Any) -> None:
     """Raise a ``ValueError`` naming both sizes and the keys to set when the data's images are not
     the size the backbone takes (instead of a tensor-shape error deep in the image tower)."""
-    data_size = getattr(datamodule, "image_size", None)
+    data_size = datamodule.transforms.image_size if isinstance(datamodule, SizedImages) else None
     model_size = image_size_of(backbone)
     if data_size is None or model_size is None or not isinstance(data_size, int) or data_size == model_size:
         return
-    name = getattr(backbone, "model_name", type(backbone).__name__)
+    name = backbone.identity().get("model_name") or type(backbone).__name__
     raise ValueError(
-        f"The data gives {data_size} px images (data.init_args.image_size={data_size}), but the backbone "
-        f"{name!r} takes {model_size} px (model.init_args.backbone). Set --data.init_args.image_size {model_size}, "
+        f"The data gives {data_size} px images (data.init_args.transforms.image_size={data_size}), but the backbone "
+        f"{name!r} takes {model_size} px (model.init_args.backbone). Set --data.init_args.transforms.image_size {model_size}, "
         f"or use a backbone built for {data_size} px."
     )

@@ -8,6 +8,8 @@ knows, replaces it with one sentence that names the key and the nearest valid on
 * ``Subcommand 'fit' does not accept option 'trainer.max_epoch'`` (a key the parser does not have);
 * ``Option 'n_ctxx' is not accepted`` inside ``class_path 'vlm.prompts.<module>.<Class>'`` (an argument the
   configured class does not take; the valid ones are its constructor's);
+* a flat datamodule key of earlier versions (``data.init_args.batch_size``): the grouped key that
+  replaced it (``data.init_args.loader.batch_size``, :mod:`vlm.datamodules.settings`);
 * ``Expected a dot import path string: coopp`` (a ``class_path`` that is neither an import path nor
   a registered short name: the registered names are listed, since they are what it could have been).
 
@@ -69,6 +71,15 @@ def _init_arguments(class_path: str) -> list[str]:
     return _signature(cls.__init__)
 
 
+def _moved_setting(option: str, valid: list[str]) -> Optional[str]:
+    """Where a flat datamodule key of earlier versions (``batch_size``) lives now (``loader.batch_size``),
+    if the class takes the grouped settings; else None."""
+    from vlm.datamodules.settings import MOVED_KEYS
+
+    moved = MOVED_KEYS.get(option)
+    return moved if moved is not None and moved.split(".")[0] in valid else None
+
+
 def _unknown_key(message: str, subcommand: Optional[str]) -> Optional[str]:
     inner = _IN_CLASS.search(message)
     if inner:
@@ -77,6 +88,13 @@ def _unknown_key(message: str, subcommand: Optional[str]) -> Optional[str]:
         path = [k for k in _PARSER_KEY.findall(before)]
         key = ".init_args.".join([*path, option]) if path else option
         valid = _init_arguments(class_path)
+        moved = _moved_setting(option, valid)
+        if moved:
+            new_key = key[: len(key) - len(option)] + moved
+            return (
+                f"unknown key '{key}': {class_path} groups its image and loader settings; write '{new_key}' "
+                f"(in YAML: {moved.split('.')[0]}: {{{moved.split('.')[1]}: ...}}; vlm.datamodules.settings)."
+            )
         guess = nearest(option, valid)
         hint = f" Did you mean '{guess}'?" if guess else ""
         return (

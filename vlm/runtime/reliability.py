@@ -34,6 +34,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from vlm.protocols import ImageBackbone
+
 
 class NonFiniteLossError(FloatingPointError):
     """A loss term became NaN or infinite."""
@@ -151,10 +153,8 @@ def check_token_budget(
 
 # --- hook compatibility ------------------------------------------------------------------------
 def num_vision_blocks(backbone: Any) -> Optional[int]:
-    """Blocks of the backbone's vision tower runner, or None if unknown."""
-    vision = getattr(backbone, "vision", None)
-    count = getattr(vision, "num_layers", None)
-    return int(count) if count is not None else None
+    """Blocks of an :class:`~vlm.protocols.ImageBackbone`'s vision tower, or None for another kind."""
+    return int(backbone.vision.num_layers) if isinstance(backbone, ImageBackbone) else None
 
 
 def check_hooks(backbone: Any, prompt_learner: Any = None, pruner: Any = None) -> None:
@@ -170,9 +170,8 @@ def check_hooks(backbone: Any, prompt_learner: Any = None, pruner: Any = None) -
             f"a {type(backbone).__name__} classifier has none. Use it with LlavaEval on a LLaVA backbone, "
             f"or pick a vision-tower pruner ({', '.join(vision)})."
         )
-    check_budget = getattr(backbone, "check_budget", None)  # a Backbone; duck-typed ones are not checked
-    if check_budget is not None:
-        check_budget(pruner)
+    if isinstance(backbone, ImageBackbone):
+        backbone.check_budget(pruner)
     blocks = num_vision_blocks(backbone)
     tail = prompt_learner.positional_tail() if prompt_learner is not None else None
     if tail is None or blocks is None:

@@ -19,6 +19,8 @@ from typing import Any, Optional
 
 import lightning as L
 
+from vlm.datamodules.protocols import NamedData, ReportedData
+
 from vlm.runtime.hashing import sha256_file
 from vlm.runtime.versions import package_versions
 
@@ -27,13 +29,13 @@ def collect_results(trainer: L.Trainer, model: L.LightningModule, config_path: O
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
     dm = getattr(trainer, "datamodule", None)
     backbone = getattr(model, "backbone", None)
-    extra = getattr(dm, "result_extras", None)
+    extra = dm.result_extras if isinstance(dm, ReportedData) else None
     model_extra = getattr(model, "result_extras", None)
     return {
         "metrics": metrics,
         "seed": seed if seed is not None else _env_seed(),
         "method": getattr(model, "method_name", type(model).__name__),
-        "dataset": getattr(dm, "dataset", None) or (type(dm).__name__ if dm is not None else None),
+        "dataset": (dm.dataset if isinstance(dm, NamedData) else None) or (type(dm).__name__ if dm is not None else None),
         "backbone": backbone.identity() if backbone is not None else None,
         "config": config_path,
         "checkpoint": tested_weights(trainer, model),

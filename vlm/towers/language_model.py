@@ -11,7 +11,10 @@ implementation (sdpa, eager, flash) is untouched:
   from the layer's input as the layer's attention computes it (``input_layernorm``, ``q_proj``, the
   per-head or full-width ``q_norm`` where the attention has one, as Qwen3's does, and the RoPE
   tables of the probe token's own position, 3-D under M-RoPE): one query row per sample, no
-  attention matrix and no recomputed keys; then it picks the visual tokens kept;
+  attention matrix and no recomputed keys; then it picks the visual tokens kept. The probe also
+  carries the probe row's per-head log-sum-exp over its whole causal row (the layer's softmax
+  normaliser), the layer's final-normed output states of the visual tokens, and the keys and states
+  of the prompt tail after the last visual token (``LlmProbe``'s optional fields);
 * after layer ``k`` each sample keeps its text tokens, its layout tokens (``LlmInputs.layout_mask``,
   e.g. kept ``image_newline``: never scored, outside the budget) and the kept visual tokens, in order,
   re-padded on the input's padding side; layers ``k+1..`` run on that shorter sequence.
@@ -224,12 +227,18 @@ class CutDecoder:
 
     # --- the probe ----------------------------------------------------------------------------
     def probe(
-        self, h: Tensor, rope: tuple[Tensor, Tensor], keys: Tensor, values: Tensor, visual: Tensor, probe_index: Tensor
+        self, h: Tensor, rope: tuple[Tensor, Tensor], keys: Tensor, values: Tensor, visual: Tensor, probe_index: Tensor,
+        out: Optional[Tensor] = None, valid: Optional[Tensor] = None, layout: Optional[Tensor] = None,
     ) -> tuple[LlmProbe, Tensor]:
         """The pruner's view of layer ``k``: the probe row's query, re-projected from the layer's input
         ``h [B, L, D]`` (its input norm, ``q_proj``, ``q_norm`` if any, and RoPE from ``rope``, the
         tables of the whole sequence: one row per sample), and the layer's own post-RoPE ``keys`` /
-        ``values [B, Hkv, L, d]`` (from its KV cache) at the probe row and the visual tokens. Returns the probe and ``visual_index [B, N]`` (sequence row of each visual slot)."""
+        ``values [B, Hkv, L, d]`` (from its KV cache) at the probe row and the scored tokens ``visual``.
+        With ``out`` (the layer's output ``[B, L, D]``), ``valid [B, L]`` (the tokens) and ``layout``
+        (every visual token, layout ones included; default ``visual``) it also fills the optional
+        fields (:class:`~vlm.llm_stage.LlmProbe`): the probe row's per-head log-sum-exp over its causal
+        row, the final-normed output states of the visual tokens, and the keys and states of the
+        prompt tail. Returns the probe and ``visual_index [B, N]`` (sequence row of each visual slot)."""
         layer = self.lm.layers[self.pruner.layer]
         attn = layer.self_attn
         b, d = h.shape[0], attn.head_dim
@@ -252,6 +261,29 @@ class CutDecoder:
 
         probe = LlmProbe(q[:, :, 0], at(values, probe_index[:, None])[:, :, 0], at(keys, visual_index),
                          at(values, visual_index), counts)  # fmt: skip
+        if out is None or valid is None:
+            return probe, visual_index
+        scale = float(getattr(attn, "scaling", d**-0.5))
+        length = keys.shape[2]
+        seq = torch.arange(length, device=keys.device)[None]
+        causal = valid.bool() & (seq <= probe_index[:, None])  # the probe row's keys
+        kv_heads = keys.shape[1]
+        logits = torch.einsum("bkgd,bkld->bkgl", q[:, :, 0].float().view(b, kv_heads, heads // kv_heads, d),
+                              keys.float()).flatten(1, 2) * scale
+        probe.scale = scale
+        probe.query_lse = logits.masked_fill(~causal[:, None], float("-inf")).logsumexp(-1)
+        normed = self.lm.norm(out)
+        slot_valid = probe.valid
+        probe.hidden = rows(normed, visual_index).masked_fill(~slot_valid[..., None], 0.0)
+        marked = visual if layout is None else layout
+        last = torch.where(marked, seq, -1).max(1).values  # the last visual token (-1: none)
+        tail = causal & ~marked & (seq > last[:, None])
+        text_counts = tail.sum(1)
+        tail_index = kept_first(tail, int(text_counts.max()))
+        text_valid = torch.arange(tail_index.shape[1], device=keys.device)[None] < text_counts[:, None]
+        probe.text_keys = at(keys, tail_index).masked_fill(~text_valid[:, None, :, None], 0.0)
+        probe.text_hidden = rows(normed, tail_index).masked_fill(~text_valid[..., None], 0.0)
+        probe.text_counts = text_counts
         return probe, visual_index
 
     # --- prefill and decoding -----------------------------------------------------------------
@@ -273,7 +305,7 @@ class CutDecoder:
             h_in = self.run(range(0, k), inputs.embeds, mask, rope, before.position_ids, early, inputs.deepstack)
             h = self.run(range(k, k + 1), h_in, mask, rope, before.position_ids, early, inputs.deepstack)
             keys, values = early.layers[k].keys, early.layers[k].values
-        probe, visual_index = self.probe(h_in, rope, keys, values, scored, probe_index)
+        probe, visual_index = self.probe(h_in, rope, keys, values, scored, probe_index, h, valid, visual)
 
         length = h.shape[1]
         slot = torch.where(probe.valid, visual_index, length)  # padding slots land on a dropped column

@@ -2,13 +2,27 @@
 
 A randomly initialised LLaVA-shaped model (no download): ``--size real`` is LLaVA-1.5-7B's shape
 (CLIP ViT-L/14-336, 576 patches, Vicuna-7B; fp16, needs a GPU), ``--size small`` a scaled-down
-copy for CPUs. Budgets are fractions 192/576, 128/576, 64/576 of the patches. Reported per budget:
+copy for CPUs (``tiny``: the smallest shapes, for the script's test). Budgets are fractions 192/576,
+128/576, 64/576 of the patches. ``--pruner`` takes any registered pruner; ``--pruners a b c`` or
+``--all`` run several and print one combined table (:func:`llava`). A vision pruner cuts in the
+vision tower; an LLM-stage one (``fastv``, ``dart``, ``flowcut_llm``, the last without its vision
+stage: ``two_stage=False``) cuts after its decoder layer ``layer`` through the runner's layer-by-layer
+decoder, so its pruned LLM prefill includes its scoring and the cut. Reported per pruner and budget:
 
-* LLM prefill time and FLOPs (the pruned stage), the actual speed-up, the FLOP-proportional ideal
-  and their ratio (target >= 0.9);
-* pruning overhead: vision pass with the pruner scoring but keeping every token, minus the plain
-  vision pass, as a percentage of the unpruned prefill (target < 3 %);
-* end-to-end prefill (vision + projector + LLM) before and after.
+* LLM prefill ms, pruned and unpruned: the medians of the *same* alternately timed pairs
+  (:func:`timed_pairs`); speed-up: the median of the within-pair ratios (unpruned / pruned), with the
+  ratio of the two printed medians beside it (``ms ratio``; the two differ slightly when pairs vary);
+  the FLOP-proportional ideal and the ratio speed-up / ideal (target >= 0.9);
+* overhead %: the pruner scoring but keeping every token, minus the plain pass, as the median of the
+  within-pair differences, % of the unpruned end-to-end prefill (target < 3 %). A vision pruner: the
+  vision pass (+ projector) with ``num_tokens`` = the patch count; an LLM-stage pruner: its cut prefill
+  keeping all visual tokens but one (DART returns early when it keeps all; one token fewer after the
+  cut is ~0.1 % of the LLM prefill) minus ``self.lm``'s plain prefill, as the ``--anyres``
+  cut-overhead column. One number per pruner, repeated on its rows;
+* vision delta % (vision pruners): the vision pass with the pruner at this budget minus the plain one,
+  same units: the per-budget scoring and selection (DivPrune's greedy loop runs ``num_tokens``
+  steps, so its keep-every-token overhead is its worst case), net of the vision blocks and projector
+  work a cut inside the tower saves.
 
 FLOPs count multiply-adds x 2 of the decoder's linear layers and attention (QK^T and PV) at
 sequence length L (per layer, so an LLM-stage cut counts the layers after it at the cut length);
@@ -37,11 +51,15 @@ calls per pass (one varlen call per block: the windows of Qwen2.5-VL's windowed 
 sequences of that call, not a Python loop).
 
 Times are medians over ``--repeats``. Every speed-up and every overhead compares two runs timed
-alternately (:func:`timed_pair`), so that drift in the machine's speed hits both sides alike; the
-Qwen table gives the median of the within-pair ratios (and differences), not a ratio of medians.
-On a shared CPU pass ``--threads 1``: a multi-threaded op stalls whenever another process holds a core.
+alternately (:func:`timed_pairs`), so that drift in the machine's speed hits both sides alike, and is
+the median of the within-pair ratios (differences for overheads), not a ratio of medians; the ms
+printed beside a speed-up are the medians of the same pairs. (``--anyres`` and ``--packed`` still
+print a ratio of paired medians.) On a shared CPU pass ``--threads 1``: a multi-threaded op stalls
+whenever another process holds a core. ``--model qwen*`` runs the vision pruners that run on merge
+units and skips the others with the reason printed.
 
 Usage: python benchmarks/prefill.py --size small --pruner vtc_cls --repeats 5
+       python benchmarks/prefill.py --size small --threads 1 --repeats 7 --all
        python benchmarks/prefill.py --size small --anyres --repeats 3
        python benchmarks/prefill.py --size small --packed --batch 4 --repeats 5
        python benchmarks/prefill.py --model qwen2_5_vl --size small --pruner flowcut --threads 1 --repeats 5
@@ -58,6 +76,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from vlm import pruning
+from vlm.pruning.registry import PRUNERS
 from vlm.towers.language_model import LayerGroup
 from vlm.towers.llava import LlavaRunner
 from vlm.towers.llava_next import LlavaNextRunner
@@ -71,6 +90,11 @@ SIZES: dict[str, dict[str, Any]] = {
                               image_size=336, patch_size=14),
                   text=dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
                             num_key_value_heads=8, vocab_size=1000), text_tokens=64),
+    # the smallest shapes that run every pruner (6 x 6 patches, 3 decoder layers), for the script's test
+    "tiny": dict(vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                             image_size=84, patch_size=14),
+                 text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                           num_key_value_heads=2, vocab_size=1000), text_tokens=16),
 }
 IMAGE_TOKEN = 3
 ANYRES_BUDGETS = (640, 320, 160)
@@ -414,7 +438,8 @@ def qwen(args, device: str, dtype: torch.dtype) -> list[dict[str, Any]]:
     print(f"vision tower attention: {len(calls)} vlm.kernels.attention calls for {len(runner.vision.blocks)} blocks "
           f"(sequences per call: {calls}); pruning overhead (scoring, keeping all {n_units}): "
           f"{overhead:.2f} % of the unpruned prefill ({1e3 * t_e2e_full:.1f} ms)")
-    print("| budget (merged/img) | kept % | LLM seq | vision ms | vision speed-up | LLM prefill ms | LLM speed-up | "
+    print("| budget (merged/img) | kept % | LLM seq | vision ms | vision speed-up | LLM prefill ms (pruned / unpruned, "
+          "same pairs) | LLM speed-up (median of pair ratios) | "
           "FLOP ideal | ratio | e2e ms | e2e speed-up | KV MiB | KV / unpruned | tokens / unpruned |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     t_llm_full = timed(lm(full), args.repeats, device)
@@ -435,12 +460,143 @@ def qwen(args, device: str, dtype: torch.dtype) -> list[dict[str, Any]]:
         ideal = qwen_llm_flops(cfg, len_full) / qwen_llm_flops(cfg, length)
         kv = kv_bytes(inputs)
         rows.append(dict(budget=budget, length=length, kv=kv, speedup=speed, ideal=ideal, calls=len(pruned_calls),
-                         kept=int(inputs.visual_counts[0])))
+                         kept=int(inputs.visual_counts[0]), llm_ms=1e3 * statistics.median(llm_pruned),
+                         base_ms=1e3 * statistics.median(llm_base), overhead=overhead,
+                         delta=100.0 * statistics.median(b - a for a, b in zip(vis_base, vis_pruned)) / t_e2e_full))
         print(f"| {budget} | {100.0 * budget / n_units:.1f} | {length} | {1e3 * statistics.median(vis_pruned):.1f} | "
-              f"{median_ratio(vis_base, vis_pruned):.2f} | {1e3 * statistics.median(llm_pruned):.1f} | {speed:.2f} | "
+              f"{median_ratio(vis_base, vis_pruned):.2f} | {1e3 * statistics.median(llm_pruned):.1f} / "
+              f"{1e3 * statistics.median(llm_base):.1f} | {speed:.2f} | "
               f"{ideal:.2f} | {speed / ideal:.2f} | {1e3 * statistics.median(e2e_pruned):.1f} | "
               f"{median_ratio(e2e_base, e2e_pruned):.2f} | {kv / 2**20:.2f} | {kv / kv_full:.3f} | {length / len_full:.3f} |")
     return rows
+
+
+def is_llm_stage(name: str) -> bool:
+    """Whether the registered pruner ``name`` cuts inside the LLM (an :class:`LlmTokenPruner`)."""
+    from vlm.pruning.llm import LlmTokenPruner
+
+    return issubclass(PRUNERS.get(name), LlmTokenPruner)
+
+
+def make_pruner(name: str, num_tokens: int):
+    """``name`` at ``num_tokens``; ``flowcut_llm`` without its vision stage (on LLaVA-1.5's single
+    view the vision stage would keep T/2 patches and leave the LLM cut nothing to do)."""
+    if name == "flowcut_llm":
+        return pruning.create(name, num_tokens=num_tokens, two_stage=False)
+    return pruning.create(name, num_tokens=num_tokens)
+
+
+def qwen_skip_reason(name: str) -> Optional[str]:
+    """Why ``name`` is not in the Qwen table (None: it is)."""
+    if is_llm_stage(name):
+        return "an LLM-stage pruner; the Qwen table times vision pruners (the Qwen LLM cut: tests/pruning/test_fastv_dart.py)"
+    if not getattr(PRUNERS.get(name), "runs_on_merge_units", True):
+        return "declares runs_on_merge_units = False (needs a CLS row or the patch grid, which Qwen's towers lack)"
+    return None
+
+
+COMBINED_HEADER = ("| method | budget | LLM prefill ms | unpruned ms | speed-up | ms ratio | FLOP ideal | ratio | "
+                   "overhead % | vision Δ % |")
+
+
+def print_combined(rows: list[dict[str, Any]]) -> None:
+    """One markdown table over every pruner's budget rows (:func:`llava` / :func:`qwen` rows)."""
+    print(COMBINED_HEADER)
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        delta = "-" if r.get("delta") is None else f"{r['delta']:.2f}"
+        print(f"| {r['method']} | {r['budget']} | {r['llm_ms']:.1f} | {r['base_ms']:.1f} | {r['speedup']:.2f} | "
+              f"{r['base_ms'] / r['llm_ms']:.2f} | {r['ideal']:.2f} | {r['speedup'] / r['ideal']:.2f} | "
+              f"{r['overhead']:.2f} | {delta} |")
+
+
+@torch.no_grad()
+def llava(args, device: str, dtype: torch.dtype, names: list[str]) -> list[dict[str, Any]]:
+    """The LLaVA-1.5 budget table of every pruner in ``names`` (module docstring); returns its rows."""
+    model, cfg = build(args.size, dtype, device)
+    runner = LlavaRunner(model)
+    n_patch = cfg.image_seq_length
+    text = SIZES[args.size]["text_tokens"]
+    ids = torch.randint(10, 900, (args.batch, text), device=device)
+    ids[:, 8] = IMAGE_TOKEN  # one placeholder per sample; the runner puts the kept tokens there
+    pix = torch.randn(args.batch, 3, cfg.vision_config.image_size, cfg.vision_config.image_size, device=device, dtype=dtype)
+
+    def lm(inputs, hooks=None):
+        """The LLM prefill over ``inputs``: ``self.lm``'s own forward, or the layer-by-layer cut
+        (:class:`CutDecoder`) when an LLM-stage pruner is among ``hooks``."""
+        decoder = runner.decoder(hooks)
+        return lambda: runner.prefill(inputs, decoder, "right")
+
+    def vision(hooks):
+        return lambda: runner.encode_images(pix, hooks)
+
+    full = runner.prepare(ids, pix)
+    len_full = full.embeds.shape[1]
+    t_e2e_full = timed(lambda: lm(runner.prepare(ids, pix))(), args.repeats, device)
+    print(f"device: {device_name(device)}; size={args.size}; batch={args.batch}; {n_patch} patches; LLM sequence "
+          f"{len_full} ({llm_flops(cfg, len_full) / 1e12:.3f} TFLOPs); unpruned end-to-end prefill "
+          f"{1e3 * t_e2e_full:.1f} ms; dtype {dtype}; {args.repeats} pairs per timing")
+    rows: list[dict[str, Any]] = []
+    for name in names:
+        llm_stage = is_llm_stage(name)
+        if llm_stage:
+            # scores, then keeps all but one visual token: every step of the cut runs (DART returns
+            # early when it keeps all); one token fewer after the cut is ~0.1 % of the LLM prefill
+            keep_all = [make_pruner(name, n_patch - 1)]
+            plain, scored = timed_pairs(lm(full), lm(runner.prepare(ids, pix, hooks=keep_all), keep_all),
+                                        args.repeats, device)
+        else:
+            keep_all = [make_pruner(name, n_patch)]
+            plain, scored = timed_pairs(vision([]), vision(keep_all), args.repeats, device)
+        overhead = 100.0 * statistics.median(b - a for a, b in zip(plain, scored)) / t_e2e_full
+        for budget in (n_patch * 192 // 576, n_patch * 128 // 576, n_patch * 64 // 576):
+            hooks = [make_pruner(name, budget)]
+            inputs = runner.prepare(ids, pix, hooks=hooks)
+            base, pruned = timed_pairs(lm(full), lm(inputs, hooks), args.repeats, device)
+            length = inputs.embeds.shape[1]
+            if llm_stage:
+                _, after = lm(inputs, hooks)()
+                kept = int(after.cut.visual_counts[0])
+                flops = llm_flops(cfg, length, (hooks[0].layer, after.cut.index.shape[1]))
+                delta = None
+            else:
+                kept = int(inputs.visual_counts[0])
+                flops = llm_flops(cfg, length)
+                v_plain, v_pruned = timed_pairs(vision([]), vision(hooks), args.repeats, device)
+                delta = 100.0 * statistics.median(b - a for a, b in zip(v_plain, v_pruned)) / t_e2e_full
+            rows.append(dict(method=name, budget=budget, kept=kept, llm_ms=1e3 * statistics.median(pruned),
+                             base_ms=1e3 * statistics.median(base), speedup=median_ratio(base, pruned),
+                             ideal=llm_flops(cfg, len_full) / flops, overhead=overhead, delta=delta,
+                             stage="llm" if llm_stage else "vision"))
+            print(f"  {name} @ {budget}: done", flush=True)
+    print(f"speed-up: median of the {args.repeats} within-pair ratios (unpruned / pruned LLM prefill, timed "
+          "alternately); ms columns: medians of the same pairs; ms ratio: the ratio of those medians; overhead: "
+          "scoring while keeping every token (LLM stage: all but one), minus the plain pass, median of the "
+          "within-pair differences, % of the unpruned end-to-end prefill; vision Δ: the vision pass (+ projector) "
+          "with the pruner at this budget minus the plain one, same units (vision pruners)")
+    print_combined(rows)
+    return rows
+
+
+def qwen_tables(args, device: str, dtype: torch.dtype, names: list[str], several: bool):
+    """The Qwen table (:func:`qwen`) of each pruner in ``names`` that runs on merge units (the others
+    are skipped with the reason printed) and, with ``several``, one combined table. Returns the rows
+    of a single pruner's table (``several`` False), else ``{name: rows}``."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name in names:
+        reason = qwen_skip_reason(name)
+        if reason is not None:
+            print(f"skipped {name}: {reason}")
+            continue
+        out[name] = qwen(argparse.Namespace(**{**vars(args), "pruner": name}), device, dtype)
+    if not several:
+        return out.get(names[0], [])
+    print("speed-up: median of the within-pair ratios (unpruned / pruned LLM prefill, timed alternately); ms "
+          "columns: medians of the same pairs; ms ratio: the ratio of those medians; overhead: scoring while keeping "
+          "every token minus the plain vision pass, % of the unpruned end-to-end prefill; vision Δ: the vision pass "
+          "with the pruner at this budget minus the plain one, same units")
+    print_combined([dict(r, method=name) for name, rows in out.items() for r in rows[1:]])
+    return out
 
 
 @torch.no_grad()
@@ -449,8 +605,13 @@ def main(argv: Optional[list[str]] = None) -> Optional[list[dict[str, Any]]]:
     ap.add_argument("--model", choices=["llava", *QWEN_SIZES], default="llava",
                     help="LLaVA-1.5 (default; --anyres: LLaVA-NeXT) or a Qwen model (module docstring)")
     ap.add_argument("--size", choices=["real", "small", "tiny"], default="small",
-                    help="real: the 7B/8B shape (GPU); small: scaled down for CPUs; tiny (Qwen only): runs in seconds")
+                    help="real: the 7B/8B shape (GPU); small: scaled down for CPUs; tiny: runs in seconds (tests)")
     ap.add_argument("--pruner", default="vtc_cls", choices=pruning.available())
+    ap.add_argument("--pruners", nargs="+", choices=pruning.available(), default=None,
+                    help="several pruners, one combined table (overrides --pruner)")
+    ap.add_argument("--all", action="store_true",
+                    help="every registered pruner the model runs (Qwen: those on merge units; the others are "
+                         "skipped with the reason printed)")
     ap.add_argument("--anyres", action="store_true", help="LLaVA-NeXT with FlowCut's two-stage cut (--pruner unused)")
     ap.add_argument("--packed", action="store_true",
                     help="padded against packed LLM prefill on a ragged batch (--batch samples, at least 2)")
@@ -462,13 +623,15 @@ def main(argv: Optional[list[str]] = None) -> Optional[list[dict[str, Any]]]:
     args = ap.parse_args(argv)
     if args.model != "llava" and (args.anyres or args.packed):
         ap.error("--anyres and --packed are LLaVA settings; a Qwen model runs the budget table only")
-    if args.model == "llava" and args.size == "tiny":
-        ap.error("--size tiny is for the Qwen models")
+    if args.size == "tiny" and (args.anyres or args.packed):
+        ap.error("--size tiny runs the budget table only")
+    names = pruning.available() if args.all else (args.pruners or [args.pruner])
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.model != "llava":
-        return qwen(args, device, torch.bfloat16 if device == "cuda" else torch.float32)
+        return qwen_tables(args, device, torch.bfloat16 if device == "cuda" else torch.float32, names,
+                           several=args.all or args.pruners is not None)
     dtype = torch.float16 if device == "cuda" else torch.float32
     if args.anyres:
         anyres(args, device, dtype)
@@ -476,42 +639,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[list[dict[str, Any]]]:
     if args.packed:
         packed(args, device, dtype)
         return
-    model, cfg = build(args.size, dtype, device)
-    runner = LlavaRunner(model)
-    n_patch = cfg.image_seq_length
-    text = SIZES[args.size]["text_tokens"]
-    ids = torch.randint(10, 900, (args.batch, text), device=device)
-    ids[:, 8] = IMAGE_TOKEN  # one placeholder per sample; the runner puts the kept tokens there
-    pix = torch.randn(args.batch, 3, cfg.vision_config.image_size, cfg.vision_config.image_size, device=device, dtype=dtype)
-
-    def lm(inputs):
-        return lambda: runner.lm(inputs_embeds=inputs.embeds, attention_mask=inputs.attention_mask,
-                                 position_ids=inputs.position_ids, use_cache=False)
-
-    full_inputs = runner.prepare(ids, pix)
-    t_llm_full = timed(lm(full_inputs), args.repeats, device)
-    t_e2e_full = timed(lambda: lm(runner.prepare(ids, pix))(), args.repeats, device)
-    len_full = full_inputs.embeds.shape[1]
-    print(f"device: {device_name(device)}; size={args.size}; pruner={args.pruner}; batch={args.batch}; {n_patch} patches; "
-          f"LLM sequence {len_full}; dtype {dtype}")
-    print("| budget | LLM prefill ms | speed-up | FLOP ideal | ratio | LLM TFLOPs | e2e prefill ms | overhead % |")
-    print("|---|---|---|---|---|---|---|---|")
-    print(f"| {n_patch} (none) | {1e3 * t_llm_full:.1f} | 1.00 | 1.00 | - | {llm_flops(cfg, len_full) / 1e12:.3f} | "
-          f"{1e3 * t_e2e_full:.1f} | - |")
-    score_only = [pruning.create(args.pruner, num_tokens=n_patch)]
-    t_vis_full, t_vis_score = timed_pair(lambda: runner.encode_images(pix), lambda: runner.encode_images(pix, score_only),
-                                         args.repeats, device)
-    overhead = 100.0 * max(t_vis_score - t_vis_full, 0.0) / t_e2e_full
-    for budget in (n_patch * 192 // 576, n_patch * 128 // 576, n_patch * 64 // 576):
-        hooks = [pruning.create(args.pruner, num_tokens=budget)]
-        inputs = runner.prepare(ids, pix, hooks=hooks)
-        t_base, t_llm = timed_pair(lm(full_inputs), lm(inputs), args.repeats, device)  # speed-up from one pair
-        t_e2e = timed(lambda: lm(runner.prepare(ids, pix, hooks=hooks))(), args.repeats, device)
-        length = inputs.embeds.shape[1]
-        ideal = llm_flops(cfg, len_full) / llm_flops(cfg, length)
-        speed = t_base / t_llm
-        print(f"| {budget} | {1e3 * t_llm:.1f} | {speed:.2f} | {ideal:.2f} | {speed / ideal:.2f} | "
-              f"{llm_flops(cfg, length) / 1e12:.3f} | {1e3 * t_e2e:.1f} | {overhead:.2f} |")
+    return llava(args, device, dtype, names)
 
 
 if __name__ == "__main__":

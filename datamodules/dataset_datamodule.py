@@ -17,7 +17,7 @@ from vlm.datamodules.distributed import local_rank_zero
 from vlm.datamodules.fewshot_datamodule import FewShotDataModule, SubsetName
 from vlm.datamodules.image_list import OnCorrupt
 from vlm.datamodules.splits import Datum, label_to_classname
-from vlm.datamodules.settings import ImageTransforms, Loaders
+from vlm.datamodules.settings import ImageTransforms, Loaders, SETTINGS, settings_hparams
 
 
 class DatasetDataModule(FewShotDataModule):
@@ -74,7 +74,8 @@ class DatasetDataModule(FewShotDataModule):
             check_files=check_files,
             fewshot_cache_dir=fewshot_cache_dir or str(self._default_cache_dir(Path(root).expanduser())),
         )
-        self.save_hyperparameters()  # this class's own arguments, not the parent's
+        self.save_hyperparameters(ignore=SETTINGS)  # this class's own arguments, not the parent's
+        self.save_hyperparameters(settings_hparams(transforms=transforms, loader=loader))
 
     def _default_cache_dir(self, root: Path) -> Path:
         """`<root>/split_fewshot` (CoOp's place); per dataset when several share one root (VTAB, HTA)."""

@@ -51,7 +51,7 @@ from vlm.datamodules.readers_episodic import read_episodic
 from vlm.datamodules.resumable import PassLoader, ResumableLoader, SeededDataset, SeededIndex, sample_seed
 from vlm.datamodules.splits import Datum, label_to_classname, read_split
 from vlm.datamodules.templates import DEFAULT_TEMPLATE
-from vlm.datamodules.settings import ImageTransforms, check_settings, test_transform, train_transform
+from vlm.datamodules.settings import check_settings, ImageTransforms, SETTINGS, settings_hparams, test_transform, train_transform
 
 
 @dataclass(frozen=True)
@@ -250,7 +250,8 @@ class EpisodicDataModule(L.LightningDataModule):
         template: Optional[str] = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=SETTINGS)
+        self.save_hyperparameters(settings_hparams(transforms=transforms))
         self.root = Path(root).expanduser()
         self.dataset, self.source, self.way, self.shot, self.query = dataset, source, way, shot, query
         self.episodes = {"train": train_episodes, "val": val_episodes, "test": test_episodes}
@@ -363,4 +364,5 @@ class MNISTEpisodicDataModule(EpisodicDataModule):
             query=query, train_episodes=train_episodes, val_episodes=val_episodes, test_episodes=test_episodes,
             seed=seed, transforms=transforms, num_workers=num_workers, template=template,
         )  # fmt: skip
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=SETTINGS)
+        self.save_hyperparameters(settings_hparams(transforms=transforms))

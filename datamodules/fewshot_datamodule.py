@@ -22,7 +22,7 @@ from vlm.datamodules.resumable import PassLoader, resumable_loader
 from vlm.datamodules.fewshot import load_or_create_fewshot, subsample_classes
 from vlm.datamodules.image_list import CollateSkipCorrupt, ImageListDataset, OnCorrupt
 from vlm.datamodules.splits import Datum, check_images_exist, label_to_classname, read_split, split_file_path
-from vlm.datamodules.settings import ImageTransforms, Loaders, check_settings, test_transform, train_transform
+from vlm.datamodules.settings import check_settings, ImageTransforms, Loaders, SETTINGS, settings_hparams, test_transform, train_transform
 
 SubsetName = Literal["base", "new", "all"]
 
@@ -79,7 +79,8 @@ class FewShotDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if type(self).__init__ is FewShotDataModule.__init__:  # subclasses with own args save their own
-            self.save_hyperparameters()
+            self.save_hyperparameters(ignore=SETTINGS)
+            self.save_hyperparameters(settings_hparams(transforms=transforms, loader=loader))
         if not isinstance(num_shots, int) or num_shots < 0:
             raise ValueError(
                 f"num_shots must be a whole number >= 0 (K images per class; 0 = the full train split), got {num_shots!r}."

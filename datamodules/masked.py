@@ -38,7 +38,7 @@ from torchvision.transforms import functional as TF
 
 from vlm.datamodules.fewshot_datamodule import FewShotDataModule
 from vlm.datamodules.image_list import CollateSkipCorrupt, ImageListDataset, OnCorrupt
-from vlm.datamodules.settings import ImageTransforms, Loaders
+from vlm.datamodules.settings import ImageTransforms, Loaders, SETTINGS, settings_hparams
 from vlm.datamodules.splits import Datum
 from vlm.datamodules.transforms import (
     AVAILABLE_TRAIN_TRANSFORMS,
@@ -234,7 +234,8 @@ class MaskedFewShotDataModule(FewShotDataModule):
             test_subsets=test_subsets, transforms=transforms, loader=loader, template=template, strict_shots=strict_shots,
             on_corrupt=on_corrupt, check_files=check_files, fewshot_cache_dir=fewshot_cache_dir, split_file=split_file,
         )  # fmt: skip
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=SETTINGS)
+        self.save_hyperparameters(settings_hparams(transforms=transforms, loader=loader))
         self.mask_root = Path(mask_root).expanduser() if mask_root else self.root / "mask"
         self.mask_ext, self.void_value, self.mask_interpolation = mask_ext, void_value, mask_interpolation
 

@@ -24,7 +24,7 @@ from vlm.datamodules.fewshot_datamodule import FewShotDataModule, SubsetName
 from vlm.datamodules.image_list import CollateSkipCorrupt, ImageListDataset, OnCorrupt
 from vlm.datamodules.resumable import PassLoader, resumable_loader
 from vlm.datamodules.splits import read_split
-from vlm.datamodules.settings import ImageTransforms, Loaders, check_settings, test_transform, train_transform
+from vlm.datamodules.settings import check_settings, ImageTransforms, Loaders, SETTINGS, settings_hparams, test_transform, train_transform
 
 MNIST_CLASSNAMES: list[str] = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 SPLIT_SIZES: dict[str, int] = {"pretrain": 250, "train": 100, "val": 50, "test": 100}  # per class, in this order
@@ -154,7 +154,8 @@ class MNISTFewShotDataModule(FewShotDataModule):
             subsample=subsample, test_subsets=test_subsets, transforms=transforms, loader=loader, template=template,
             strict_shots=strict_shots, on_corrupt=on_corrupt, fewshot_cache_dir=fewshot_cache_dir,
         )  # fmt: skip
-        self.save_hyperparameters()  # record this class's own arguments, not the parent's
+        self.save_hyperparameters(ignore=SETTINGS)  # record this class's own arguments, not the parent's
+        self.save_hyperparameters(settings_hparams(transforms=transforms, loader=loader))
 
     def prepare_data(self) -> None:
         """Materialise the digits (no-op when present), then the parent's checks and few-shot cache."""
@@ -185,7 +186,8 @@ class MNISTPretrainDataModule(L.LightningDataModule):
         templates: Sequence[str] = tuple(PRETRAIN_TEMPLATES),
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=SETTINGS)
+        self.save_hyperparameters(settings_hparams(transforms=transforms, loader=loader))
         self.data_root = Path(root).expanduser() if root is not None else default_data_root()
         self.data_dir = prepare_mnist(self.data_root)
         self.transforms, self.loader = check_settings(transforms, loader)

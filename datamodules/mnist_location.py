@@ -34,7 +34,7 @@ from vlm.datamodules.mnist import (
     write_split_atomic,
 )
 from vlm.datamodules.splits import read_split
-from vlm.datamodules.settings import ImageTransforms, Loaders, check_settings
+from vlm.datamodules.settings import check_settings, ImageTransforms, Loaders, SETTINGS, settings_hparams
 
 LOCATION_CLASSNAMES: list[str] = ["top left", "top right", "bottom left", "bottom right"]
 LOCATION_DIR = "mnist5k_location"
@@ -131,7 +131,8 @@ class MNISTLocationDataModule(FewShotDataModule):
             subsample="all", test_subsets=("all",), transforms=transforms, loader=loader, template="a digit in the {} corner.", strict_shots=strict_shots,
             on_corrupt=on_corrupt, fewshot_cache_dir=fewshot_cache_dir,
         )  # fmt: skip
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=SETTINGS)
+        self.save_hyperparameters(settings_hparams(transforms=transforms, loader=loader))
 
     def prepare_data(self) -> None:
         """Materialise the images (no-op when present), then the parent's checks and few-shot cache."""

@@ -20,6 +20,7 @@ dataclass argument field by field from the default instance. On the command line
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Union
 
@@ -138,3 +139,19 @@ def train_transform(settings: ImageTransforms) -> Callable[[Any], Any]:
 def test_transform(settings: ImageTransforms) -> Callable[[Any], Any]:
     """The evaluation transform of ``settings``: resize, centre crop, normalise iff training does."""
     return build_test_transform(settings.image_size, settings.mean, settings.std, normalize=settings.normalize)
+
+
+def settings_hparams(**settings: Any) -> dict[str, dict[str, Any]]:
+    """The settings as plain dicts, for a datamodule's ``save_hyperparameters`` (which it calls with
+    ``ignore=SETTINGS`` first): the hyper-parameters Lightning writes into every checkpoint then hold
+    no pickled object, so a checkpoint still loads with ``torch.load(weights_only=True)``."""
+    classes = {"transforms": ImageTransforms, "loader": Loaders}
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in settings.items():
+        value = classes[key](**value) if isinstance(value, Mapping) else value  # a Python caller's mapping
+        out[key] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    return out
+
+
+#: the datamodule arguments :func:`settings_hparams` records
+SETTINGS = ["transforms", "loader"]

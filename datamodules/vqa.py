@@ -19,6 +19,7 @@ import lightning as L
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from vlm.datamodules.distributed import exact_eval_sampler
 from vlm.datamodules.transforms import to_rgb
 from vlm.metrics_vqa import SCORERS
 
@@ -108,7 +109,10 @@ class VQADataModule(L.LightningDataModule):
         self.data = VQAQuestions(self.question_file, self.image_folder, self.answers_file, self.limit)
 
     def test_dataloader(self) -> DataLoader:
+        """In order; under DDP each rank takes an unpadded, interleaved share (``exact_eval_sampler``), so
+        every question is answered once and ``LlavaEval`` gathers the records."""
         assert self.data is not None, "call setup() first"
-        return DataLoader(self.data, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate_lists)
+        return DataLoader(self.data, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate_lists,
+                          sampler=exact_eval_sampler(self.data))
 
     predict_dataloader = test_dataloader

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from vlm.datamodules.distributed import exact_eval_sampler, rank_and_world
 from vlm.datamodules.shards import ShardIndexDataset, read_manifest
-from vlm.datamodules.settings import ImageTransforms, Loaders, check_settings, test_transform, train_transform
+from vlm.datamodules.settings import check_settings, ImageTransforms, Loaders, SETTINGS, settings_hparams, test_transform, train_transform
 from vlm.datamodules.transforms import to_rgb
 
 SubsetName = Literal["base", "new", "all"]
@@ -103,7 +103,8 @@ class ShardDataModule(L.LightningDataModule):
         loader: Loaders = Loaders(),
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=SETTINGS)
+        self.save_hyperparameters(settings_hparams(transforms=transforms, loader=loader))
         if mode not in ("resampled", "split"):
             raise ValueError(f"mode must be 'resampled' or 'split', got {mode!r}.")
         self.train_dir = Path(train_shards).expanduser()

@@ -75,6 +75,9 @@ class PromptLearner(TowerHook):
 
     #: Short registry name, set by ``@register``.
     name: str = ""
+    #: How the official code's released checkpoints name this learner's tensors
+    #: (:class:`vlm.prompts.released.DasslLayout`), or None; read for the class that sets it only.
+    released_layout: Optional[Any] = None
     #: True if the method needs a frozen, prompt-free pass of the same backbone (e.g. for a
     #: consistency loss against the zero-shot model).
     needs_frozen_pass: bool = False

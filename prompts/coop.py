@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from vlm.context import Tower
 from vlm.prompts.base import PromptLearner, TextInputs
 from vlm.prompts.registry import register
+from vlm.prompts.released import DasslLayout, Rule
 from vlm.prompts.text_context import PLACEHOLDER, TextCodec, TextContext
 
 __all__ = ["CoOp", "PLACEHOLDER", "POSITIONS"]
@@ -58,6 +59,14 @@ class CoOp(PromptLearner):
 
     learns_text = True
     towers = (Tower.TEXT,)
+    #: KaiyangZhou/CoOp ``trainers/coop.py`` (KgCoOp the same): Dassl registers the prompt learner
+    #: itself, so the context is ``ctx`` (``[M, D]``, CSC ``[num_classes, M, D]``), no prefix.
+    released_layout = DasslLayout(
+        model_name="prompt_learner",
+        rules=(Rule("ctx", "prompt_learner.ctx"),),
+        settings=lambda s: {"n_ctx": int(s["ctx"].shape[-2]), "class_specific": s["ctx"].dim() == 3} if "ctx" in s else {},
+        also=("KgCoOp",),
+    )
 
     def __init__(
         self,

@@ -30,12 +30,25 @@ Public API (stable; DiSa subclasses this class):
 
 from __future__ import annotations
 
+import re
 from typing import Any, Optional
 
 from torch import Tensor, nn
 
 from vlm.prompts._deep import DeepVLPrompts, backbone_ref, normal_
 from vlm.prompts.registry import register
+from vlm.prompts.released import DasslLayout, Rule
+
+
+def _released_settings(state: dict) -> dict:
+    """Context sizes and depths of a released checkpoint (depth = 1 + its per-block prompts)."""
+    if "prompt_learner.ctx" not in state:
+        return {}
+    text = [k for k in state if re.fullmatch(r"text_encoder\.transformer\.resblocks\.\d+\.VPT_shallow", k)]
+    vision = [k for k in state if re.fullmatch(r"image_encoder\.transformer\.resblocks\.\d+\.VPT_shallow", k)]
+    n_v = int(state["image_encoder.VPT"].shape[0]) if "image_encoder.VPT" in state else 0
+    return {"n_ctx_text": int(state["prompt_learner.ctx"].shape[0]), "depth_text": 1 + len(text),
+            "n_ctx_vision": n_v, "depth_vision": (1 + len(vision)) if n_v else 0}
 
 
 @register("ivlp")
@@ -51,6 +64,22 @@ class IVLP(DeepVLPrompts):
         init_std: std of the random N(0, std) prompt init.
         ctx_init_rule: ``"words"`` or the released code's ``"released"`` (``DeepVLPrompts``).
     """
+
+    #: muzairkhattak/multimodal-prompt-learning ``trainers/independentVL.py`` (PromptSRC's prompts
+    #: are the same, beside its frozen zero-shot image encoder): Dassl registers the whole CustomCLIP.
+    #: The prompt entering block i >= 1 is that block's ``VPT_shallow`` (our row i - 1).
+    released_layout = DasslLayout(
+        model_name="VLPromptLearner",
+        rules=(
+            Rule("prompt_learner.ctx", "prompt_learner.ctx"),
+            Rule("image_encoder.VPT", "prompt_learner.vision_ctx"),
+            Rule("text_encoder.transformer.resblocks.{row}.VPT_shallow", "prompt_learner.text_deep", row_offset=1),
+            Rule("image_encoder.transformer.resblocks.{row}.VPT_shallow", "prompt_learner.vision_deep", row_offset=1),
+        ),
+        settings=_released_settings,
+        frozen=("image_encoder.", "text_encoder.", "logit_scale", "prompt_learner.ZS_image_encoder."),
+        also=("PromptSRC",),
+    )
 
     def __init__(
         self,

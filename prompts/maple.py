@@ -40,10 +40,19 @@ from torch import Tensor, nn
 
 from vlm.prompts._deep import DeepVLPrompts, backbone_ref, normal_
 from vlm.prompts.registry import register
+from vlm.prompts.released import DasslLayout, Rule
 
 
 #: How the J-1 deeper coupling functions start: deep copies of one Linear (released code) or each its own.
 COUPLING_INITS = ("cloned", "independent")
+
+
+def _released_settings(state: dict) -> dict:
+    """n_ctx and depth of a released checkpoint (depth = 1 + its compound text prompts)."""
+    if "prompt_learner.ctx" not in state:
+        return {}
+    deep = [k for k in state if k.startswith("prompt_learner.compound_prompts_text.")]
+    return {"n_ctx": int(state["prompt_learner.ctx"].shape[0]), "depth": 1 + len(deep)}
 
 
 @register("maple")
@@ -59,6 +68,20 @@ class MaPLe(DeepVLPrompts):
         coupling_init: ``"cloned"`` (the J-1 deeper couplings start as copies of one Linear, as
             released) or ``"independent"`` (each initialised on its own).
     """
+
+    #: muzairkhattak/multimodal-prompt-learning ``trainers/maple.py``: Dassl registers the whole
+    #: CustomCLIP (frozen CLIP saved too). Compound text prompt i enters block i + 1 (our row i).
+    released_layout = DasslLayout(
+        model_name="MultiModalPromptLearner",
+        rules=(
+            Rule("prompt_learner.ctx", "prompt_learner.ctx"),
+            Rule("prompt_learner.proj.{0}", "prompt_learner.proj.{0}"),
+            Rule("prompt_learner.compound_prompts_text.{row}", "prompt_learner.compound_text", row_offset=0),
+            Rule("prompt_learner.compound_prompt_projections.{0}.{1}", "prompt_learner.compound_proj.{0}.{1}"),
+        ),
+        settings=_released_settings,
+        frozen=("image_encoder.", "text_encoder.", "logit_scale"),
+    )
 
     def __init__(
         self,

@@ -41,7 +41,6 @@ What the released code does that the paper does not say:
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from vlm.pruning.llm import LlmProbe, LlmTokenPruner
@@ -62,13 +61,4 @@ class FastV(LlmTokenPruner):
         super().__init__(num_tokens, layer)
 
     def score(self, probe: LlmProbe) -> Tensor:
-        if probe.query_lse is None:
-            raise ValueError("FastV needs LlmProbe.query_lse (the probe row's log-sum-exp over its causal row); "
-                             "run it with the LLaVA or Qwen runners, whose CutDecoder fills it.")
-        q, k = probe.query.float(), probe.keys.float()
-        b, heads, d = q.shape
-        kv_heads = k.shape[1]
-        scale = probe.scale if probe.scale is not None else d**-0.5
-        logits = torch.einsum("bkgd,bknd->bkgn", q.view(b, kv_heads, heads // kv_heads, d), k).flatten(1, 2)
-        weights = torch.exp(logits * scale - probe.query_lse.float()[..., None])  # (1): [B, H, N]
-        return weights.mean(1)  # (2)
+        return probe.row_weights("FastV").mean(1)  # (1) [B, H, N], then (2)

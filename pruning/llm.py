@@ -1,5 +1,5 @@
-"""The LLM-stage pruner interface: cut the visual tokens inside the language model, once, after one
-decoder layer, with scores conditioned on the text.
+"""The LLM-stage pruner interface: cut the visual tokens inside the language model, after one
+decoder layer (or several: ``LlmStage.cuts`` / ``keep_stage``), with scores conditioned on the text.
 
 A vision pruner (:class:`~vlm.pruning.base.TokenPruner`) acts in the vision tower through the
 block-loop hooks. An :class:`LlmTokenPruner` acts in the LLM prefill, which the runner drives layer
@@ -14,6 +14,12 @@ each sample keeps all its text tokens (and any layout tokens among the visual on
 ``image_newline`` tokens: see ``anyres_newlines``) and the kept visual tokens, in their original order; layers
 ``layer + 1`` onwards run on the shorter sequence. Positions, masks and the KV-cache split belong to
 the runner, so a pruner here is only a score.
+
+A pruner with several cuts overrides ``cuts()`` (the layers, strictly increasing; ``layer`` is the
+first) and ``keep_stage(probe, stage)``: cut ``i`` sees the survivors of cut ``i - 1`` (its probe's
+``counts``; ``initial_counts`` the counts before the first cut) at its own layer, and keeps a subset.
+``score_next = True`` scores a cut after layer ``k`` with layer ``k + 1``'s projections of layer
+``k``'s output instead of layer ``k``'s own attention inputs (``vlm.llm_stage.LlmStage``).
 
 An LLM-stage pruner may bring a vision stage (``vision_stage``, a vision :class:`TokenPruner`) that
 the runner adds to the vision tower's hooks: one config object then describes a two-stage method

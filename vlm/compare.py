@@ -282,12 +282,18 @@ def compare(
     in_subprocess: bool = False,
     plot_metric: Optional[str] = None,
     log=print,
+    warmup: bool = True,
 ) -> list[Run]:
     """Run every (method, budget) and the baseline, write ``report.md``, ``report.json`` and
-    ``report.png`` into ``out``; return the runs."""
+    ``report.png`` into ``out``; return the runs. ``warmup`` (in-process runs): one unpruned run
+    first, into ``out/warmup`` and left out of the report, so that one-time costs (kernel
+    compilation, allocator growth, CUDA context) do not land on the first measured run."""
     out = Path(out)
     runs = plan(methods, budgets, out, baseline)
     out.mkdir(parents=True, exist_ok=True)
+    if warmup and not in_subprocess:
+        log("[compare] warm-up run (not reported)")
+        execute(Run(BASELINE, None, out / "warmup"), configs, overrides, in_subprocess)
     for i, run in enumerate(runs):
         log(f"[compare] {i + 1}/{len(runs)}: {run.name}")
         execute(run, configs, overrides, in_subprocess)
@@ -315,6 +321,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder: one sub-folder per run, report.md, report.png")
     p.add_argument("--no_baseline", action="store_true", help="do not run the unpruned baseline")
     p.add_argument("--subprocess", action="store_true", help="one `python -m vlm.runtime.cli` process per run")
+    p.add_argument("--no_warmup", action="store_true", help="skip the unreported unpruned run made first in-process")
     p.add_argument("--plot_metric", default=None, help="metric of the accuracy panel (default: the first one)")
     return p
 
@@ -326,5 +333,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as err:
         parser().error(str(err))
     compare(args.config, args.methods, args.budgets, args.out, overrides, not args.no_baseline, args.subprocess,
-            args.plot_metric)
+            args.plot_metric, warmup=not args.no_warmup)
     return 0

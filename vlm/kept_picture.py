@@ -192,16 +192,16 @@ def record(model: Any, image: Any, question: str, max_new_tokens: Optional[int] 
     recorder = KeptRecorder()
     hooks = [*model.hooks, recorder]
     stage = split_stages(model.hooks).llm
-    seen: dict[str, Tensor] = {}
+    seen: list[Tensor] = []  # each LLM cut's keep mask, in cut order
     if stage is not None:
-        original = stage.keep
+        original = stage.keep_stage
 
-        def keep(probe: Any) -> Tensor:
-            mask = original(probe)
-            seen["keep"], seen["counts"] = mask.detach().cpu(), probe.counts.detach().cpu()
+        def keep_stage(probe: Any, index: int) -> Tensor:
+            mask = original(probe, index)
+            seen.append(mask.detach().cpu())
             return mask
 
-        stage.keep = keep  # this instance, this run only
+        stage.keep_stage = keep_stage  # this instance, this run only
     try:
         prompts = backbone.prompts([question], [1], model.prompt_template)
         device = next(backbone.model.parameters()).device
@@ -210,16 +210,19 @@ def record(model: Any, image: Any, question: str, max_new_tokens: Optional[int] 
             gen = backbone.generate(enc, hooks, max_new_tokens or model.max_new_tokens)
     finally:
         if stage is not None:
-            del stage.keep
+            del stage.keep_stage
     answer = backbone.decode(gen.tokens)[0]
     geo = _Geometry(backbone, enc)
     stages = [Stage(f"vision block {layer}: {len(geo.cells(rows[0]))}/{geo.grid[0] * geo.grid[1]} patches kept",
                     geo.cells(rows[0])) for layer, rows in recorder.cuts]
-    if "keep" in seen:
-        slots = geo.llm_slots(recorder.final[0])
-        mask = seen["keep"][0, : len(slots)].tolist()  # LLaVA-NeXT: the base view's slots come first
-        kept = geo.cells([p for s, k in zip(slots, mask) if k for p in s])
-        stages.append(Stage(f"LLM layer {stage.layer}: {int(seen['keep'][0].sum())} visual tokens kept", kept))
+    slots = geo.llm_slots(recorder.final[0]) if seen else []
+    for layer, mask in zip(stage.cuts() if stage is not None else (), seen):
+        # a cut's slots are the visual tokens left by the cut before it, in order (LLaVA-NeXT: the
+        # base view's slots come first)
+        keep = mask[0, : len(slots)].tolist()
+        slots = [s for s, k in zip(slots, keep) if k]
+        stages.append(Stage(f"LLM layer {layer}: {int(mask[0].sum())} visual tokens kept",
+                            geo.cells([p for s in slots for p in s])))
     if not stages:
         stages = [Stage("no cut: every patch kept", geo.cells(recorder.initial[0]))]
     return KeptPicture(geo.image, geo.patch, geo.grid, stages, answer), gen

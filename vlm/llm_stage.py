@@ -1,8 +1,9 @@
-"""The language model's seam: a hook that, after one decoder layer, chooses the visual tokens to keep.
+"""The language model's seam: a hook that, after one or more decoder layers, chooses the visual tokens to keep.
 
 The language model of a LLaVA-style model keeps its own attention (SDPA, flash), so it has no
 block hooks. An :class:`LlmStage` is shown an :class:`LlmProbe` (that layer's post-RoPE keys and
-values of the visual tokens and one probe query per sample) and says which visual tokens to keep;
+values of the visual tokens and one probe query per sample) at each of its cuts (:meth:`LlmStage.cuts`)
+and says which visual tokens to keep;
 it may bring a vision-tower hook with it (``vision_stage``). :func:`split_stages` splits a hook
 list once into the vision/text hooks and the LLM stage, which is how the runners consume it. The
 runner (``vlm.towers.language_model.CutDecoder``) owns positions, masks and the KV-cache split.
@@ -43,7 +44,10 @@ class LlmProbe:
       language model's final norm (padding slots are zeros);
     * ``text_keys [B, Hkv, T, d]``, ``text_hidden [B, T, D]``, ``text_counts [B]``: the same keys and
       normed output states for the sample's prompt tail, the non-visual tokens after its last visual
-      token up to and including the probe row, in order, padded to the batch maximum T.
+      token up to and including the probe row, in order, padded to the batch maximum T;
+    * ``initial_counts [B]``: the scored visual tokens each sample had before the stage's first cut
+      (equal to ``counts`` at the first cut; a later cut of a multi-cut stage sees the survivors of
+      the previous one in ``counts``).
     """
 
     query: Tensor
@@ -57,12 +61,28 @@ class LlmProbe:
     text_keys: Optional[Tensor] = None
     text_hidden: Optional[Tensor] = None
     text_counts: Optional[Tensor] = None
+    initial_counts: Optional[Tensor] = None
 
     @property
     def valid(self) -> Tensor:
         """``[B, N]`` bool: the slots that hold a visual token."""
         n = self.keys.shape[2]
         return torch.arange(n, device=self.counts.device)[None] < self.counts[:, None]
+
+    def row_weights(self, who: str) -> Tensor:
+        """``[B, H, N]`` fp32: the layer's attention weight of the probe row on each visual key, under
+        the softmax over its whole causal row, ``exp(scale * q_h . k_{h,j} - query_lse_h)`` (query head
+        ``h`` reads key head ``h // G``); from the probe alone, no attention matrix. ``who`` names the
+        caller in the error when the runner did not fill ``query_lse``."""
+        if self.query_lse is None:
+            raise ValueError(f"{who} needs LlmProbe.query_lse (the probe row's log-sum-exp over its causal row); "
+                             "run it with the LLaVA or Qwen runners, whose CutDecoder fills it.")
+        q, k = self.query.float(), self.keys.float()
+        b, heads, d = q.shape
+        kv_heads = k.shape[1]
+        scale = self.scale if self.scale is not None else d**-0.5
+        logits = torch.einsum("bkgd,bknd->bkgn", q.view(b, kv_heads, heads // kv_heads, d), k).flatten(1, 2)
+        return torch.exp(logits * scale - self.query_lse.float()[..., None])
 
     @property
     def text_valid(self) -> Tensor:
@@ -74,22 +94,46 @@ class LlmProbe:
 
 
 class LlmStage(TowerHook):
-    """A hook on the language model: one cut of the visual tokens after decoder layer ``layer``.
+    """A hook on the language model: cuts of the visual tokens after decoder layers.
 
     Implementations set ``layer`` (the decoder layer, 0-based, whose attention inputs are scored
     and after which the cut happens) and ``vision_stage`` (a vision-tower hook run before this
     stage, e.g. a first vision-side cut, or None) and implement :meth:`keep`. The runner owns
     positions, masks and the KV-cache split; a stage only chooses.
+
+    Several cuts: a stage overrides :meth:`cuts` (strictly increasing layers, the first is
+    ``layer``) and :meth:`keep_stage`; cut ``i`` sees the tokens kept by cut ``i - 1`` (``counts``
+    of its probe) and keeps a subset of them. ``score_next`` picks where a cut after layer ``k``
+    reads its attention inputs: False, layer ``k``'s own (its input norm, query projection and its
+    cached keys and values); True, layer ``k + 1``'s, applied to layer ``k``'s output (the next
+    layer's input norm, query/key/value projections and RoPE at the current positions, keys and
+    values re-projected), i.e. the attention the first layer after the cut would compute on the
+    uncut sequence.
     """
 
     towers = (Tower.LLM,)
     #: whether LLaVA-NeXT's packing keeps its ``image_newline`` tokens when this stage runs; kept
     #: newlines are layout: never scored, never cut, outside the budget.
     anyres_newlines: bool = True
+    #: whether a cut after layer k scores with layer k + 1's projections of layer k's output
+    #: (class docstring); False: with layer k's own attention inputs.
+    score_next: bool = False
+
+    def cuts(self) -> tuple[int, ...]:
+        """The decoder layers (0-based, strictly increasing) after which the visual tokens are cut;
+        one cut, ``(layer,)``, unless a stage overrides it."""
+        return (int(self.layer),)
 
     def keep(self, probe: LlmProbe) -> Tensor:
         """``[B, N]`` bool: the visual slots of ``probe`` to keep (padding slots are ignored)."""
         raise TypeError(f"{type(self).__name__} is an LlmStage but does not implement keep(probe).")
+
+    def keep_stage(self, probe: LlmProbe, stage: int) -> Tensor:
+        """``[B, N]`` bool: the visual slots to keep at cut ``stage`` (0-based index into
+        :meth:`cuts`); the runner calls this. A one-cut stage's is :meth:`keep`."""
+        if stage != 0:
+            raise TypeError(f"{type(self).__name__} declares {len(self.cuts())} cuts but does not implement keep_stage(probe, stage).")
+        return self.keep(probe)
 
 
 @dataclass(frozen=True)

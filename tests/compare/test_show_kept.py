@@ -86,3 +86,29 @@ def test_no_pruner_keeps_every_patch(tiny_llava_files, tmp_path: Path) -> None:
 def test_unknown_pruner_lists_the_available_ones(tiny_llava_files, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown pruner 'nope'; available: .*vtc_cls"):
         kp.show_kept([str(tiny_llava_files["model"])], tiny_llava_files["root"] / "0.png", "w1", tmp_path / "k.png", "nope")
+
+
+@pytest.mark.parametrize("kind", ["qwen2_5_vl", "qwen3_vl"])
+def test_qwen_merge_units_are_drawn_on_the_patch_grid(kind: str, tmp_path: Path) -> None:
+    """Qwen: the picture's patch grid is the processor's (``image_grid_thw``) and every kept merge
+    unit of the vision cut is drawn as its 2x2 patch cells; expected from the runner's own kept units
+    (raster unit ids), mapped to cells here: unit u is row ``u // (w/2)``, column ``u % (w/2)``."""
+    from tests.qwen.tiny import tiny_model, tiny_processor
+    from vlm import pruning
+    from vlm.backbones import Qwen2_5VLBackbone, Qwen3VLBackbone
+    from vlm.modules.llava_eval import LlavaEval
+
+    tiny_model(kind).save_pretrained(tmp_path / "model")
+    tiny_processor(kind).save_pretrained(tmp_path / "model")
+    cls = {"qwen2_5_vl": Qwen2_5VLBackbone, "qwen3_vl": Qwen3VLBackbone}[kind]
+    model = LlavaEval(cls(model=str(tmp_path / "model")), pruner=pruning.create("vtc_cls", num_tokens=3), max_new_tokens=1)
+    patch = 14 if kind == "qwen2_5_vl" else 16
+    image = Image.fromarray((np.random.default_rng(3).random((4 * patch, 6 * patch, 3)) * 255).astype("uint8"))
+    pic = kp.render(kp.record(model, image, "w1 w2")[0], tmp_path / "kept.png")
+    assert pic.grid == (4, 6) and pic.patch == patch and len(pic.stages) == 1
+    enc = model.backbone.encode(model.backbone.prompts(["w1 w2"], [1]), [image])
+    with torch.no_grad():
+        out = model.backbone.runner.vision.run(enc["pixel_values"], enc["image_grid_thw"], [model.pruner])
+    units = out.units[0, : int(out.counts[0])].tolist()
+    expected = {(2 * (u // 3) + a, 2 * (u % 3) + b) for u in units for a in (0, 1) for b in (0, 1)}
+    assert len(units) == 3 and pic.stages[0].kept == expected

@@ -66,7 +66,8 @@ def tiny_override(dataset: str, tmp: Path, **trainer: Any) -> Path:
         write_layout(dataset, root)
     override = {
         "model": {"init_args": {"backbone": TINY_BACKBONE, "prompt_learner": {"init_args": {"n_ctx": 2}}}},
-        "data": {"init_args": {"root": str(root), "image_size": 32, "batch_size": 2, "eval_batch_size": 8, "num_workers": 0}},
+        "data": {"init_args": {"root": str(root), "transforms": {"image_size": 32},
+                               "loader": {"batch_size": 2, "eval_batch_size": 8, "num_workers": 0}}},
         "trainer": {
             "accelerator": "cpu", "max_epochs": 1, "max_steps": 1, "default_root_dir": str(tmp / "runs"),
             "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0,

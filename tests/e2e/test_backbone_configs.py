@@ -39,7 +39,7 @@ def test_backbone_config_documents_weights_and_image_size(path: Path) -> None:
     local_key = "pretrained" if backbone["class_path"].endswith("ClipBackbone") else "checkpoint_path"
     assert re.search(rf"--model\.init_args\.backbone\.init_args\.{local_key} /\S+", text), "a local weights file"
     assert "Random weights" in text and ("model_cfg" in text or "model_kwargs" in text)
-    assert re.search(r"Image size\. The data's image_size .* must be the\s+backbone's input size: 224 here", text, re.S)
+    assert re.search(r"Image size\. The data's image size .* must be the\s+backbone's input size: 224 here", text, re.S)
     assert "names both sizes" in text
 
 
@@ -54,7 +54,7 @@ def test_clip_random_model_cfg_and_local_weights_file(tmp_path: Path) -> None:
     for name, value in random_clip.model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[name], value), name
     with pytest.raises(ValueError, match=r"data gives 64 px images .* backbone 'tiny' takes 32 px"):
-        check_image_size(loaded, SimpleNamespace(image_size=64))
+        check_image_size(loaded, SimpleNamespace(transforms=SimpleNamespace(image_size=64)))
 
 
 def test_vit_random_model_kwargs_and_local_checkpoint_path(tmp_path: Path) -> None:
@@ -66,6 +66,6 @@ def test_vit_random_model_kwargs_and_local_checkpoint_path(tmp_path: Path) -> No
     loaded = ViTBackbone("vit_base_patch16_224", checkpoint_path=str(weights), model_kwargs=kwargs)
     for name, value in random_vit.model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[name], value), name
-    check_image_size(loaded, SimpleNamespace(image_size=kwargs["img_size"]))
+    check_image_size(loaded, SimpleNamespace(transforms=SimpleNamespace(image_size=kwargs["img_size"])))
     with pytest.raises(ValueError, match=rf"data gives 224 px images .* takes {kwargs['img_size']} px"):
-        check_image_size(loaded, SimpleNamespace(image_size=224))
+        check_image_size(loaded, SimpleNamespace(transforms=SimpleNamespace(image_size=224)))

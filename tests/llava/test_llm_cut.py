@@ -158,20 +158,28 @@ def test_batch_and_padding_invariance(model, pixels, side, two_stage):
     runner = LlavaNextRunner(model)
     visual = runner.encode_images(pixels, hooks, image_sizes=SIZES)
     assert visual.crops.counts.tolist() == ([6] * 11 if two_stage else [16] * 11)
+    check_batch_invariance(runner, pixels, hooks, visual, side, steps=4, atol=ATOL)
+
+
+@torch.no_grad()
+def check_batch_invariance(runner, pixels, hooks, visual, side: str, steps: int, atol: float = 1e-5) -> None:
+    """Each sample of ``pixels`` (LLaVA-NeXT crops, ``SIZES``) alone equals the sample in a batch padded
+    on ``side``: the same kept visual counts, the same logits over its tokens after the cut, and the
+    same ``steps`` greedy tokens (left padding). For any LLM-stage pruner in ``hooks``."""
     seqs = prompts(visual.counts)
     ids, mask = pad_batch(seqs, side)
     together, inputs = runner(ids, pixels, mask, hooks, padding_side=side, image_sizes=SIZES)
     left_ids, left_mask = pad_batch(seqs, "left")
-    gen = runner.generate(left_ids, pixels, left_mask, hooks, max_new_tokens=4, image_sizes=SIZES)
+    gen = runner.generate(left_ids, pixels, left_mask, hooks, max_new_tokens=steps, image_sizes=SIZES)
     for i, seq in enumerate(seqs):
         n = int(visual.crops_per_image[i])
         one_ids, one_mask = pad_batch([seq], side)
         alone, one = runner(one_ids, pixels[i : i + 1, :n], one_mask, hooks, padding_side=side,
                             image_sizes=SIZES[i : i + 1])
         assert torch.equal(one.cut.visual_counts, inputs.cut.visual_counts[i : i + 1])
-        torch.testing.assert_close(together[i][inputs.cut.attention_mask[i].bool()], alone[0], atol=ATOL, rtol=1e-5)
+        torch.testing.assert_close(together[i][inputs.cut.attention_mask[i].bool()], alone[0], atol=atol, rtol=1e-5)
         one_ids, one_mask = pad_batch([seq], "left")
-        single = runner.generate(one_ids, pixels[i : i + 1, :n], one_mask, hooks, max_new_tokens=4,
+        single = runner.generate(one_ids, pixels[i : i + 1, :n], one_mask, hooks, max_new_tokens=steps,
                                  image_sizes=SIZES[i : i + 1])
         assert torch.equal(gen.tokens[i], single.tokens[0])
 

@@ -65,15 +65,19 @@ TINY_LLAVA_CONFIG = dict(
 )
 
 
-def save_tiny_processor(path) -> str:
+def save_tiny_processor(path, newline: bool = False) -> str:
     """A word-level tokenizer (``<pad> <s> </s> <unk> x <image> w0..w57``, so ``<image>`` is id 5) and
-    a 32-px CLIP image processor, saved as a LlavaProcessor directory."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    a 32-px CLIP image processor, saved as a LlavaProcessor directory. ``newline``: a token for
+    ``\n`` in place of w57 (LLaVA writes ``<image>\n`` per image; without it two images' tokens
+    would run together)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
 
-    words = ["<pad>", "<s>", "</s>", "<unk>", "x", "<image>"] + [f"w{i}" for i in range(58)]
-    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    words = ["<pad>", "<s>", "</s>", "<unk>", "x", "<image>"] + [f"w{i}" for i in range(57 if newline else 58)]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words + ["\n"] * newline)}, unk_token="<unk>"))
+    tk.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Split(Regex("\n"), "isolated"),
+                                                 pre_tokenizers.Split(Regex(" +"), "removed")])
+                        if newline else pre_tokenizers.WhitespaceSplit())
     tok = PreTrainedTokenizerFast(
         tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
         extra_special_tokens={"image_token": "<image>"},

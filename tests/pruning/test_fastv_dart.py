@@ -12,9 +12,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from tests.llava.test_llm_cut import batch
-from tests.llava.test_llava_next import SIZES, prompts, tiny_llava_next
-from tests.llava.tiny import pad_batch
+from tests.llava.test_llm_cut import batch, check_batch_invariance
+from tests.llava.test_llava_next import SIZES, tiny_llava_next
 from tests.qwen.test_qwen_llm_cut import args, reference_cut_generate, reference_inputs, sample_rows, split_lm
 from tests.qwen.tiny import encode, tiny_model
 from vlm import pruning
@@ -142,22 +141,7 @@ def test_llava_batch_and_padding_invariance(llava, pixels, name, kwargs, side):
     hooks = [pruning.create(name, num_tokens=LLAVA_BUDGET, **kwargs)]
     runner = LlavaNextRunner(llava, position_policy="original")
     visual = runner.encode_images(pixels, hooks, image_sizes=SIZES)
-    seqs = prompts(visual.counts)
-    ids, mask = pad_batch(seqs, side)
-    together, inputs = runner(ids, pixels, mask, hooks, padding_side=side, image_sizes=SIZES)
-    left_ids, left_mask = pad_batch(seqs, "left")
-    gen = runner.generate(left_ids, pixels, left_mask, hooks, max_new_tokens=STEPS, image_sizes=SIZES)
-    for i, seq in enumerate(seqs):
-        n = int(visual.crops_per_image[i])
-        one_ids, one_mask = pad_batch([seq], side)
-        alone, one = runner(one_ids, pixels[i : i + 1, :n], one_mask, hooks, padding_side=side,
-                            image_sizes=SIZES[i : i + 1])
-        assert torch.equal(one.cut.visual_counts, inputs.cut.visual_counts[i : i + 1])
-        torch.testing.assert_close(together[i][inputs.cut.attention_mask[i].bool()], alone[0], atol=1e-5, rtol=1e-5)
-        one_ids, one_mask = pad_batch([seq], "left")
-        single = runner.generate(one_ids, pixels[i : i + 1, :n], one_mask, hooks, max_new_tokens=STEPS,
-                                 image_sizes=SIZES[i : i + 1])
-        assert torch.equal(gen.tokens[i], single.tokens[0])
+    check_batch_invariance(runner, pixels, hooks, visual, side, steps=STEPS)
 
 
 # --- Qwen2.5-VL --------------------------------------------------------------------------------------

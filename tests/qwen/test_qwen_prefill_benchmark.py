@@ -54,3 +54,36 @@ def test_qwen_flops_count_the_grouped_kv_heads(bench):
     linear = 2 * n * (2 * 8 * 8 + 2 * 8 * 4 + 3 * 8 * 16)
     attention = 2 * n * n * 8
     assert bench.qwen_llm_flops(cfg, n) == linear + attention + 2 * 8 * 10
+
+
+def test_qwen_prefill_benchmark_skips_what_does_not_run_on_merge_units(bench, kind, capsys):
+    """``--pruners``: a new merge-unit vision pruner runs; a CLS/grid one and an LLM-stage one are
+    skipped with their reason; one combined table follows."""
+    out = bench.main(["--model", kind, "--size", "tiny", "--repeats", "1", "--pruners", "divprune", "visionzip", "fastv"])
+    printed = capsys.readouterr().out
+    assert list(out) == ["divprune"]
+    assert "skipped visionzip: declares runs_on_merge_units = False" in printed
+    assert "skipped fastv: an LLM-stage pruner" in printed
+    assert bench.COMBINED_HEADER in printed and printed.count("\n| divprune | ") == len(bench.QWEN_FRACTIONS)
+    for row in out["divprune"][1:]:
+        assert row["llm_ms"] > 0 and row["base_ms"] > 0 and row["delta"] is not None
+
+
+def test_llava_prefill_benchmark_runs_a_vision_and_an_llm_stage_pruner(bench, capsys):
+    """The LLaVA-1.5 table (``--size tiny``, one pair per timing) with a new vision pruner (DivPrune)
+    and a new LLM-stage one (FastV): kept counts = the budgets, the LLM-stage FLOP model counts the
+    layers up to the cut at full length, and with one pair the speed-up is the ratio of the printed
+    ms (both come from the same pairs)."""
+    rows = bench.main(["--size", "tiny", "--repeats", "1", "--pruners", "divprune", "fastv"])
+    printed = capsys.readouterr().out
+    n = (84 // 14) ** 2
+    budgets = [n * 192 // 576, n * 128 // 576, n * 64 // 576]
+    assert [(r["method"], r["budget"]) for r in rows] == [(m, b) for m in ("divprune", "fastv") for b in budgets]
+    by = {(r["method"], r["budget"]): r for r in rows}
+    for r in rows:
+        assert r["kept"] == r["budget"] and r["ideal"] > 1.0
+        assert r["speedup"] == pytest.approx(r["base_ms"] / r["llm_ms"], rel=1e-9)
+        assert (r["delta"] is None) == (r["stage"] == "llm")
+    for b in budgets:  # the cut after layer 1 of 3 saves less than the same cut before the LLM
+        assert by[("fastv", b)]["ideal"] < by[("divprune", b)]["ideal"]
+    assert bench.COMBINED_HEADER in printed and printed.count("\n| fastv | ") == len(budgets)

@@ -56,8 +56,8 @@ def write_cli_config(tmp: Path, data_root: Path, run_dir: Path, **data: Any) -> 
         },
         "data": {
             "class_path": "vlm.datamodules.FewShotDataModule",
-            "init_args": data_args(root=str(data_root), dataset="Toy", num_shots=2, image_size=32, batch_size=2,
-                                   eval_batch_size=8, **data),
+            "init_args": data_args(**{"root": str(data_root), "dataset": "Toy", "num_shots": 2, "image_size": 32,
+                                      "batch_size": 2, "eval_batch_size": 8, **data}),
         },  # fmt: skip
         "trainer": {
             "max_epochs": 1,

@@ -1,4 +1,4 @@
-"""The ``vlm`` command: ``vlm fit|validate|test|predict`` (LightningCLI) and ``vlm export``.
+"""The ``vlm`` command: ``vlm fit|validate|test|predict`` (LightningCLI), ``vlm export`` and ``vlm import``.
 
 This module is the entry point (``vlm = vlm.runtime.cli:main``) and imports nothing heavy: ``vlm
 --help`` and ``vlm export`` answer without Lightning, and Lightning (with the model code a config
@@ -6,7 +6,7 @@ names) is imported only to run ``fit|validate|test|predict`` (vlm.runtime.lightn
 
 * ``vlm --help`` lists the subcommands, ``export`` included (:func:`top_level_parser`).
 * ``vlm export ...`` is a plain subcommand: :func:`export_main`, with its own parser, runs before
-  any LightningCLI is built.
+  any LightningCLI is built; so is ``vlm import`` (:func:`import_main`, released Dassl checkpoints).
 * ``vlm <subcommand> --help`` is LightningCLI's, kept after the first time (vlm.runtime.help_cache).
 * Errors: our own errors (vlm's error classes, and the ``ValueError``/``FileNotFoundError`` that vlm's
   code raises with a fix in its message: dataset layout, corrupt image or checkpoint, mismatch,
@@ -29,6 +29,8 @@ SUBCOMMANDS = {
     "predict": "Predict a class and its score for every image; writes predictions.jsonl into the log folder.",
     # The same text as vlm.runtime.export.EXPORT_HELP (tests/test_cli.py checks), without importing it.
     "export": "Write the learned tensors of a checkpoint as safetensors, with the config to re-test them.",
+    # The same text as vlm.runtime.released.IMPORT_HELP (tests/released checks), without importing it.
+    "import": "Convert a released Dassl checkpoint (model.pth.tar-N) of a prompt learner into a vlm export.",
 }
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 DEBUG_FLAG = "--debug"
@@ -75,8 +77,24 @@ def export_main(argv: list[str]) -> None:
     from vlm.runtime.export import export_checkpoint, export_parser
 
     a = export_parser().parse_args(argv)
+    if a.format == "dassl":
+        from vlm.runtime.released import export_dassl
+
+        target = export_dassl(a.ckpt, a.out, epoch=a.epoch, trust=a.trust, overwrite=a.overwrite)
+        epoch = target.name.rpartition("-")[2]
+        print(f"exported to {target}; load it with the released code: --model-dir {a.out} --load-epoch {epoch} --eval-only")
+        return
     out = export_checkpoint(a.ckpt, a.out, trust=a.trust, overwrite=a.overwrite)
     print(f"exported to {out}; evaluate with: vlm test --config {out / 'config.yaml'}")
+
+
+def import_main(argv: list[str]) -> None:
+    """``vlm import --from dassl --method M --ckpt model.pth.tar-N --config RUN.yaml --out DIR`` (vlm.runtime.released)."""
+    from vlm.runtime.released import import_dassl, import_parser
+
+    a = import_parser().parse_args(argv)
+    out = import_dassl(a.ckpt, a.config, a.out, a.method, overwrite=a.overwrite)
+    print(f"imported to {out}; evaluate with: vlm test --config {out / 'config.yaml'}")
 
 
 def release_process_group() -> None:
@@ -137,6 +155,9 @@ def run(argv: list[str]) -> None:
         return
     if args[0] == "export":
         export_main(args[1:])
+        return
+    if args[0] == "import":
+        import_main(args[1:])
         return
     if first not in LIGHTNING_SUBCOMMANDS and args[0] == first:
         top_level_parser().parse_args(args)  # names the unknown subcommand and lists the valid ones

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import yaml
 from safetensors.torch import save_file
@@ -183,4 +183,8 @@ def export_parser() -> Any:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the files of an earlier export in --out (a folder that is not a vlm export is always refused)")
     p.add_argument("--trust", action="store_true", help="allow full pickle loading of the checkpoint (only for files you trust)")
+    p.add_argument("--format", choices=["vlm", "dassl"], default="vlm",
+                   help="vlm: an export folder; dassl: OUT/<model name>/model.pth.tar-N in the layout of the released "
+                        "code of the learner (--ckpt may then also be an export folder; vlm.runtime.released)")
+    p.add_argument("--epoch", type=Optional[int], default=None, help="with --format dassl: the N of model.pth.tar-N")
     return p

@@ -5,8 +5,8 @@ layer by layer with an LLM-stage token cut (:class:`~vlm.llm_stage.LlmStage`).
 Qwen2.5-VL's and Qwen3-VL's text models) with the model's own modules, so its attention
 implementation (sdpa, eager, flash) is untouched:
 
-* layers ``0..k`` (``k = pruner.layer``) run on the assembled sequence and always fill a KV cache
-  (the caller's, or a scratch one). The pruner scores with layer ``k``'s own post-RoPE keys and
+* layers ``0..k`` (``k = pruner.layer``, the first of ``pruner.cuts()``) run on the assembled
+  sequence and always fill a KV cache (the caller's, or a scratch one). The pruner scores with layer ``k``'s own post-RoPE keys and
   values from that cache, and the probe row's query (each sample's last prompt token) re-projected
   from the layer's input as the layer's attention computes it (``input_layernorm``, ``q_proj``, the
   per-head or full-width ``q_norm`` where the attention has one, as Qwen3's does, and the RoPE
@@ -38,8 +38,20 @@ differ. Each decoding step appends one token to every group: its mask grows by o
 token takes the position after the group's last one (:meth:`LayerGroup.next_token`; under M-RoPE the
 largest position over the axes plus one on every axis, i.e. transformers' ``rope_deltas``).
 
+Several cuts (``pruner.cuts()``, strictly increasing ``k_0 < k_1 < ...``): the above repeats per
+cut: layers ``k_{i-1}+1..k_i`` run on the sequence left by cut ``i - 1`` (its positions, mask and
+DeepStack rows) and fill the cache, cut ``i`` scores its survivors (``pruner.keep_stage(probe, i)``;
+``LlmProbe.initial_counts`` carries the counts before the first cut) and keeps a subset, re-padded;
+the layers after the last cut run on the final sequence. One layer group per cut plus one after
+the last: each holds its own cache length and positions, and decoding appends to every group.
+``LlmCut.index`` maps the final rows to the assembled sequence. With ``pruner.score_next`` a cut
+after layer ``k`` scores with layer ``k + 1``'s input norm, query/key/value projections (and
+``q_norm`` / ``k_norm``) and RoPE applied to layer ``k``'s output at the group's positions: the
+keys and values are re-projected (:meth:`CutDecoder.project_kv`), not read from the cache.
+
 Packed (``packed=True``, ``vlm.towers.packed_prefill``): layers ``0..k`` run on the batch packed
-into one row and layers ``k+1..`` on the packed cut sequence, both with the varlen attention; the
+into one row and layers ``k+1..`` on the packed cut sequence (each group between cuts packed
+anew), all with the varlen attention; the
 probe, the cut and the decoding steps see the same padded tensors as above (unpacked, zeros on
 padding; the cache re-padded per layer).
 """
@@ -88,11 +100,12 @@ class LayerGroup:
 
 @dataclass
 class LlmCut:
-    """The sequence after an LLM-stage cut after decoder layer ``layer``: ``index [B, L']`` (the row
-    of the assembled sequence each row came from; -1 for padding), ``attention_mask [B, L']``,
-    ``position_ids [B, L']`` (``[A, B, L']`` under M-RoPE), ``visual_counts [B]`` (visual tokens
-    kept per sample), and the layer groups (before, after) at the end of the prefill, from which
-    decoding continues."""
+    """The sequence after an LLM-stage cut after decoder layer ``layer`` (the first of ``layers``, all
+    the cut layers): ``index [B, L']`` (the row of the assembled sequence each row came from; -1 for
+    padding), ``attention_mask [B, L']``, ``position_ids [B, L']`` (``[A, B, L']`` under M-RoPE) of
+    the final sequence, ``visual_counts [B]`` (visual tokens kept per sample after the last cut;
+    ``stage_visual_counts[i]`` after cut ``i``), and the layer groups (one before each cut, one
+    after the last) at the end of the prefill, from which decoding continues."""
 
     layer: int
     index: Tensor
@@ -100,6 +113,8 @@ class LlmCut:
     position_ids: Tensor
     visual_counts: Tensor
     groups: list[LayerGroup]
+    layers: tuple[int, ...] = ()
+    stage_visual_counts: Optional[list[Tensor]] = None
 
 
 @dataclass
@@ -164,19 +179,32 @@ def repack(keep: Tensor, side: str) -> tuple[Tensor, Tensor, Tensor]:
 
 
 class CutDecoder:
-    """A transformers decoder with one LLM-stage pruner (module docstring). Owns no parameters."""
+    """A transformers decoder with one LLM-stage pruner, cutting after each of its layers
+    (``pruner.cuts()``; module docstring). Owns no parameters."""
 
     def __init__(self, lm: nn.Module, pruner: LlmStage, position_policy: str = "compact", packed: bool = False) -> None:
         n = int(lm.config.num_hidden_layers)
-        if not 0 <= pruner.layer <= n - 2:
+        cuts = tuple(int(k) for k in pruner.cuts())
+        last = n - 2
+        if len(cuts) == 1 and not 0 <= cuts[0] <= last:
             raise ValueError(
-                f"{type(pruner).__name__}: layer {pruner.layer} is out of range for a language model with {n} decoder "
-                f"layers: the cut runs after layer `layer` and needs a layer after it, so set layer to 0..{n - 2}."
+                f"{type(pruner).__name__}: layer {cuts[0]} is out of range for a language model with {n} decoder "
+                f"layers: the cut runs after layer `layer` and needs a layer after it, so set layer to 0..{last}."
+            )
+        if not cuts or any(not 0 <= k <= last for k in cuts) or any(a >= b for a, b in zip(cuts, cuts[1:])):
+            raise ValueError(
+                f"{type(pruner).__name__}: cut layers {list(cuts)} are out of range for a language model with {n} "
+                f"decoder layers: each cut runs after its layer and needs a layer after it, so use strictly increasing "
+                f"layers in 0..{last}."
             )
         layer_types = getattr(lm.config, "layer_types", None) or ["full_attention"]
         if any(t != "full_attention" for t in layer_types):
             raise TypeError("An LLM-stage cut needs full-attention layers only (no sliding-window or linear layers); use a vision-tower pruner on this model.")
-        attn = lm.layers[pruner.layer].self_attn
+        self.score_next = bool(getattr(pruner, "score_next", False))
+        self.cuts = cuts
+        #: the decoder layer whose attention inputs each cut scores with
+        self.score_layers = tuple(k + 1 if self.score_next else k for k in cuts)
+        attn = lm.layers[self.score_layers[0]].self_attn
         self.q_norm_per_head = self.query_norm_layout(attn)
         self.lm = lm
         self.pruner = pruner
@@ -229,6 +257,7 @@ class CutDecoder:
     def probe(
         self, h: Tensor, rope: tuple[Tensor, Tensor], keys: Tensor, values: Tensor, visual: Tensor, probe_index: Tensor,
         out: Optional[Tensor] = None, valid: Optional[Tensor] = None, layout: Optional[Tensor] = None,
+        layer: Optional[int] = None,
     ) -> tuple[LlmProbe, Tensor]:
         """The pruner's view of layer ``k``: the probe row's query, re-projected from the layer's input
         ``h [B, L, D]`` (its input norm, ``q_proj``, ``q_norm`` if any, and RoPE from ``rope``, the
@@ -238,8 +267,9 @@ class CutDecoder:
         (every visual token, layout ones included; default ``visual``) it also fills the optional
         fields (:class:`~vlm.llm_stage.LlmProbe`): the probe row's per-head log-sum-exp over its causal
         row, the final-normed output states of the visual tokens, and the keys and states of the
-        prompt tail. Returns the probe and ``visual_index [B, N]`` (sequence row of each visual slot)."""
-        layer = self.lm.layers[self.pruner.layer]
+        prompt tail. ``layer``: the decoder layer whose projections make the query (default: the first
+        cut's scoring layer). Returns the probe and ``visual_index [B, N]`` (sequence row of each visual slot)."""
+        layer = self.lm.layers[self.score_layers[0] if layer is None else layer]
         attn = layer.self_attn
         b, d = h.shape[0], attn.head_dim
         heads = attn.q_proj.out_features // d
@@ -286,69 +316,116 @@ class CutDecoder:
         probe.text_counts = text_counts
         return probe, visual_index
 
+    def project_kv(self, layer: int, h: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """Decoder ``layer``'s post-RoPE keys and values ``[B, Hkv, L, d]`` of its input ``h [B, L, D]``,
+        re-projected as its attention computes them (input norm, ``k_proj`` / ``v_proj``, ``k_norm`` if
+        any, RoPE from ``rope``): what a ``score_next`` cut scores with (no cache holds them)."""
+        block = self.lm.layers[layer]
+        attn = block.self_attn
+        b, length, d = h.shape[0], h.shape[1], attn.head_dim
+        x = block.input_layernorm(h)
+        k, v = attn.k_proj(x), attn.v_proj(x)
+        norm = getattr(attn, "k_norm", None)
+        per_head = None if norm is None else getattr(norm, "weight", torch.empty(d)).numel() == d
+        if per_head is False:
+            k = norm(k)
+        k = k.view(b, length, -1, d)
+        if per_head:
+            k = norm(k)
+        k = k.transpose(1, 2)
+        k = self.apply_rope(k, k, *rope)[1]
+        return k, v.view(b, length, -1, d).transpose(1, 2)
+
     # --- prefill and decoding -----------------------------------------------------------------
     def prefill(self, inputs: LlmInputs, padding_side: str, cache=None) -> tuple[Tensor, LlmCut]:
-        """Final-norm hidden states ``[B, L', D]`` of the cut sequence, and its layout."""
-        k, n_layers = self.pruner.layer, int(self.lm.config.num_hidden_layers)
+        """Final-norm hidden states ``[B, L', D]`` of the cut sequence, and its layout.
+
+        Cut ``i`` (after layer ``cuts[i]``) runs the layers since the previous cut on the current
+        sequence (always filling a cache: the caller's, or a scratch one), scores with the probe of
+        its scoring layer, and keeps the text, layout and kept visual tokens in order, re-padded on
+        ``padding_side``; the layers after the last cut run on the final sequence."""
+        n_layers = len(self.lm.layers)
         valid, visual = inputs.attention_mask.bool(), inputs.visual_mask & inputs.attention_mask.bool()
         scored = visual if inputs.layout_mask is None else visual & ~inputs.layout_mask
         probe_index = inputs.probe_index
         if bool(visual.gather(1, probe_index[:, None]).any()):
             raise ValueError("The LLM-stage cut scores with each sample's last prompt token; it must be text, not an image token.")
-        before = LayerGroup(range(0, k + 1), inputs.attention_mask, inputs.position_ids)
-        if self.packed:
-            h_in, h, rope, keys, values = self.early_packed(inputs, cache)
-        else:
-            # Layers 0..k always fill a cache: layer k's keys and values are the scores' inputs.
-            early = cache if cache is not None else scratch_cache(self.lm)
-            mask, rope = self.context(before, inputs.embeds, early)
-            h_in = self.run(range(0, k), inputs.embeds, mask, rope, before.position_ids, early, inputs.deepstack)
-            h = self.run(range(k, k + 1), h_in, mask, rope, before.position_ids, early, inputs.deepstack)
-            keys, values = early.layers[k].keys, early.layers[k].values
-        probe, visual_index = self.probe(h_in, rope, keys, values, scored, probe_index, h, valid, visual)
-
-        length = h.shape[1]
-        slot = torch.where(probe.valid, visual_index, length)  # padding slots land on a dropped column
-        keep = torch.cat([valid & ~scored, valid.new_zeros(valid.shape[0], 1)], 1)
-        keep = keep.scatter(1, slot, self.pruner.keep(probe) & probe.valid)[:, :length]
-        index, kept, rank = repack(keep, padding_side)
-        h = rows(h, index).masked_fill(~kept[..., None], 0.0)
-        multi = inputs.position_ids.dim() == 3
-        if self.position_policy == "original":
-            positions = gather_positions(inputs.position_ids, index)
-        else:
-            positions = rank.expand(inputs.position_ids.shape[0], -1, -1) if multi else rank
-        # pads at 1, as transformers does for 1-D ids; at 0 under M-RoPE, as get_rope_index leaves them
-        positions = positions.masked_fill(~kept, 0 if multi else 1)
-        adds = None
-        if inputs.deepstack is not None and inputs.deepstack.shape[0] > k + 1:  # DeepStack after the cut
-            adds = torch.stack([rows(a, index) for a in inputs.deepstack]).masked_fill(~kept[None, ..., None], 0.0)
-        after = LayerGroup(range(k + 1, n_layers), kept.to(inputs.attention_mask.dtype), positions)
+        h, mask2d, positions, adds = inputs.embeds, inputs.attention_mask, inputs.position_ids, inputs.deepstack
+        source = torch.arange(h.shape[1], device=h.device)[None].expand(h.shape[0], -1)  # assembled row of each row
+        initial = scored.sum(1)
+        multi = positions.dim() == 3
+        work = cache if cache is not None else scratch_cache(self.lm)  # the scores' keys and values
+        groups: list[LayerGroup] = []
+        counts: list[Tensor] = []
+        start = 0
+        for stage, (k, score_layer) in enumerate(zip(self.cuts, self.score_layers)):
+            group = LayerGroup(range(start, k + 1), mask2d.to(inputs.attention_mask.dtype), positions)
+            if self.packed:
+                h_in, h, rope, keys, values = self.group_packed(group, h, cache, adds)
+            else:
+                mask, rope = self.context(group, h, work)
+                h_in = self.run(range(start, k), h, mask, rope, positions, work, adds)
+                h = self.run(range(k, k + 1), h_in, mask, rope, positions, work, adds)
+                keys, values = work.layers[k].keys, work.layers[k].values
+            if self.score_next:  # the next layer's attention inputs, from this layer's output
+                h_in = h
+                keys, values = self.project_kv(score_layer, h, rope)
+            probe, visual_index = self.probe(h_in, rope, keys, values, scored, probe_index, h, valid, visual,
+                                             layer=score_layer)
+            probe.initial_counts = initial
+            length = h.shape[1]
+            slot = torch.where(probe.valid, visual_index, length)  # padding slots land on a dropped column
+            keep = torch.cat([valid & ~scored, valid.new_zeros(valid.shape[0], 1)], 1)
+            chosen = self.pruner.keep_stage(probe, stage) & probe.valid
+            keep = keep.scatter(1, slot, chosen)[:, :length]
+            index, kept, rank = repack(keep, padding_side)
+            h = rows(h, index).masked_fill(~kept[..., None], 0.0)
+            if self.position_policy == "original":
+                positions = gather_positions(positions, index)
+            else:
+                positions = rank.expand(positions.shape[0], -1, -1) if multi else rank
+            # pads at 1, as transformers does for 1-D ids; at 0 under M-RoPE, as get_rope_index leaves them
+            positions = positions.masked_fill(~kept, 0 if multi else 1)
+            if adds is not None:  # DeepStack after the cut
+                adds = None if adds.shape[0] <= k + 1 else torch.stack([rows(a, index) for a in adds]).masked_fill(
+                    ~kept[None, ..., None], 0.0)
+            source = torch.gather(source, 1, index)
+            valid, visual, scored = kept, rows(visual, index) & kept, rows(scored, index) & kept
+            probe_index = (kept & (source == inputs.probe_index[:, None])).int().argmax(1)  # text: always kept
+            mask2d = kept
+            counts.append((visual & kept).sum(1))
+            groups.append(group)
+            start = k + 1
+        after = LayerGroup(range(start, n_layers), valid.to(inputs.attention_mask.dtype), positions)
         if self.packed:
             h = self.late_packed(after, h, cache, adds)
         else:
             mask, rope = self.context(after, h, cache)
             h = self.run(after.layers, h, mask, rope, positions, cache, adds)
         cut = LlmCut(
-            layer=k, index=index.masked_fill(~kept, -1), attention_mask=after.attention_mask, position_ids=positions,
-            visual_counts=(torch.gather(visual, 1, index) & kept).sum(1), groups=[before, after],
+            layer=self.cuts[0], index=source.masked_fill(~valid, -1), attention_mask=after.attention_mask,
+            position_ids=positions, visual_counts=counts[-1], groups=[*groups, after], layers=self.cuts,
+            stage_visual_counts=counts,
         )
         return self.lm.norm(h), cut
 
     # --- packed prefill (vlm.towers.packed_prefill) -------------------------------------------
-    def early_packed(self, inputs: LlmInputs, cache) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor], Tensor, Tensor]:
-        """Layers ``0..k`` over the packed batch. Returns, padded again: layer ``k``'s input and
-        output, the RoPE tables, and layer ``k``'s keys and values (what the probe reads); ``cache``
-        (if given) gets layers ``0..k`` re-padded."""
-        k = self.pruner.layer
-        layout = PackedLayout.from_mask(inputs.attention_mask)
-        x, positions = layout.pack(inputs.embeds), layout.pack_positions(inputs.position_ids)
-        adds = None if inputs.deepstack is None else layout.pack_stack(inputs.deepstack[: k + 1])
+    def group_packed(
+        self, group: LayerGroup, h: Tensor, cache, adds: Optional[Tensor] = None
+    ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor], Tensor, Tensor]:
+        """The layers of ``group`` (up to and including a cut layer ``k``) over the packed sequence
+        ``h [B, L, D]``. Returns, padded again: layer ``k``'s input and output, the RoPE tables, and
+        layer ``k``'s keys and values (what the probe reads); ``cache`` (if given) gets the group's
+        layers re-padded."""
+        start, k = group.layers.start, group.layers.stop - 1
+        layout = PackedLayout.from_mask(group.attention_mask)
+        x, positions = layout.pack(h), layout.pack_positions(group.position_ids)
+        packed_adds = None if adds is None else layout.pack_stack(adds[: k + 1])
         scratch = scratch_cache(self.lm)  # layer k's keys and values are the scores' inputs
-        h_in = run_packed(self.lm, range(0, k), x, layout, positions, scratch, adds)
-        h = run_packed(self.lm, range(k, k + 1), h_in, layout, positions, scratch, adds)
+        h_in = run_packed(self.lm, range(start, k), x, layout, positions, scratch, packed_adds)
+        h = run_packed(self.lm, range(k, k + 1), h_in, layout, positions, scratch, packed_adds)
         if cache is not None:
-            repad_cache(scratch, cache, layout, range(0, k + 1))
+            repad_cache(scratch, cache, layout, group.layers)
         rope = tuple(layout.unpack(t) for t in self.lm.rotary_emb(x, position_ids=positions))
         kv = scratch.layers[k]
         return layout.unpack(h_in), layout.unpack(h), rope, layout.unpack_heads(kv.keys), layout.unpack_heads(kv.values)

@@ -20,6 +20,8 @@ first) and ``keep_stage(probe, stage)``: cut ``i`` sees the survivors of cut ``i
 ``counts``; ``initial_counts`` the counts before the first cut) at its own layer, and keeps a subset.
 ``score_next = True`` scores a cut after layer ``k`` with layer ``k + 1``'s projections of layer
 ``k``'s output instead of layer ``k``'s own attention inputs (``vlm.llm_stage.LlmStage``).
+``merge_stage(probe, stage, keep)`` (default None) may return weights over the visual slots for new
+tokens (averages of the layer's output states) that the runner inserts after the visual block.
 
 An LLM-stage pruner may bring a vision stage (``vision_stage``, a vision :class:`TokenPruner`) that
 the runner adds to the vision tower's hooks: one config object then describes a two-stage method
@@ -68,9 +70,14 @@ class LlmTokenPruner(Pruner, LlmStage, ABC):
     def keep(self, probe: LlmProbe) -> Tensor:
         """``[B, N]`` bool: the ``min(num_tokens, count)`` best-scored visual tokens of each sample;
         ties keep the earlier token."""
+        return self.keep_best(probe, probe.counts.clamp(max=self.num_tokens))
+
+    def keep_best(self, probe: LlmProbe, count: Tensor) -> Tensor:
+        """``[B, N]`` bool: each sample's ``count`` best-scored visual tokens by :meth:`score` (padding
+        slots never); ties keep the earlier token. The cut of every score-ranking stage."""
         valid = probe.valid
         scores = self.score(probe).float().masked_fill(~valid, float("-inf"))
-        return valid & top_count(scores, probe.counts.clamp(max=self.num_tokens))
+        return valid & top_count(scores, count)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, layer={self.layer}"

@@ -62,7 +62,6 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from vlm.pruning.base import top_count
 from vlm.pruning.llm import LlmProbe, LlmTokenPruner
 from vlm.pruning.registry import register
 
@@ -166,9 +165,7 @@ class PyramidDrop(LlmTokenPruner):
         return torch.minimum(kept, probe.counts)
 
     def keep_stage(self, probe: LlmProbe, stage: int) -> Tensor:
-        valid = probe.valid
-        scores = self.score(probe).float().masked_fill(~valid, float("-inf"))
-        return valid & top_count(scores, self.budget(probe, stage))
+        return self.keep_best(probe, self.budget(probe, stage))
 
     def keep(self, probe: LlmProbe) -> Tensor:
         return self.keep_stage(probe, 0)

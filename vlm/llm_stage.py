@@ -47,7 +47,17 @@ class LlmProbe:
       token up to and including the probe row, in order, padded to the batch maximum T;
     * ``initial_counts [B]``: the scored visual tokens each sample had before the stage's first cut
       (equal to ``counts`` at the first cut; a later cut of a multi-cut stage sees the survivors of
-      the previous one in ``counts``).
+      the previous one in ``counts``);
+    * ``text_queries [B, H, T, d]``, ``text_lse [B, H, T]`` (fp32): the post-RoPE queries of the
+      prompt-tail rows, re-projected as the probe's, and per head the log-sum-exp of each such row's
+      scaled logits over its own causal row (the tokens of the sample up to and including that row),
+      so ``exp(scale * q_{h,t} . k_{h,j} - text_lse_{h,t})`` is the weight row ``t`` gives token ``j``
+      (:meth:`text_row_weights`);
+    * ``states [B, N, D]``: the layer's output hidden states at the visual slots, before the final
+      norm (padding slots are zeros): what a merge (:meth:`LlmStage.merge_stage`) averages;
+    * ``embeds [B, N0, D]``, ``text_embeds [B, T, D]``: the language model's input embeddings of the
+      sample's scored visual tokens before the first cut (``initial_counts`` of them, padded with
+      zeros) and of its prompt tail.
     """
 
     query: Tensor
@@ -62,6 +72,11 @@ class LlmProbe:
     text_hidden: Optional[Tensor] = None
     text_counts: Optional[Tensor] = None
     initial_counts: Optional[Tensor] = None
+    states: Optional[Tensor] = None
+    text_queries: Optional[Tensor] = None
+    text_lse: Optional[Tensor] = None
+    embeds: Optional[Tensor] = None
+    text_embeds: Optional[Tensor] = None
 
     @property
     def valid(self) -> Tensor:
@@ -83,6 +98,20 @@ class LlmProbe:
         scale = self.scale if self.scale is not None else d**-0.5
         logits = torch.einsum("bkgd,bknd->bkgn", q.view(b, kv_heads, heads // kv_heads, d), k).flatten(1, 2)
         return torch.exp(logits * scale - self.query_lse.float()[..., None])
+
+    def text_row_weights(self, who: str) -> Tensor:
+        """``[B, H, T, N]`` fp32: the layer's attention weight of each prompt-tail row on each visual
+        key under the softmax over that row's whole causal row (``text_queries`` / ``text_lse``; query
+        head ``h`` reads key head ``h // G``); padding rows and slots mean nothing."""
+        if self.text_queries is None or self.text_lse is None:
+            raise ValueError(f"{who} needs LlmProbe.text_queries and text_lse (the prompt tail's queries and "
+                             "log-sum-exps); run it with the LLaVA or Qwen runners, whose CutDecoder fills them.")
+        q, k = self.text_queries.float(), self.keys.float()
+        b, heads, t, d = q.shape
+        kv_heads = k.shape[1]
+        scale = self.scale if self.scale is not None else d**-0.5
+        logits = torch.einsum("bkgtd,bknd->bkgtn", q.view(b, kv_heads, heads // kv_heads, t, d), k).flatten(1, 2)
+        return torch.exp(logits * scale - self.text_lse.float()[..., None])
 
     @property
     def text_valid(self) -> Tensor:
@@ -134,6 +163,16 @@ class LlmStage(TowerHook):
         if stage != 0:
             raise TypeError(f"{type(self).__name__} declares {len(self.cuts())} cuts but does not implement keep_stage(probe, stage).")
         return self.keep(probe)
+
+    def merge_stage(self, probe: LlmProbe, stage: int, keep: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+        """Tokens to insert after cut ``stage``, given its ``keep [B, N]``: None (the default) for none,
+        or ``(weights [B, M, N], counts [B])``: sample ``b`` gets ``counts[b]`` new tokens whose hidden
+        states are ``weights[b, m] @ states[b]`` (the layer's output states at the visual slots,
+        ``LlmProbe.states``; weights on padding slots are ignored), in order ``m``. The runner inserts
+        them right after the sample's last visual token (layout ones included) of the uncut sequence,
+        counts them as scored visual tokens for later cuts, and positions them by its policy
+        (``compact``: renumbered with the rest; ``original``: the positions of the token they follow)."""
+        return None
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,10 @@ implementation (sdpa, eager, flash) is untouched:
   tables of the probe token's own position, 3-D under M-RoPE): one query row per sample, no
   attention matrix and no recomputed keys; then it picks the visual tokens kept. The probe also
   carries the probe row's per-head log-sum-exp over its whole causal row (the layer's softmax
-  normaliser), the layer's final-normed output states of the visual tokens, and the keys and states
-  of the prompt tail after the last visual token (``LlmProbe``'s optional fields);
+  normaliser), the layer's output states of the visual tokens (raw and final-normed), the keys,
+  states, queries and per-row log-sum-exps of the prompt tail after the last visual token, and the
+  input embeddings of the visual tokens before the first cut and of the prompt tail (``LlmProbe``'s
+  optional fields);
 * after layer ``k`` each sample keeps its text tokens, its layout tokens (``LlmInputs.layout_mask``,
   e.g. kept ``image_newline``: never scored, outside the budget) and the kept visual tokens, in order,
   re-padded on the input's padding side; layers ``k+1..`` run on that shorter sequence.
@@ -44,7 +46,11 @@ DeepStack rows) and fill the cache, cut ``i`` scores its survivors (``pruner.kee
 ``LlmProbe.initial_counts`` carries the counts before the first cut) and keeps a subset, re-padded;
 the layers after the last cut run on the final sequence. One layer group per cut plus one after
 the last: each holds its own cache length and positions, and decoding appends to every group.
-``LlmCut.index`` maps the final rows to the assembled sequence. With ``pruner.score_next`` a cut
+``LlmCut.index`` maps the final rows to the assembled sequence (-1: padding, or a merged row).
+A cut may also insert merged tokens (``LlmStage.merge_stage``: weights over the visual slots of the
+layer's output states): they go right after the sample's last visual token (layout included) of
+the uncut sequence, count as scored visual tokens for later cuts, take the positions of that token
+under ``original`` (renumbered with the rest under ``compact``) and zero DeepStack rows. With ``pruner.score_next`` a cut
 after layer ``k`` scores with layer ``k + 1``'s input norm, query/key/value projections (and
 ``q_norm`` / ``k_norm``) and RoPE applied to layer ``k``'s output at the group's positions: the
 keys and values are re-projected (:meth:`CutDecoder.project_kv`), not read from the cache.
@@ -102,7 +108,7 @@ class LayerGroup:
 class LlmCut:
     """The sequence after an LLM-stage cut after decoder layer ``layer`` (the first of ``layers``, all
     the cut layers): ``index [B, L']`` (the row of the assembled sequence each row came from; -1 for
-    padding), ``attention_mask [B, L']``, ``position_ids [B, L']`` (``[A, B, L']`` under M-RoPE) of
+    padding and for merged rows a cut inserted), ``attention_mask [B, L']``, ``position_ids [B, L']`` (``[A, B, L']`` under M-RoPE) of
     the final sequence, ``visual_counts [B]`` (visual tokens kept per sample after the last cut;
     ``stage_visual_counts[i]`` after cut ``i``), and the layer groups (one before each cut, one
     after the last) at the end of the prefill, from which decoding continues."""
@@ -163,13 +169,18 @@ def gather_positions(positions: Tensor, index: Tensor) -> Tensor:
     return torch.gather(positions, 2, index[None].expand(positions.shape[0], -1, -1))
 
 
-def repack(keep: Tensor, side: str) -> tuple[Tensor, Tensor, Tensor]:
-    """The rows ``keep [B, L]`` marks, in order, padded on ``side`` to the batch maximum L'.
-    Returns ``index [B, L']`` (source row), ``valid [B, L']`` (False on padding) and ``rank [B, L']``
-    (0-based place of the row among its sample's kept rows); index and rank mean nothing on padding."""
+def repack(keep: Tensor, side: str, key: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The rows ``keep [B, L]`` marks, in order (ascending ``key [B, L]`` where given), padded on
+    ``side`` to the batch maximum L'. Returns ``index [B, L']`` (source row), ``valid [B, L']``
+    (False on padding) and ``rank [B, L']`` (0-based place of the row among its sample's kept rows);
+    index and rank mean nothing on padding."""
     counts = keep.sum(1)
     width = int(counts.max())
-    order = kept_first(keep, width)
+    if key is None:
+        order = kept_first(keep, width)
+    else:
+        top = key.max() + 1
+        order = torch.sort(torch.where(keep, key, key + top), dim=1, stable=True).indices[:, :width]
     rank = torch.arange(width, device=keep.device)[None].expand(keep.shape[0], width)
     if side == "left":
         rank = rank - (width - counts)[:, None]
@@ -257,7 +268,7 @@ class CutDecoder:
     def probe(
         self, h: Tensor, rope: tuple[Tensor, Tensor], keys: Tensor, values: Tensor, visual: Tensor, probe_index: Tensor,
         out: Optional[Tensor] = None, valid: Optional[Tensor] = None, layout: Optional[Tensor] = None,
-        layer: Optional[int] = None,
+        layer: Optional[int] = None, embeds: Optional[Tensor] = None,
     ) -> tuple[LlmProbe, Tensor]:
         """The pruner's view of layer ``k``: the probe row's query, re-projected from the layer's input
         ``h [B, L, D]`` (its input norm, ``q_proj``, ``q_norm`` if any, and RoPE from ``rope``, the
@@ -267,8 +278,9 @@ class CutDecoder:
         (every visual token, layout ones included; default ``visual``) it also fills the optional
         fields (:class:`~vlm.llm_stage.LlmProbe`): the probe row's per-head log-sum-exp over its causal
         row, the final-normed output states of the visual tokens, and the keys and states of the
-        prompt tail. ``layer``: the decoder layer whose projections make the query (default: the first
-        cut's scoring layer). Returns the probe and ``visual_index [B, N]`` (sequence row of each visual slot)."""
+        prompt tail, with the prompt-tail rows' queries and per-row log-sum-exps (and, given ``embeds``,
+        the input embeddings ``[B, L, D]`` of the current rows, the prompt tail's). ``layer``: the
+        decoder layer whose projections make the query (default: the first cut's scoring layer). Returns the probe and ``visual_index [B, N]`` (sequence row of each visual slot)."""
         layer = self.lm.layers[self.score_layers[0] if layer is None else layer]
         attn = layer.self_attn
         b, d = h.shape[0], attn.head_dim
@@ -276,15 +288,7 @@ class CutDecoder:
         counts = visual.sum(1)
         n = int(counts.max())
         visual_index = kept_first(visual, n)
-        x = layer.input_layernorm(rows(h, probe_index[:, None]))
-        cos, sin = (rows(t, probe_index[:, None]) for t in rope)
-        q = attn.q_proj(x)
-        if self.q_norm_per_head is False:
-            q = attn.q_norm(q)
-        q = q.view(b, 1, heads, d)
-        if self.q_norm_per_head:
-            q = attn.q_norm(q)
-        q = self.apply_rope(q.transpose(1, 2), q.transpose(1, 2), cos, sin)[0]
+        q = self.queries(layer, h, rope, probe_index[:, None])
 
         def at(t: Tensor, index: Tensor) -> Tensor:  # [B, Hkv, L, d] at sequence rows index [B, M]
             return torch.gather(t, 2, index[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))
@@ -305,6 +309,7 @@ class CutDecoder:
         normed = self.lm.norm(out)
         slot_valid = probe.valid
         probe.hidden = rows(normed, visual_index).masked_fill(~slot_valid[..., None], 0.0)
+        probe.states = rows(out, visual_index).masked_fill(~slot_valid[..., None], 0.0)
         marked = visual if layout is None else layout
         last = torch.where(marked, seq, -1).max(1).values  # the last visual token (-1: none)
         tail = causal & ~marked & (seq > last[:, None])
@@ -314,7 +319,32 @@ class CutDecoder:
         probe.text_keys = at(keys, tail_index).masked_fill(~text_valid[:, None, :, None], 0.0)
         probe.text_hidden = rows(normed, tail_index).masked_fill(~text_valid[..., None], 0.0)
         probe.text_counts = text_counts
+        tq = self.queries(layer, h, rope, tail_index)  # [B, H, T, d]
+        t_logits = torch.einsum("bkgtd,bkld->bkgtl", tq.float().view(b, kv_heads, heads // kv_heads, -1, d),
+                                keys.float()).flatten(1, 2) * scale
+        row_causal = valid.bool()[:, None] & (seq[:, None] <= tail_index[:, :, None])  # [B, T, L]
+        probe.text_queries = tq.masked_fill(~text_valid[:, None, :, None], 0.0)
+        probe.text_lse = t_logits.masked_fill(~row_causal[:, None], float("-inf")).logsumexp(-1).masked_fill(
+            ~text_valid[:, None], 0.0)
+        if embeds is not None:
+            probe.text_embeds = rows(embeds, tail_index).masked_fill(~text_valid[..., None], 0.0)
         return probe, visual_index
+
+    def queries(self, layer: nn.Module, h: Tensor, rope: tuple[Tensor, Tensor], index: Tensor) -> Tensor:
+        """Post-RoPE queries ``[B, H, M, d]`` of ``layer``'s attention at the rows ``index [B, M]`` of its
+        input ``h [B, L, D]`` (input norm, ``q_proj``, ``q_norm`` if any, RoPE from ``rope``)."""
+        attn = layer.self_attn
+        b, m, d = h.shape[0], index.shape[1], attn.head_dim
+        heads = attn.q_proj.out_features // d
+        x = layer.input_layernorm(rows(h, index))
+        cos, sin = (rows(t, index) for t in rope)
+        q = attn.q_proj(x)
+        if self.q_norm_per_head is False:
+            q = attn.q_norm(q)
+        q = q.view(b, m, heads, d)
+        if self.q_norm_per_head:
+            q = attn.q_norm(q)
+        return self.apply_rope(q.transpose(1, 2), q.transpose(1, 2), cos, sin)[0]
 
     def project_kv(self, layer: int, h: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         """Decoder ``layer``'s post-RoPE keys and values ``[B, Hkv, L, d]`` of its input ``h [B, L, D]``,
@@ -353,6 +383,9 @@ class CutDecoder:
         h, mask2d, positions, adds = inputs.embeds, inputs.attention_mask, inputs.position_ids, inputs.deepstack
         source = torch.arange(h.shape[1], device=h.device)[None].expand(h.shape[0], -1)  # assembled row of each row
         initial = scored.sum(1)
+        embeds0 = inputs.embeds
+        visual_embeds = rows(embeds0, kept_first(scored, int(initial.max()))).masked_fill(
+            ~(torch.arange(int(initial.max()), device=h.device)[None] < initial[:, None])[..., None], 0.0)
         multi = positions.dim() == 3
         work = cache if cache is not None else scratch_cache(self.lm)  # the scores' keys and values
         groups: list[LayerGroup] = []
@@ -371,14 +404,34 @@ class CutDecoder:
                 h_in = h
                 keys, values = self.project_kv(score_layer, h, rope)
             probe, visual_index = self.probe(h_in, rope, keys, values, scored, probe_index, h, valid, visual,
-                                             layer=score_layer)
+                                             layer=score_layer, embeds=rows(embeds0, source.clamp(min=0)))
             probe.initial_counts = initial
+            probe.embeds = visual_embeds
             length = h.shape[1]
             slot = torch.where(probe.valid, visual_index, length)  # padding slots land on a dropped column
             keep = torch.cat([valid & ~scored, valid.new_zeros(valid.shape[0], 1)], 1)
             chosen = self.pruner.keep_stage(probe, stage) & probe.valid
             keep = keep.scatter(1, slot, chosen)[:, :length]
-            index, kept, rank = repack(keep, padding_side)
+            merge = self.pruner.merge_stage(probe, stage, chosen)
+            key = None
+            if merge is not None and int(merge[1].max()) > 0:  # insert merged tokens after the visual block
+                weights, merged_counts = merge
+                m = weights.shape[1]
+                mvalid = torch.arange(m, device=h.device)[None] < merged_counts[:, None]
+                states = probe.states.float().masked_fill(~probe.valid[..., None], 0.0)
+                merged = torch.einsum("bmn,bnd->bmd", weights.float(), states).to(h.dtype)
+                seq = torch.arange(length, device=h.device)[None]
+                anchor = torch.where(visual, seq, -1).max(1).values.clamp(min=0)  # the last visual token
+                key = torch.cat([seq.expand(h.shape[0], -1) * (m + 1),
+                                 anchor[:, None] * (m + 1) + 1 + torch.arange(m, device=h.device)[None]], 1)
+                keep, h = torch.cat([keep, mvalid], 1), torch.cat([h, merged], 1)
+                at_anchor = anchor[:, None].expand(-1, m)
+                positions = torch.cat([positions, gather_positions(positions, at_anchor)], -1)
+                if adds is not None:
+                    adds = torch.cat([adds, adds.new_zeros(*adds.shape[:2], m, adds.shape[3])], 2)
+                source = torch.cat([source, source.new_full((h.shape[0], m), -1)], 1)
+                visual, scored = torch.cat([visual, mvalid], 1), torch.cat([scored, mvalid], 1)
+            index, kept, rank = repack(keep, padding_side, key)
             h = rows(h, index).masked_fill(~kept[..., None], 0.0)
             if self.position_policy == "original":
                 positions = gather_positions(positions, index)

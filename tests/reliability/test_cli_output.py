@@ -89,6 +89,22 @@ def test_unknown_key_names_the_key_and_the_nearest_valid_one(typo: str, key: str
     assert len(err.splitlines()) <= 4, err
 
 
+@pytest.mark.parametrize("flat,grouped", [("batch_size: 4", "loader.batch_size"), ("train_transforms: [normalize]", "transforms.train")])
+def test_a_flat_datamodule_key_of_earlier_versions_names_its_new_place(flat: str, grouped: str, fitted: tuple[Path, Path, Path],
+                                                                       tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """``data.init_args.batch_size`` (before the image and loader settings were grouped) is refused
+    with the grouped key to write instead, in a few lines."""
+    monkeypatch.delenv("VLM_DEBUG", raising=False)
+    cfg, _, _ = fitted
+    (tmp_path / "old.yaml").write_text(f"data:\n  init_args:\n    {flat}\n")
+    assert console(["fit", "--config", str(cfg), "--config", str(tmp_path / "old.yaml")]) == 2
+    err = capsys.readouterr().err
+    old = flat.split(":")[0]
+    assert f"unknown key 'data.init_args.{old}'" in err and f"write 'data.init_args.{grouped}'" in err, err
+    assert "Does not validate against any of the Union subtypes" not in err and len(err.splitlines()) <= 4, err
+
+
 def test_no_tips_no_flops_no_v_num(fitted: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
     from vlm.runtime.lightning_cli import VLMCLI
 

@@ -71,7 +71,7 @@ import argparse
 import statistics
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -90,10 +90,11 @@ SIZES: dict[str, dict[str, Any]] = {
                               image_size=336, patch_size=14),
                   text=dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
                             num_key_value_heads=8, vocab_size=1000), text_tokens=64),
-    # the smallest shapes that run every pruner (6 x 6 patches, 3 decoder layers), for the script's test
+    # the smallest shapes that run every pruner (6 x 6 patches; 4 decoder layers: PyramidDrop's and
+    # SparseVLM's three cuts each need a layer after them), for the script's test
     "tiny": dict(vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
                              image_size=84, patch_size=14),
-                 text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                 text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
                            num_key_value_heads=2, vocab_size=1000), text_tokens=16),
 }
 IMAGE_TOKEN = 3
@@ -122,9 +123,10 @@ def build(size: str, dtype: torch.dtype, device: str, anyres: bool = False):
     return model, cfg
 
 
-def llm_flops(cfg, length: int, cut: tuple[int, int] | None = None) -> float:
+def llm_flops(cfg, length: int, cut: tuple[int, int] | None = None,
+              cuts: Sequence[tuple[int, int]] = ()) -> float:
     """Prefill FLOPs at ``length`` tokens; ``cut = (layer, cut_length)``: layers after ``layer`` run
-    on ``cut_length`` tokens."""
+    on ``cut_length`` tokens; ``cuts``: several such cuts in layer order (a multi-stage pruner)."""
     t = cfg.text_config
     d, f, layers = t.hidden_size, t.intermediate_size, t.num_hidden_layers
     kv = d * t.num_key_value_heads // t.num_attention_heads
@@ -134,9 +136,10 @@ def llm_flops(cfg, length: int, cut: tuple[int, int] | None = None) -> float:
         attention = 2 * 2 * n * n * d / 2  # causal: half of QK^T and PV
         return linear + attention
 
-    before = layers if cut is None else cut[0] + 1
-    after = 0.0 if cut is None else (layers - before) * layer_flops(cut[1])
-    return before * layer_flops(length) + after + 2 * d * t.vocab_size  # lm_head on the last token
+    stages = [(-1, length), *([cut] if cut is not None else []), *cuts]
+    bounds = [layer + 1 for layer, _ in stages] + [layers]
+    total = sum((b - a) * layer_flops(n) for (_, n), a, b in zip(stages, bounds, bounds[1:]))
+    return total + 2 * d * t.vocab_size  # lm_head on the last token
 
 
 def timed(fn: Callable[[], Any], repeats: int, device: str) -> float:
@@ -478,12 +481,68 @@ def is_llm_stage(name: str) -> bool:
     return issubclass(PRUNERS.get(name), LlmTokenPruner)
 
 
-def make_pruner(name: str, num_tokens: int):
-    """``name`` at ``num_tokens``; ``flowcut_llm`` without its vision stage (on LLaVA-1.5's single
-    view the vision stage would keep T/2 patches and leave the LLM cut nothing to do)."""
-    if name == "flowcut_llm":
-        return pruning.create(name, num_tokens=num_tokens, two_stage=False)
-    return pruning.create(name, num_tokens=num_tokens)
+def scaled_layers(released: Sequence[int], num_layers: int, of: int = 32) -> tuple[int, ...]:
+    """A released layer schedule for ``of`` (LLaVA-1.5's 32) decoder layers, moved proportionally to
+    a ``num_layers`` model (strictly increasing, each at least the previous + 1)."""
+    out: list[int] = []
+    for layer in released:
+        out.append(max(round(layer * num_layers / of), out[-1] + 1 if out else 0))
+    return tuple(out)
+
+
+def pyramiddrop_args(budget: int, n_patch: int, num_layers: int) -> dict[str, Any]:
+    """PyramidDrop at a layer-average ``budget``: the released stage split (8/16/24 of 32) scaled to
+    the model, ratios solved for the budget; a ValueError (the row is skipped) when the first stage
+    alone averages more than the budget."""
+    return dict(num_tokens=budget, layers=scaled_layers((8, 16, 24), num_layers),
+                num_layers=num_layers, reference_tokens=n_patch)
+
+
+def sparsevlm_args(budget: int, n_patch: int, num_layers: int) -> dict[str, Any]:
+    """SparseVLM at ``budget``: the released per-layer keep counts of the 576-token budget
+    ``budget * 576 / n_patch``, scaled to ``n_patch``, at the released layers (2/6/15 of 32) scaled
+    to the model."""
+    from vlm.pruning.sparsevlm import RELEASED_COUNTS, RELEASED_LAYERS
+
+    counts = RELEASED_COUNTS[round(budget * 576 / n_patch)]
+    return dict(num_tokens=budget, layers=scaled_layers(RELEASED_LAYERS, num_layers),
+                counts=tuple(max(1, round(c * n_patch / 576)) for c in counts))
+
+
+#: pruners whose constructor needs more than ``num_tokens`` on the benchmark model:
+#: ``name -> (budget, patches, decoder layers) -> kwargs``
+BENCH_ARGS: dict[str, Callable[[int, int, int], dict[str, Any]]] = {
+    "flowcut_llm": lambda budget, n, layers: dict(num_tokens=budget, two_stage=False),
+    "pyramiddrop": pyramiddrop_args,
+    "sparsevlm": sparsevlm_args,
+}
+
+#: keep-all-but-one settings of the multi-cut pruners (every cut scores; the first drops one token)
+KEEP_ALL_ARGS: dict[str, Callable[[int, int], dict[str, Any]]] = {
+    "pyramiddrop": lambda n, layers: dict(layers=scaled_layers((8, 16, 24), layers),
+                                          ratios=((n - 0.5) / n,) * 3),
+    "sparsevlm": lambda n, layers: dict(num_tokens=n - 1, counts=(n - 1,) * 3,
+                                        layers=scaled_layers((2, 6, 15), layers)),
+}
+
+
+def make_pruner(name: str, num_tokens: int, n_patch: int = 576, num_layers: int = 32):
+    """``name`` at ``num_tokens`` on a model of ``n_patch`` patches and ``num_layers`` decoder layers
+    (:data:`BENCH_ARGS`): ``flowcut_llm`` without its vision stage (on LLaVA-1.5's single view the
+    vision stage would keep T/2 patches and leave the LLM cut nothing to do); PyramidDrop and
+    SparseVLM with their released schedules scaled to the model."""
+    args = BENCH_ARGS.get(name, lambda budget, n, layers: dict(num_tokens=budget))(num_tokens, n_patch, num_layers)
+    return pruning.create(name, **args)
+
+
+def keep_all_pruner(name: str, n_patch: int, num_layers: int):
+    """``name`` scoring every visual token but keeping all (LLM stage: all but one at its first cut,
+    since DART returns early when it keeps all), for the overhead column."""
+    if not is_llm_stage(name):
+        return make_pruner(name, n_patch, n_patch, num_layers)
+    if name in KEEP_ALL_ARGS:
+        return pruning.create(name, **KEEP_ALL_ARGS[name](n_patch, num_layers))
+    return make_pruner(name, n_patch - 1, n_patch, num_layers)
 
 
 def qwen_skip_reason(name: str) -> Optional[str]:
@@ -539,25 +598,29 @@ def llava(args, device: str, dtype: torch.dtype, names: list[str]) -> list[dict[
     rows: list[dict[str, Any]] = []
     for name in names:
         llm_stage = is_llm_stage(name)
-        if llm_stage:
-            # scores, then keeps all but one visual token: every step of the cut runs (DART returns
-            # early when it keeps all); one token fewer after the cut is ~0.1 % of the LLM prefill
-            keep_all = [make_pruner(name, n_patch - 1)]
+        layers = cfg.text_config.num_hidden_layers
+        keep_all = [keep_all_pruner(name, n_patch, layers)]
+        if llm_stage:  # one token fewer after the cut is ~0.1 % of the LLM prefill
             plain, scored = timed_pairs(lm(full), lm(runner.prepare(ids, pix, hooks=keep_all), keep_all),
                                         args.repeats, device)
         else:
-            keep_all = [make_pruner(name, n_patch)]
             plain, scored = timed_pairs(vision([]), vision(keep_all), args.repeats, device)
         overhead = 100.0 * statistics.median(b - a for a, b in zip(plain, scored)) / t_e2e_full
         for budget in (n_patch * 192 // 576, n_patch * 128 // 576, n_patch * 64 // 576):
-            hooks = [make_pruner(name, budget)]
+            try:
+                hooks = [make_pruner(name, budget, n_patch, layers)]
+            except ValueError as err:  # e.g. PyramidDrop's first stage alone averages more than the budget
+                print(f"  {name} @ {budget}: skipped ({err})", flush=True)
+                continue
             inputs = runner.prepare(ids, pix, hooks=hooks)
             base, pruned = timed_pairs(lm(full), lm(inputs, hooks), args.repeats, device)
             length = inputs.embeds.shape[1]
             if llm_stage:
                 _, after = lm(inputs, hooks)()
+                n_vis = int(inputs.visual_counts[0])
+                stage_lengths = [length - n_vis + int(c[0]) for c in after.cut.stage_visual_counts]
                 kept = int(after.cut.visual_counts[0])
-                flops = llm_flops(cfg, length, (hooks[0].layer, after.cut.index.shape[1]))
+                flops = llm_flops(cfg, length, cuts=list(zip(after.cut.layers, stage_lengths)))
                 delta = None
             else:
                 kept = int(inputs.visual_counts[0])

@@ -59,16 +59,19 @@ from vlm.tokens import TokenState, TokenType, kept_first
 
 def max_min_select(feats: Tensor, valid: Tensor, budget: Tensor) -> Tensor:
     """bool ``[R, U]``: the greedy max-min diverse subset (module docstring) of each row's valid
-    items ``feats [R, U, F]`` (``valid [R, U]``), ``min(budget[r], valid count)`` of them."""
+    items ``feats [R, U, F]`` (``valid [R, U]``), ``min(budget[r], valid count)`` of them.
+
+    The loop is the pruner's whole cost at small budgets, so each step is three ops: the argmax,
+    the selected token's distance row and a running minimum. A selected token drops out because its
+    self-distance is set to -inf (the diagonal), so its running minimum is -inf from then on; an
+    invalid token starts at -inf. Keeping every valid token needs no selection (a set, in order)."""
     r, u, _ = feats.shape
+    take = budget.clamp(max=valid.sum(1))
+    if u == 0 or bool((take >= valid.sum(1)).all()):  # sync: keeping all needs no scoring
+        return valid.clone()
     f = feats.float().masked_fill(~valid[..., None], 1.0)
     f = f / f.norm(dim=-1, keepdim=True)
     dist = 1.0 - f @ f.transpose(1, 2)  # [R, i, j]
-    take = budget.clamp(max=valid.sum(1))
-    chosen = torch.zeros(r, u, dtype=torch.bool, device=feats.device)
-    if u == 0:
-        return chosen
-    rows = torch.arange(r, device=feats.device)
     neg = torch.tensor(float("-inf"), device=feats.device)
     if u > 1:  # first: the token whose nearest other token is farthest (second smallest of its column)
         col = dist.masked_fill(~valid[:, :, None], float("inf"))
@@ -76,14 +79,19 @@ def max_min_select(feats: Tensor, valid: Tensor, budget: Tensor) -> Tensor:
     else:
         score = torch.zeros(r, u, device=feats.device)
     score = torch.where(valid, score, neg)
-    nearest = None
-    for step in range(int(take.max())):  # sync: the loop length
+    dist.diagonal(dim1=1, dim2=2).fill_(float("-inf"))  # a selected token's own row removes it
+    rows = torch.arange(r, device=feats.device)
+    picks = []
+    nearest = torch.where(valid, torch.tensor(float("inf"), device=feats.device), neg)
+    for _ in range(int(take.max())):  # sync: the loop length
         idx = score.argmax(1)  # first maximum: ties keep the earlier token
-        chosen[rows, idx] |= step < take
-        d = dist[rows, idx]  # [R, j]: distance of every token to the newly selected one
-        nearest = d if nearest is None else torch.minimum(nearest, d)
-        score = torch.where(valid & ~chosen, nearest, neg)
-    return chosen
+        picks.append(idx)
+        nearest = torch.minimum(nearest, dist[rows, idx])  # distance to the nearest selected token
+        score = nearest
+    steps = torch.stack(picks, 1)  # [R, S]; a row's steps past its budget are not kept
+    steps = torch.where(torch.arange(steps.shape[1], device=feats.device)[None] < take[:, None], steps, u)
+    chosen = torch.zeros(r, u + 1, dtype=torch.bool, device=feats.device)
+    return chosen.scatter_(1, steps, True)[:, :u]
 
 
 @register("divprune")

@@ -10,7 +10,10 @@ shared is changed to observe the cuts:
 * an LLM-stage pruner's ``keep(probe)`` is wrapped on the instance for the one run: its ``[B, N]``
   mask over the visual slots is mapped back to patches through the kept tokens' original positions
   (the slots are the tokens that left the vision tower: LLaVA in the tower's order, Qwen in raster
-  unit order).
+  unit order). A multi-cut pruner gives one panel per cut, each cut's mask
+  applied to the slots the cut before it left; tokens a cut *merges* into new ones (a stage's
+  ``merge_stage``) stand for several patches and are not drawn (their panel shows the patches kept as
+  themselves).
 
 The picture is the image *as the model saw it* (rebuilt from ``pixel_values``: the processor's
 resize/crop, un-normalised), one panel per cut stage, pruned patches dimmed to :data:`DIM` of their

@@ -112,3 +112,34 @@ def test_qwen_merge_units_are_drawn_on_the_patch_grid(kind: str, tmp_path: Path)
     units = out.units[0, : int(out.counts[0])].tolist()
     expected = {(2 * (u // 3) + a, 2 * (u % 3) + b) for u in units for a in (0, 1) for b in (0, 1)}
     assert len(units) == 3 and pic.stages[0].kept == expected
+
+
+def test_multi_cut_llm_pruner_gets_one_panel_per_cut(tiny_llava_files, tmp_path: Path) -> None:
+    """PyramidDrop's two LLM cuts (after layers 0 and 1 of a 3-layer copy of the tiny model): one
+    panel each, nested, with the counts of its schedule; the last panel is the generation's own final
+    cut (the surviving rows of ``LlmCut.index``), computed without the picture code."""
+    import yaml
+
+    base = yaml.safe_load(tiny_llava_files["model"].read_text())
+    base["model"]["init_args"]["backbone"]["init_args"]["config"]["text_config"]["num_hidden_layers"] = 3
+    config = tmp_path / "model3.yaml"
+    config.write_text(yaml.safe_dump(base))
+    model = kp.build_model([str(config)], ["--model.init_args.pruner.class_path", "pyramiddrop",
+                                           "--model.init_args.pruner.init_args.layers", "[1, 2]",
+                                           "--model.init_args.pruner.init_args.ratios", "[0.5, 0.25]",
+                                           "--model.init_args.pruner.init_args.num_layers", "3",
+                                           "--model.init_args.pruner.init_args.reference_tokens", "16"])
+    image = Image.open(tiny_llava_files["root"] / "3.png").convert("RGB")
+    out = tmp_path / "kept_pdrop.png"
+    pic = kp.render(kp.record(model, image, "w1 w3")[0], out)
+    assert [s.label.split(":")[0] for s in pic.stages] == ["LLM layer 0", "LLM layer 1"]
+    first, second = (s.kept for s in pic.stages)
+    assert len(first) == 8 and len(second) == 4 and second < first
+    source = np.asarray(image)
+    assert _cells(out, pic, 0, source) == first and _cells(out, pic, 1, source) == second
+    backbone = model.backbone
+    enc = backbone.encode(backbone.prompts(["w1 w3"], [1]), [image])
+    gen = backbone.generate(enc, [model.pruner], 1)
+    rows = gen.inputs.visual_mask[0].nonzero().flatten().tolist()  # row j holds patch j (no vision cut)
+    kept_rows = set(gen.inputs.cut.index[0].tolist())
+    assert {divmod(j, 4) for j, row in enumerate(rows) if row in kept_rows} == second

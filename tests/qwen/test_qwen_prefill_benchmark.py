@@ -87,3 +87,26 @@ def test_llava_prefill_benchmark_runs_a_vision_and_an_llm_stage_pruner(bench, ca
     for b in budgets:  # the cut after layer 1 of 3 saves less than the same cut before the LLM
         assert by[("fastv", b)]["ideal"] < by[("divprune", b)]["ideal"]
     assert bench.COMBINED_HEADER in printed and printed.count("\n| fastv | ") == len(budgets)
+
+
+def test_llava_prefill_benchmark_runs_the_multi_cut_pruners(bench, capsys):
+    """PyramidDrop and SparseVLM (three LLM cuts each) on the tiny LLaVA: their released schedules
+    scaled to its 4 decoder layers; the FLOP model counts every stage at its own length; a budget the
+    schedule cannot reach is skipped with PyramidDrop's own reason, not run at another budget."""
+    rows = bench.main(["--size", "tiny", "--repeats", "1", "--pruners", "pyramiddrop", "sparsevlm"])
+    printed = capsys.readouterr().out
+    n = (84 // 14) ** 2
+    assert [(r["method"], r["budget"]) for r in rows if r["method"] == "sparsevlm"] == [
+        ("sparsevlm", n * b // 576) for b in (192, 128, 64)]
+    assert "pyramiddrop @ 4: skipped (PyramidDrop: num_tokens=4 cannot be a layer-average" in printed
+    for r in rows:
+        assert r["stage"] == "llm" and 1.0 < r["ideal"] < n
+    cfg = bench.build("tiny", bench.torch.float32, "cpu")[1]
+    head = 2 * cfg.text_config.hidden_size * cfg.text_config.vocab_size
+
+    def per_layer(n: int) -> float:  # the 4 decoder layers at one length share it equally
+        return (bench.llm_flops(cfg, n) - head) / 4
+
+    assert bench.llm_flops(cfg, 50, cuts=[(0, 40)]) == bench.llm_flops(cfg, 50, (0, 40))
+    three = bench.llm_flops(cfg, 50, cuts=[(0, 40), (2, 30)])  # layer 0 at 50 | 1-2 at 40 | 3 at 30
+    assert three == pytest.approx(per_layer(50) + 2 * per_layer(40) + per_layer(30) + head, rel=1e-12)

@@ -178,17 +178,17 @@ class DeepVLPrompts(PromptLearner, ABC):
 
     # --- hooks ---------------------------------------------------------------------------------
     def on_tower_start(self, ctx: TowerContext, state: TokenState) -> TokenState:
-        """Text: mark the context slots 1..b as CTX. Vision: append the layer-0 prompts."""
+        """Text: mark the context slots (1..b after SOS; 0..b-1 without one) as CTX. Vision: append the layer-0 prompts."""
         if self.text_prompts(0) is None:
             raise RuntimeError(f"{type(self).__name__} used before build(backbone).")
         if ctx.tower is Tower.TEXT:
-            n = self.n_ctx_text
+            n, s = self.n_ctx_text, self.context.start
             types = state.batch_types.clone()
             check(
-                types[:, 1 : 1 + n] == int(TokenType.TEXT),
-                f"{type(self).__name__}: text positions 1..{n} are not word tokens (use text_inputs()).",
+                types[:, s : s + n] == int(TokenType.TEXT),
+                f"{type(self).__name__}: text positions {s}..{s + n - 1} are not word tokens (use text_inputs()).",
             )
-            types[:, 1 : 1 + n] = int(TokenType.CTX)
+            types[:, s : s + n] = int(TokenType.CTX)
             return state.replace(types=types)
         prompts = self.vision_prompts(0)
         if prompts is None:
@@ -204,7 +204,7 @@ class DeepVLPrompts(PromptLearner, ABC):
         if layer == 0:
             return state
         if ctx.tower is Tower.TEXT:
-            prompts, start = self.text_prompts(layer), 1
+            prompts, start = self.text_prompts(layer), self.context.start
             if prompts is None:
                 return state
             end = start + prompts.shape[0]

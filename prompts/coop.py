@@ -167,21 +167,22 @@ class CoOp(PromptLearner):
         """Index ``[C, L]`` into ``[SOS, V_1..V_M, CLASS, rest]`` giving CoOp's ``front``
         (``[SOS, CLASS, V_1..V_M, rest]``) or ``middle`` (``[SOS, V_1..V_h, CLASS, V_h+1..V_M, rest]``,
         h = M // 2) order. Positions after the class name (".", EOT, padding) do not move."""
-        n, length = self.n_ctx, tokens.shape[1]
+        n, length, s = self.n_ctx, tokens.shape[1], self.context.start
         half = n // 2
         rows = []
         for i, name in enumerate(classnames):
             name_ids = self.codec.word_ids(name.replace("_", " ")).to(tokens.device)
             k = len(name_ids)
-            if 1 + n + k > length or not bool((tokens[i, 1 + n : 1 + n + k] == name_ids).all()):
+            if s + n + k > length or not bool((tokens[i, s + n : s + n + k] == name_ids).all()):
                 raise ValueError(f"CoOp: class name {name!r} is not tokenized right after the context (truncated?).")
-            ctx = list(range(1, 1 + n))
-            cls = list(range(1 + n, 1 + n + k))
-            rest = list(range(1 + n + k, length))
+            start = list(range(s))  # the start token, if the tokenizer has one
+            ctx = list(range(s, s + n))
+            cls = list(range(s + n, s + n + k))
+            rest = list(range(s + n + k, length))
             if self.class_token_position == "front":
-                order = [0] + cls + ctx + rest
+                order = start + cls + ctx + rest
             else:
-                order = [0] + ctx[:half] + cls + ctx[half:] + rest
+                order = start + ctx[:half] + cls + ctx[half:] + rest
             rows.append(order)
         return torch.tensor(rows, dtype=torch.long, device=tokens.device)
 

@@ -136,6 +136,18 @@ class DiSa(IVLP):
             self._ensemble_cache[key] = F.normalize(torch.stack(feats).mean(0), dim=-1)
         return self._ensemble_cache[key]
 
+    def build(self, backbone: Any) -> None:
+        """IVLP's prompts; the text saliency also needs the vision runner's ``dense_features`` (per-patch
+        features in the joint space), which attention-pooled towers (SigLIP) do not have."""
+        super().build(backbone)
+        if self.saliency_source == "text" and getattr(backbone.vision, "dense_features", None) is None:
+            raise ValueError(
+                f"DiSa saliency_source='text' compares patch features with text features, which needs a vision "
+                f"tower with per-patch features in the joint space ({type(backbone.vision).__name__} has no "
+                "dense_features: an attention-pooled tower such as SigLIP's). Use a CLS-token CLIP backbone, or "
+                "saliency_source='cls_attention' on a tower with a CLS token."
+            )
+
     def fit_requests(self) -> tuple[TrainShotFeatures, ...]:
         """The frozen features of the training shots (for the prototypes of L_DiR and the class
         list of L_SR): un-augmented by default, or the augmented training loader."""
@@ -149,9 +161,9 @@ class DiSa(IVLP):
     def saliency_keep(self, outputs: dict[str, Tensor], images: Tensor, labels: Tensor, encoder: Encoder) -> Tensor:
         """Bool ``[B, P]`` patches kept in the CIR view."""
         if self.saliency_source == "text":
-            visual = encoder.vision.visual
             with torch.no_grad():
-                patches = projected_patches(visual, outputs["frozen_vision_tokens"], outputs["frozen_vision_types"])
+                patches = projected_patches(encoder.vision.dense_features, outputs["frozen_vision_tokens"],
+                                            outputs["frozen_vision_types"])
                 scores = text_saliency(patches, outputs["frozen_text_features"][labels])
         else:
             weights, types = ClsAttentionProbe().run(encoder, images)

@@ -9,7 +9,7 @@ all L2-normalised; ``s`` CLIP's logit scale (100 for OpenAI CLIP).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -73,16 +73,14 @@ def class_prototypes(features: Tensor, labels: Tensor, num_classes: int) -> Tens
     return F.normalize(sums / counts[:, None].to(features.dtype), dim=-1)
 
 
-def projected_patches(visual: Any, tokens: Tensor, types: Tensor) -> Tensor:
-    """Patch tokens of the last block through the tower's final norm and projection, ``[B, P, E]``
-    (the dense, MaskCLIP-style features that can be compared with text features)."""
+def projected_patches(dense: Callable[[Tensor], Tensor], tokens: Tensor, types: Tensor) -> Tensor:
+    """Patch tokens of the last block through the vision runner's ``dense_features`` (its final norm
+    and projection), ``[B, P, E]``: the dense, MaskCLIP-style features comparable with text features."""
     is_patch = types == int(TokenType.PATCH)
     counts = is_patch.sum(1)
     if not bool((counts == counts[0]).all()):
         raise ValueError("Saliency needs the same number of patch tokens in every image.")
-    patches = tokens[is_patch].view(tokens.shape[0], int(counts[0]), tokens.shape[-1])
-    x = visual.ln_post(patches)
-    return x @ visual.proj if getattr(visual, "proj", None) is not None else x
+    return dense(tokens[is_patch].view(tokens.shape[0], int(counts[0]), tokens.shape[-1]))
 
 
 def text_saliency(patch_features: Tensor, class_text: Tensor) -> Tensor:

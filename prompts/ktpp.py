@@ -195,7 +195,7 @@ class KTPP(PromptLearner):
         if state.lengths is not None:
             valid = (torch.arange(n, device=xn.device)[None] < state.lengths[:, None]).to(xn.dtype)
         mean = (xn * valid[..., None]).sum(1, keepdim=True) / valid.sum(1).clamp(min=1)[:, None, None]
-        _, _, v = block.qkv(mean)
+        v = block.values(mean)
         return v[:, :, 0]
 
     def attention_spec(self, ctx: BlockContext, state: TokenState, spec: AttnSpec) -> AttnSpec:

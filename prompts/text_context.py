@@ -2,8 +2,8 @@
 
 The prompt text of class c is ``"<prefix> <c>."`` (underscores as spaces), where ``prefix`` is the
 ``ctx_init`` phrase or ``n`` placeholder words ``"X"``. It is tokenized once per class list; its
-token embeddings are frozen, and the ``n`` slots right after the start token (positions 1..n) are
-replaced by the learned context before the positional embedding (``t_i = [V]_1..[V]_n [CLASS]_i .``;
+token embeddings are frozen, and the ``n`` slots right after the start token (positions 1..n; 0..n-1
+for a tokenizer without one, such as SigLIP's) are replaced by the learned context before the positional embedding (``t_i = [V]_1..[V]_n [CLASS]_i .``;
 layer 0 of the deep learners). The released trainers of that family build their prompts this way.
 
 :class:`TextCodec` is what a learner takes from the backbone to do this (the tokenizer, the
@@ -34,13 +34,19 @@ class TextCodec:
     token_types: Callable[[Tensor], Tensor]
     embedding: nn.Module
 
+    @property
+    def start(self) -> int:
+        """Where a prompt's first word sits: 1 after a start token (CLIP's SOS), else 0 (SigLIP)."""
+        return int(self.token_types(self.tokenize([PLACEHOLDER]))[0, 0] == int(TokenType.SOS))
+
     @classmethod
     def of(cls, backbone: Any, who: str) -> "TextCodec":
         """The codec of a CLIP-like ``backbone`` (``tokenize`` and ``text.token_embedding``)."""
         if not isinstance(backbone, ImageTextBackbone) or not hasattr(backbone.text, "token_embedding"):
             raise TypeError(
                 f"{who} needs a CLIP-like backbone with a text tower (vlm.protocols.ImageTextBackbone, whose "
-                f"text runner has a token_embedding); {type(backbone).__name__} has none. Use a CLIP (open_clip) backbone."
+                f"text runner has a token_embedding); {type(backbone).__name__} has none. Use ClipBackbone (open_clip "
+                "CLIP, SigLIP, EVA-CLIP) or HFClipBackbone (HF CLIPModel/SiglipModel)."
             )
         text = backbone.text
         return cls(backbone.tokenize, text.token_types, text.token_embedding)
@@ -73,6 +79,8 @@ class TextContext:
         self.n = 0
         #: how many of the n slots hold the prefix's own word tokens (checked after tokenizing)
         self.word_slots = 0
+        #: the first slot's position (1 after a start token, 0 without one), set from the codec
+        self.start = 1
         self._cache: dict[tuple[str, ...], tuple[Tensor, Tensor]] = {}
 
     def use_phrase(self, codec: TextCodec, phrase: str, n: int) -> Tensor:
@@ -89,7 +97,8 @@ class TextContext:
         learn from the EOT/padding embeddings and cover the first tokens of the class name."""
         ids = codec.tokenize([phrase])[0]
         self._reset(phrase, n, min(n, len(codec.word_ids(phrase))))
-        return codec.embed(ids[1 : 1 + n])
+        self.start = codec.start
+        return codec.embed(ids[self.start : self.start + n])
 
     def use_placeholders(self, n: int) -> None:
         """Prefix of ``n`` placeholder words (randomly initialised context)."""
@@ -116,25 +125,30 @@ class TextContext:
         return tokens, embeds
 
     def _prepare(self, codec: TextCodec, classnames: list[str]) -> tuple[Tensor, Tensor]:
-        """Tokenize, check that the prefix's words sit at positions 1..word_slots, embed (frozen)."""
-        n, w = self.n, self.word_slots
+        """Tokenize, check that the prefix's words sit at positions start..start+word_slots-1 (right
+        after the start token, or first without one), embed (frozen)."""
+        n, w, s = self.n, self.word_slots, codec.start
+        self.start = s
         tokens = codec.tokenize(self.prompt_texts(classnames))
         types = codec.token_types(tokens)
         slot_ids = codec.word_ids(self.prefix)[:w].to(tokens.device)
-        ok = len(slot_ids) == w and tokens.shape[1] > n + 1
-        ok = ok and bool((types[:, 0] == int(TokenType.SOS)).all())
-        ok = ok and bool((tokens[:, 1 : 1 + w] == slot_ids).all())
-        ok = ok and bool((types[:, 1 : 1 + w] == int(TokenType.TEXT)).all())
+        ok = len(slot_ids) == w and tokens.shape[1] > n + s
+        ok = ok and bool((types[:, :s] == int(TokenType.SOS)).all())
+        ok = ok and bool((tokens[:, s : s + w] == slot_ids).all())
+        ok = ok and bool((types[:, s : s + w] == int(TokenType.TEXT)).all())
         if not ok:
+            where = f"{s}..{s + n - 1}" + (", right after the start token," if s else ", first,")
             raise ValueError(
-                f"{self.who}: the {n} context tokens of {self.prefix!r} must occupy token positions 1..{n}, right "
-                "after the start token, in every tokenized prompt; this tokenizer does not place them there."
+                f"{self.who}: the {n} context tokens of {self.prefix!r} must occupy token positions {where} in "
+                "every tokenized prompt; this tokenizer does not place them there."
             )
         return tokens, codec.embed(tokens)
 
     def splice(self, embeds: Tensor, ctx: Tensor) -> Tensor:
-        """``embeds [C, L, D]`` with slots 1..n replaced by ``ctx`` (``[n, D]`` shared or ``[C, n, D]``)."""
+        """``embeds [C, L, D]`` with slots start..start+n-1 replaced by ``ctx`` (``[n, D]`` shared or
+        ``[C, n, D]``)."""
         ctx = ctx.to(embeds.dtype)
         if ctx.dim() == 2:
             ctx = ctx.unsqueeze(0).expand(embeds.shape[0], -1, -1)
-        return torch.cat([embeds[:, :1], ctx, embeds[:, 1 + self.n :]], dim=1)
+        s = self.start
+        return torch.cat([embeds[:, :s], ctx, embeds[:, s + self.n :]], dim=1)

@@ -36,7 +36,8 @@ def patch_size(runner: Any) -> tuple[int, int]:
     model = getattr(runner, "visual", None)
     if model is None:
         model = getattr(runner, "model", None)
-    for path in ("patch_embed.patch_size", "patch_size", "conv1.kernel_size", "patch_embed.proj.kernel_size"):
+    for path in ("patch_embed.patch_size", "patch_size", "conv1.kernel_size", "patch_embed.proj.kernel_size",
+                 "embeddings.patch_size", "trunk.patch_embed.patch_size", "config.patch_size"):
         obj: Any = model
         for part in path.split("."):
             obj = getattr(obj, part, None)

@@ -53,6 +53,11 @@ class BlockProjections(Protocol):
         """Per-head ``q, k, v [B, H, N, d]`` of the normalised input, with the block's projections."""
         ...
 
+    def values(self, x: Tensor) -> Tensor:
+        """Per-head ``v [B, H, N, d]`` of the normalised input: position-independent, so it takes
+        tokens that are not in the pass's state (e.g. a mean token)."""
+        ...
+
 
 @dataclasses.dataclass(frozen=True)
 class ProbeSlot:

@@ -121,7 +121,8 @@ def cls_query_row(state: TokenState, who: str = "CLS-based pruning") -> Tensor:
     is_cls = types == int(TokenType.CLS)
     if state.kv_only is not None:
         is_cls = is_cls & ~state.kv_only
-    check(is_cls.any(1), f"{who} needs a CLS token in every sample.")
+    check(is_cls.any(1), f"{who} needs a CLS token in every sample; this vision tower has none (attention-pooled, "
+                         "e.g. SigLIP). Use a CLS-token backbone, or a setting of the method that reads no CLS attention.")
     idx = is_cls.int().argmax(1)
     check(idx == idx[:1], f"{who} needs the CLS token at the same index in every sample.")
     row = idx[:1]

@@ -23,7 +23,15 @@ tokens entering the LLM per request (after an LLM-stage cut: after it), mean pre
 decoding per request (bytes: layers × 2 × KV heads × head dim × dtype bytes × cached tokens, the
 layers before an LLM-stage cut holding the full prompt), and an estimate of the LLM prefill FLOPs
 per request (2 × non-embedding parameters × tokens + 2 × layers × hidden × tokens², per side of a
-cut; the vision tower is not counted).
+cut; the vision tower is not counted), with the generated tokens (up to and including EOS), the
+elapsed generation time (prefill + decode) and tokens per second.
+
+The same numbers go into lmms-eval's own results: rank 0 logs them, after the gather, through
+lmms-eval's ``log_metrics`` once per task (``<task>/<metric>`` keys, each task's final numbers, so each
+average is the task's number), and the results JSON holds them under ``throughput`` as
+``avg_<task>/<metric>`` (``avg_pope/visual_tokens``), with the standard ``total_elapsed_time``,
+``total_gen_tokens`` and ``avg_speed`` summed over the tasks and ``avg_latency`` (seconds per request);
+lmms-eval prints them as its Throughput Summary.
 
 Several GPUs: ``accelerate launch --num_processes N -m lmms_eval --model vlm …`` (or ``torchrun``);
 each process loads the model on ``cuda:LOCAL_RANK`` and lmms-eval splits the documents and gathers
@@ -136,6 +144,7 @@ class _TaskStats:
         self.prefill_s: list[float] = []
         self.decode_s = 0.0
         self.decode_tokens = 0
+        self.generated_tokens = 0
 
     def state(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -146,6 +155,7 @@ class _TaskStats:
 
     def summary(self) -> dict[str, float]:
         n = max(self.requests, 1)
+        elapsed = sum(self.prefill_s) + self.decode_s
         return {
             "requests": self.requests,
             "visual_tokens": self.visual_tokens / n,
@@ -153,6 +163,9 @@ class _TaskStats:
             "decode_ms_per_token": 1000.0 * self.decode_s / max(self.decode_tokens, 1),
             "kv_cache_mb": self.kv_bytes / n / 2**20,
             "llm_prefill_tflops": self.prefill_flops / n / 1e12,
+            "generated_tokens": self.generated_tokens,
+            "elapsed_s": elapsed,
+            "tokens_per_s": self.generated_tokens / elapsed if elapsed > 0 else 0.0,
         }
 
 
@@ -163,7 +176,8 @@ class VLMLmms(lmms):
     overrides: more ``--model.…`` flags for vlm's parser, separated by spaces.
     max_new_tokens: a cap on every task's ``max_new_tokens`` (default: the task's, else the config's).
     device: ``cuda``/``cpu``/``cuda:1``; default ``cuda:LOCAL_RANK`` when CUDA is there, else ``cpu``.
-    efficiency_file: where rank 0 writes the per-task efficiency JSON.
+    efficiency_file: where rank 0 writes the per-task efficiency JSON (the same numbers are logged
+    into lmms-eval's results, ``throughput``).
     """
 
     is_simple = True
@@ -233,7 +247,7 @@ class VLMLmms(lmms):
                 chunk = indices[start:start + self.batch_size]
                 for i, text in zip(chunk, self._answer([requests[i] for i in chunk], task, max_new)):
                     out[i] = text
-        self._summarise()
+        self._summarise({task for task, _ in groups})
         return [o if o is not None else "" for o in out]
 
     # --- internals -----------------------------------------------------------------------------
@@ -292,6 +306,7 @@ class VLMLmms(lmms):
             s.visual_tokens += int(visual[b])
             s.kv_bytes += self._kv_bytes(full[b], after[b], new[b], layers_before)
             s.prefill_flops += self._flops(full[b], after[b], layers_before)
+            s.generated_tokens += int(new[b])
         s.prefill_s.append(gen.prefill_s)
         s.decode_s += gen.decode_s
         s.decode_tokens += max(gen.tokens.shape[1] - 1, 0)
@@ -312,26 +327,47 @@ class VLMLmms(lmms):
 
         return side(full, layers_before) + side(after, sh["layers"] - layers_before)
 
-    def _summarise(self) -> None:
-        """Gather every rank's per-task sums (a collective: every rank calls it once per
-        ``generate_until``), then set, print and write ``efficiency``."""
+    def _summarise(self, tasks: set[str]) -> None:
+        """Gather every rank's per-task sums and the tasks of this call (a collective: every rank calls
+        it once per ``generate_until``), then set, print and write ``efficiency``, and log the tasks of
+        this call into lmms-eval's throughput metrics (rank 0)."""
         import torch.distributed as dist
 
-        states = [{task: s.state() for task, s in self.stats.items()}]
+        mine = {"stats": {task: s.state() for task, s in self.stats.items()}, "tasks": sorted(tasks)}
+        states = [mine]
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             states = [None] * dist.get_world_size()  # type: ignore[list-item]
-            dist.all_gather_object(states, {task: s.state() for task, s in self.stats.items()})
+            dist.all_gather_object(states, mine)
         merged: dict[str, _TaskStats] = defaultdict(_TaskStats)
         for state in states:
-            for task, st in state.items():
+            for task, st in state["stats"].items():
                 merged[task].merge(st)
         self.efficiency = {task: {"method": self.method_name, **merged[task].summary()} for task in sorted(merged)}
+        called = sorted({t for state in states for t in state["tasks"]} & set(self.efficiency))
         if self.rank == 0 and self.efficiency:
             print(efficiency_table(self.efficiency))
             if self.efficiency_file:
                 path = Path(self.efficiency_file)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps(self.efficiency, indent=2))
+            self._log_throughput(called)
+
+    def _log_throughput(self, tasks: Sequence[str]) -> None:
+        """One ``log_metrics`` per task: its generation time, generated tokens and tokens/s in the
+        standard fields (lmms-eval sums them over the tasks), its requests (``avg_latency``), and every
+        number of ``efficiency[task]`` as ``<task>/<metric>`` (one value each: lmms-eval's
+        ``avg_<task>/<metric>`` is the task's number)."""
+        from lmms_eval.models.model_utils.gen_metrics import get_logged_metrics_history, log_metrics
+
+        logged = {key.rsplit("/", 1)[0] for entry in get_logged_metrics_history() for key in entry if "/" in key}
+        for task in tasks:
+            e = self.efficiency[task]
+            if task in logged:  # lmms-eval 0.7.3 sends a run's requests in one call: not seen there
+                warnings.warn(f"task {task!r} is logged twice in one lmms-eval run: lmms-eval's throughput averages and "
+                              f"totals count both logs; efficiency_file has its final numbers.", stacklevel=2)  # fmt: skip
+            numbers = {f"{task}/{k}": v for k, v in e.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            log_metrics(total_elapsed_time=e["elapsed_s"], total_gen_tokens=e["generated_tokens"], avg_speed=e["tokens_per_s"],
+                        additional_metrics={"total_requests": e["requests"], **numbers})  # fmt: skip
 
 
 def efficiency_table(eff: dict[str, dict[str, Any]]) -> str:

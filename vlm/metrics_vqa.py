@@ -1,7 +1,8 @@
 """VQA-style metrics in the LLaVA evaluation protocol (the rules are written out below).
 
-* ``vqa`` (VQAv2, TextVQA): EvalAI answer normalisation of prediction and of each human answer,
-  then the soft accuracy mean_{10 leave-one-out subsets} min(1, #matches / 3).
+* ``vqa`` (VQAv2, TextVQA): EvalAI answer normalisation of prediction and of each human answer (the
+  official VQA evaluation's steps and contraction table), then the soft accuracy
+  mean_{10 leave-one-out subsets} min(1, #matches / 3).
 * ``gqa``: exact match after lower-casing and stripping trailing periods.
 * ``pope``: yes/no parsing as LLaVA does (text before the first '.', commas removed, any token
   in {No, no, not} -> "no", else "yes"); accuracy, precision, recall, F1 (positive = "yes") and the
@@ -19,20 +20,36 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence, Union
 
+# The contraction table of the official VQA evaluation (vqaEval.py, also EvalAI's and mmf's): a
+# missing entry ("oclock" -> "o'clock") or an extra one ("shed" -> "she'd") changes which answers match.
 _CONTRACTIONS = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
-    "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't", "hasnt": "hasn't",
-    "havent": "haven't", "hed": "he'd", "hes": "he's", "howd": "how'd", "howll": "how'll", "hows": "how's",
-    "Id": "I'd", "Im": "I'm", "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itll": "it'll", "its": "it's",
-    "lets": "let's", "mightnt": "mightn't", "mightve": "might've", "mustnt": "mustn't", "mustve": "must've",
-    "neednt": "needn't", "shant": "shan't", "shed": "she'd", "shes": "she's", "shouldve": "should've",
-    "shouldnt": "shouldn't", "thatll": "that'll", "thats": "that's", "thered": "there'd", "theres": "there's",
-    "theyd": "they'd", "theyll": "they'll", "theyre": "they're", "theyve": "they've", "wasnt": "wasn't",
-    "wed": "we'd", "weve": "we've", "werent": "weren't", "whatll": "what'll", "whatre": "what're",
-    "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd", "wheres": "where's",
-    "whereve": "where've", "whod": "who'd", "wholl": "who'll", "whos": "who's", "whove": "who've",
-    "whyll": "why'll", "whyre": "why're", "whys": "why's", "wont": "won't", "wouldve": "would've",
-    "wouldnt": "wouldn't", "yall": "y'all", "youd": "you'd", "youll": "you'll", "youre": "you're",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
+    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
+    "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd",
+    "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm", "Ive": "I've",
+    "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll", "let's": "let's",
+    "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've", "mightn'tve": "mightn't've",
+    "mightve": "might've", "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
+    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at",
+    "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's",
+    "shouldve": "should've", "shouldnt": "shouldn't", "shouldnt've": "shouldn't've",
+    "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd", "somebodyd've": "somebody'd've",
+    "somebody'dve": "somebody'd've", "somebodyll": "somebody'll", "somebodys": "somebody's",
+    "someoned": "someone'd", "someoned've": "someone'd've", "someone'dve": "someone'd've",
+    "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd",
+    "somethingd've": "something'd've", "something'dve": "something'd've", "somethingll": "something'll",
+    "thats": "that's", "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
+    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've",
+    "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've", "twas": "'twas",
+    "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've", "werent": "weren't",
+    "whatll": "what'll", "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's",
+    "whered": "where'd", "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
+    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll",
+    "whyre": "why're", "whys": "why's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't",
+    "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll",
+    "y'allll": "y'all'll", "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
+    "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're",
     "youve": "you've",
 }
 _NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
@@ -47,8 +64,11 @@ def normalize_vqa_answer(text: str) -> str:
     """EvalAI's answer processing (steps 1-4 of the VQA evaluation)."""
     text = text.replace("\n", " ").replace("\t", " ").strip().lower()
     text = text.replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    # Whether a mark is deleted or spaced is decided on the text before this step, not on the text
+    # as the loop rewrites it (the official code reads its input: "(-5) or 1-2" -> "5 or 1 2").
+    source = text
     for p in _PUNCT:
-        if (p + " " in text or " " + p in text) or _DIGIT_COMMA.search(text) is not None:
+        if (p + " " in source or " " + p in source) or _DIGIT_COMMA.search(source) is not None:
             text = text.replace(p, "")
         else:
             text = text.replace(p, " ")

@@ -85,6 +85,22 @@ class ImageTextBackbone(ImageBackbone, Protocol):
                     normalize: bool = False) -> Tensor: ...  # fmt: skip
 
 
+#: the backbones each protocol is met by in this package, for error messages
+MET_BY = {
+    "ImageBackbone": "vlm.backbones.ClipBackbone, HFClipBackbone (CLIP/SigLIP) or ViTBackbone (timm ViT, EVA, DINOv2/v3)",
+    "ImageTextBackbone": "vlm.backbones.ClipBackbone (open_clip: CLIP, SigLIP, EVA-CLIP) or HFClipBackbone (HF CLIPModel/SiglipModel)",
+}
+
+
+def check_backbone(backbone: Any, protocol: type, who: str) -> None:
+    """Raise a ``TypeError`` naming ``protocol`` and the backbones that meet it unless ``backbone``
+    meets it (``who``: the module or method that needs it)."""
+    if not isinstance(backbone, protocol):
+        name = protocol.__name__
+        raise TypeError(f"{who} needs a backbone that is an {name} (vlm.protocols); {type(backbone).__name__} is "
+                        f"not one. Use {MET_BY.get(name, 'a backbone with its members')}.")
+
+
 def tower_runner(backbone: Any, tower: Tower, who: str) -> BlockRunner:
     """The block runner of ``tower`` (vision or text) of ``backbone``, or a ``TypeError`` that says
     which protocol ``who`` needs."""
@@ -92,8 +108,7 @@ def tower_runner(backbone: Any, tower: Tower, who: str) -> BlockRunner:
     if not isinstance(backbone, need):
         raise TypeError(
             f"{who} needs a backbone with a {tower.value} tower run block by block ({need.__name__}: "
-            f"vlm.protocols); {type(backbone).__name__} has none. Use a CLIP (open_clip) backbone"
-            + (" or a timm ViT." if tower is Tower.VISION else ".")
+            f"vlm.protocols); {type(backbone).__name__} has none. Use {MET_BY[need.__name__]}."
         )
     return backbone.text if tower is Tower.TEXT else backbone.vision
 

@@ -1,7 +1,8 @@
 """`lmms-eval --model vlm` end to end, offline: the tiny task of tests/lmms/tasks (5 questions, one
 about two images; loaded through `--include_path`), a tiny random LLaVA, and the same data through
 `vlm predict` / `vlm test`. Per sample, lmms-eval's answers are `vlm`'s, with and without a pruner;
-its score and the visual tokens it reports are `vlm test`'s.
+its score and the visual tokens it reports are `vlm test`'s, in `efficiency_file` and in lmms-eval's own
+results (`throughput`, logged by the model through lmms-eval's `log_metrics`).
 
 Skipped without lmms-eval (`pip install -e ".[eval]"`: not in `dev`, nor in CI)."""
 
@@ -69,6 +70,18 @@ def check_agreement(ref: dict, answers: dict[int, str], score: float, efficiency
     assert efficiency["prefill_ms"] > 0 and efficiency["kv_cache_mb"] > 0 and efficiency["llm_prefill_tflops"] > 0
 
 
+def check_throughput(throughput: dict, efficiency: dict) -> None:
+    """lmms-eval's `throughput` holds the task's efficiency numbers: each as `avg_<task>/<metric>`, and
+    (one task) its generation time, generated tokens and tokens/s as the standard fields."""
+    numbers = {k: v for k, v in efficiency.items() if k != "method"}
+    prefix = f"avg_{TASK}/"
+    assert {k[len(prefix):]: v for k, v in throughput.items() if k.startswith(prefix)} == pytest.approx(numbers, rel=1e-12)
+    assert 0 < throughput["total_gen_tokens"] == efficiency["generated_tokens"] <= 4 * len(task_docs())  # max_new_tokens 4
+    assert throughput["total_elapsed_time"] == pytest.approx(efficiency["elapsed_s"], rel=1e-12) and efficiency["elapsed_s"] > 0
+    assert throughput["avg_speed"] == pytest.approx(efficiency["tokens_per_s"], rel=1e-12)
+    assert throughput["avg_latency"] == pytest.approx(efficiency["elapsed_s"] / len(task_docs()), rel=1e-12)
+
+
 def test_lmms_eval_command_answers_as_vlm_predict(data: Path, tmp_path: Path) -> None:
     """The `lmms-eval` command (the `vlm` model found through its entry point), no pruner."""
     ref = vlm_reference(data, "plain", None)
@@ -81,10 +94,12 @@ def test_lmms_eval_command_answers_as_vlm_predict(data: Path, tmp_path: Path) ->
     (samples_file,) = out.rglob(f"*samples_{TASK}.jsonl")
     (results_file,) = out.rglob("*_results.json")
     samples = [json.loads(x) for x in samples_file.read_text().splitlines()]
-    score = json.loads(results_file.read_text())["results"][TASK]["pope_acc,none"]
+    results = json.loads(results_file.read_text())
     efficiency = json.loads(eff.read_text())[TASK]
     assert efficiency["method"] == "none" and efficiency["visual_tokens"] == (4 * 16 + 2 * 16) / 5
-    check_agreement(ref, by_doc(samples), score, efficiency)
+    check_agreement(ref, by_doc(samples), results["results"][TASK]["pope_acc,none"], efficiency)
+    check_throughput(results["throughput"], efficiency)  # lmms-eval's own results JSON: the file's numbers
+    assert results["throughput"][f"avg_{TASK}/visual_tokens"] == pytest.approx(ref["metrics"]["test/visual_tokens"])
 
 
 def test_simple_evaluate_with_a_pruner_answers_as_vlm_test(data: Path) -> None:
@@ -103,6 +118,33 @@ def test_simple_evaluate_with_a_pruner_answers_as_vlm_test(data: Path) -> None:
     efficiency = model.efficiency[TASK]
     assert efficiency["method"] == "vtc_cls" and efficiency["visual_tokens"] == (4 * 8 + 2 * 8) / 5
     check_agreement(ref, by_doc(results["samples"][TASK]), results["results"][TASK]["pope_acc,none"], efficiency)
+    check_throughput(results["throughput"], efficiency)
+
+
+def test_throughput_keeps_tasks_apart() -> None:
+    """Two tasks logged as the model logs them (one `log_metrics` each): lmms-eval's summary has each
+    task's numbers under its own keys, and the standard fields summed over both."""
+    from lmms_eval.models.model_utils.gen_metrics import reset_logged_metrics, summarize_logged_metrics
+
+    from vlm.lmms_eval_model import VLMLmms
+
+    eff = {"pope": {"method": "vtc_cls", "requests": 4, "visual_tokens": 64.0, "prefill_ms": 10.0, "generated_tokens": 8,
+                    "elapsed_s": 2.0, "tokens_per_s": 4.0},
+           "gqa": {"method": "vtc_cls", "requests": 6, "visual_tokens": 32.5, "prefill_ms": 30.0, "generated_tokens": 30,
+                   "elapsed_s": 3.0, "tokens_per_s": 10.0}}  # fmt: skip
+    model = SimpleNamespace(efficiency=eff)
+    reset_logged_metrics()
+    try:
+        VLMLmms._log_throughput(model, ["gqa", "pope"])  # type: ignore[arg-type]
+        summary = summarize_logged_metrics()
+        with pytest.warns(UserWarning, match="'pope' is logged twice"):
+            VLMLmms._log_throughput(model, ["pope"])  # type: ignore[arg-type]
+    finally:
+        reset_logged_metrics()
+    for task, numbers in eff.items():
+        assert {k: summary[f"avg_{task}/{k}"] for k in numbers if k != "method"} == {k: v for k, v in numbers.items() if k != "method"}
+    assert summary["total_gen_tokens"] == 38 and summary["total_elapsed_time"] == 5.0
+    assert summary["avg_speed"] == 38 / 5.0 and summary["avg_latency"] == 5.0 / 10
 
 
 def test_loglikelihood_is_refused_naming_the_tasks(data: Path) -> None:

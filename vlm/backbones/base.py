@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.nn import functional as F
 
 from vlm.runtime.reliability import check_token_budget
 
@@ -84,3 +85,29 @@ class Backbone(nn.Module):
             h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         self._checksum = h.hexdigest()
         return self._checksum
+
+
+class TwoTowerBackbone(Backbone):
+    """A CLIP-like backbone (:class:`~vlm.protocols.ImageTextBackbone`): the encoders and the vision
+    pass over its ``vision`` and ``text`` runners, shared by the open_clip and transformers wrappers."""
+
+    vision: Any
+    text: Any
+
+    def encode_image(self, images: Tensor, hooks: Optional[Iterable[Any]] = None, normalize: bool = False) -> Tensor:
+        out = self.vision(images, hooks).pooled
+        return F.normalize(out, dim=-1) if normalize else out
+
+    def encode_text(
+        self,
+        tokens: Tensor,
+        hooks: Optional[Iterable[Any]] = None,
+        embeds: Optional[Tensor] = None,
+        normalize: bool = False,
+    ) -> Tensor:
+        out = self.text(tokens, hooks, embeds).pooled
+        return F.normalize(out, dim=-1) if normalize else out
+
+    def run_vision(self, images: Tensor, hooks: Optional[Iterable[Any]] = None) -> Any:
+        """The vision runner's ``TowerOutput`` (pooled feature and final token state)."""
+        return self.vision(images, hooks)

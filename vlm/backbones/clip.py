@@ -6,25 +6,26 @@ Examples::
     ClipBackbone("ViT-B-16-quickgelu", pretrained="/weights/openai_vit_b16.pt")  # OpenAI weights
     ClipBackbone("local-dir:/models/my_clip")                                   # exported folder
     ClipBackbone("tiny", model_cfg={...})                                        # inline config
+    ClipBackbone("ViT-B-16-SigLIP", pretrained="webli")                         # timm-backed tower
+
+The image tower is open_clip's own ViT or a timm-backed one (``TimmModel``: SigLIP, SigLIP2,
+EVA02-CLIP), each with its runner (``vlm.towers.clip.vision_runner_for``).
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any, Iterable, Optional
+from pathlib import Path
+from typing import Any, Optional
 
 import open_clip
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 
-from vlm.backbones.base import Backbone
+from vlm.backbones.base import TwoTowerBackbone
 from vlm.datamodules.transforms import CLIP_MEAN, CLIP_STD
-from vlm.hooks import TowerHook
 from vlm.runtime.quiet import quiet_hf_text_load
-from vlm.towers.clip import ClipVisionRunner, text_runner_for
-from vlm.towers.runner import TowerOutput
-
+from vlm.towers.clip import text_runner_for, vision_runner_for
 
 
 def build_open_clip(
@@ -34,14 +35,24 @@ def build_open_clip(
     quick_gelu: bool = False,
 ) -> torch.nn.Module:
     """Create an open_clip model. ``model_cfg`` (an open_clip JSON config as a dict) builds it
-    directly, so tiny test models need no registration; ``pretrained`` is a tag or a local file."""
+    directly, so tiny test models need no registration; ``pretrained`` is a tag or a local file.
+
+    As open_clip does, a config with ``custom_text: true`` (SigLIP, EVA02-CLIP) or an HF text
+    tower builds a ``CustomTextCLIP`` (text tower under ``model.text``), so open_clip's state dicts
+    of those models load. A registry name with a local weights file gets the normalisation its
+    pretrained tags share (open_clip sets it from a tag only; :func:`tag_preprocess`)."""
     if model_cfg is None:
+        force = tag_preprocess(model_name) if pretrained and Path(pretrained).is_file() else None
         with quiet_hf_text_load():  # an HF text tower's by-design pooler report only (vlm.runtime.quiet)
-            return open_clip.create_model(model_name, pretrained=pretrained, force_quick_gelu=quick_gelu)
+            return open_clip.create_model(
+                model_name, pretrained=pretrained, force_quick_gelu=quick_gelu, force_preprocess_cfg=force
+            )
     cfg = copy.deepcopy(model_cfg)
     cfg.setdefault("quick_gelu", quick_gelu)
-    cfg.pop("custom_text", None)
-    cls = open_clip.CustomTextCLIP if "hf_model_name" in cfg.get("text_cfg", {}) else open_clip.CLIP
+    custom_text = bool(cfg.pop("custom_text", False)) or "hf_model_name" in cfg.get("text_cfg", {})
+    if "multimodal_cfg" in cfg:
+        raise TypeError("open_clip CoCa configs (multimodal_cfg) are not supported by ClipBackbone; use a CLIP config.")
+    cls = open_clip.CustomTextCLIP if custom_text else open_clip.CLIP
     with quiet_hf_text_load():
         model = cls(**cfg)
     if pretrained:
@@ -49,19 +60,54 @@ def build_open_clip(
     return model
 
 
+def tag_preprocess(model_name: str) -> Optional[dict[str, Any]]:
+    """``{"mean", "std"}`` that every pretrained tag of the open_clip registry name ``model_name``
+    gives (e.g. 0.5 for SigLIP), or None when it has no tags or they differ."""
+    found = {
+        (tuple(cfg["mean"]), tuple(cfg["std"]))
+        for name, tag in open_clip.list_pretrained()
+        if name == model_name
+        for cfg in [open_clip.get_pretrained_cfg(name, tag)]
+        if cfg.get("mean") and cfg.get("std")
+    }
+    if len(found) != 1:
+        return None
+    mean, std = found.pop()
+    return {"mean": mean, "std": std}
+
+
 def build_tokenizer(model_name: str, model_cfg: Optional[dict[str, Any]] = None):
+    """open_clip's tokenizer of a registry name, or of an inline config: its HF text model's or
+    ``hf_tokenizer_name``'s HF tokenizer, else open_clip's ``SimpleTokenizer``."""
     if model_cfg is None:
         return open_clip.get_tokenizer(model_name)
     text_cfg = model_cfg.get("text_cfg", {})
     ctx = text_cfg.get("context_length", 77)
-    if "hf_model_name" in text_cfg:
+    hf_name = text_cfg.get("hf_tokenizer_name") or text_cfg.get("hf_model_name")
+    if hf_name:
         from open_clip.tokenizer import HFTokenizer
 
-        return HFTokenizer(text_cfg["hf_model_name"], context_length=ctx)
+        return HFTokenizer(
+            hf_name, context_length=ctx, tokenizer_mode=text_cfg.get("tokenizer_mode"), **text_cfg.get("tokenizer_kwargs", {})
+        )
     return open_clip.SimpleTokenizer(context_length=ctx)
 
 
-class ClipBackbone(Backbone):
+def special_token_ids(tokenizer: Any) -> tuple[Optional[int], Optional[int]]:
+    """The ids open_clip's tokenizer starts and ends every text with: ``SimpleTokenizer``'s SOT and
+    EOT; an HF tokenizer's BOS (when it adds one; SigLIP's does not) and EOS."""
+    sot = getattr(tokenizer, "sot_token_id", None)
+    if sot is not None:
+        return int(sot), int(tokenizer.eot_token_id)
+    hf = getattr(tokenizer, "tokenizer", None)
+    if hf is None:
+        return None, None
+    ids = hf("x")["input_ids"]
+    bos, eos = getattr(hf, "bos_token_id", None), getattr(hf, "eos_token_id", None)
+    return (int(bos) if bos is not None and ids and ids[0] == bos else None), (None if eos is None else int(eos))
+
+
+class ClipBackbone(TwoTowerBackbone):
     """A CLIP image/text model run block by block, frozen by default.
 
     Args:
@@ -91,8 +137,9 @@ class ClipBackbone(Backbone):
         self.model_name, self.pretrained, self.model_cfg, self.quick_gelu = model_name, pretrained, model_cfg, quick_gelu
         self.model = build_open_clip(model_name, pretrained, model_cfg, quick_gelu)
         self.tokenizer = build_tokenizer(model_name, model_cfg)
-        self.vision = ClipVisionRunner(self.model.visual)
-        self.text = text_runner_for(self.model, trim=trim_text)
+        self.vision = vision_runner_for(self.model.visual)
+        sos, end = special_token_ids(self.tokenizer)
+        self.text = text_runner_for(self.model, trim=trim_text, sos_id=sos, end_id=end)
         self._apply_freeze()
 
     # --- identity -----------------------------------------------------------------------------
@@ -112,23 +159,42 @@ class ClipBackbone(Backbone):
 
     @property
     def patches_per_image(self) -> Optional[int]:
-        """Patch tokens per image: open_clip's ``visual.grid_size`` (rows x columns), None if absent."""
+        """Patch tokens per image: open_clip's ``visual.grid_size`` (rows x columns), or the timm
+        trunk's patch count of a timm-backed tower; None if absent."""
         grid = getattr(self.model.visual, "grid_size", None)
-        return int(grid[0]) * int(grid[1]) if grid is not None else None
+        if grid is not None:
+            return int(grid[0]) * int(grid[1])
+        return getattr(self.vision, "patches_per_image", None)
+
+    def _preprocess(self, key: str) -> Optional[tuple[float, ...]]:
+        """open_clip's normalisation on the image tower (set from a pretrained tag), else a
+        timm-backed tower's trunk's own (its timm pretrained config, e.g. 0.5 for SigLIP)."""
+        visual = self.model.visual
+        value = getattr(visual, f"image_{key}", None)
+        if not value:
+            value = (getattr(getattr(visual, "trunk", None), "pretrained_cfg", None) or {}).get(key)
+        return tuple(float(v) for v in value) if value else None
 
     @property
     def mean(self) -> tuple[float, ...]:
-        return tuple(getattr(self.model.visual, "image_mean", None) or CLIP_MEAN)
+        return self._preprocess("mean") or tuple(CLIP_MEAN)
 
     @property
     def std(self) -> tuple[float, ...]:
-        return tuple(getattr(self.model.visual, "image_std", None) or CLIP_STD)
+        return self._preprocess("std") or tuple(CLIP_STD)
 
     @property
     def embed_dim(self) -> int:
-        return int(self.model.text_projection.shape[1]) if hasattr(self.model, "text_projection") and torch.is_tensor(
-            self.model.text_projection
-        ) else int(self.model.visual.output_dim)
+        """The joint embedding width: the text projection's output (a matrix, or a linear layer
+        with bias as in SigLIP), else the image tower's output width."""
+        text = getattr(self.model, "text", self.model)
+        proj = getattr(text, "text_projection", None)
+        if torch.is_tensor(proj):
+            return int(proj.shape[1])
+        if isinstance(proj, torch.nn.Linear):
+            return int(proj.out_features)
+        out = getattr(self.model.visual, "output_dim", None)
+        return int(out) if out is not None else int(self.vision.output_dim)
 
     @property
     def feature_dim(self) -> int:
@@ -143,19 +209,9 @@ class ClipBackbone(Backbone):
     def logit_scale(self) -> Tensor:
         return self.model.logit_scale
 
-    def encode_image(self, images: Tensor, hooks: Optional[Iterable[TowerHook]] = None, normalize: bool = False) -> Tensor:
-        out = self.vision(images, hooks).pooled
-        return F.normalize(out, dim=-1) if normalize else out
-
-    def encode_text(
-        self,
-        tokens: Tensor,
-        hooks: Optional[Iterable[TowerHook]] = None,
-        embeds: Optional[Tensor] = None,
-        normalize: bool = False,
-    ) -> Tensor:
-        out = self.text(tokens, hooks, embeds).pooled
-        return F.normalize(out, dim=-1) if normalize else out
-
-    def run_vision(self, images: Tensor, hooks: Optional[Iterable[TowerHook]] = None) -> TowerOutput:
-        return self.vision(images, hooks)
+    @property
+    def logit_bias(self) -> Optional[Tensor]:
+        """SigLIP's learned logit bias (``logits = exp(logit_scale) cos + logit_bias`` under its
+        sigmoid loss), None for CLIP. The classifiers use ``logit_scale`` only: a bias shared by
+        every class changes no softmax or ranking, so it matters to a sigmoid loss alone."""
+        return getattr(self.model, "logit_bias", None)

@@ -1,4 +1,5 @@
-"""timm ViT as a backbone (features only; classifier heads live in the LightningModule)."""
+"""timm ViT-family or Eva-family model as a backbone (features only; classifier heads live in the
+LightningModule), run block by block by the runner of its class (``vlm.towers.timm_trunk``)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,16 @@ from torch import Tensor
 from vlm.backbones.base import Backbone
 from vlm.hooks import TowerHook
 from vlm.towers.runner import TowerOutput
-from vlm.towers.vit import TimmViTRunner
+from vlm.towers.timm_trunk import timm_runner_for
 
 
 class ViTBackbone(Backbone):
-    """A timm ``VisionTransformer`` run block by block, frozen by default.
+    """A timm ``VisionTransformer`` (ViT, DINOv2, SigLIP towers) or ``Eva`` (EVA02, DINOv3, RoPE
+    ViTs) run block by block, frozen by default.
 
     Args:
-        model_name: timm model name (``vit_base_patch16_224.augreg_in21k``), ``hf-hub:`` or
+        model_name: timm model name (``vit_base_patch16_224.augreg_in21k``,
+            ``eva02_base_patch14_224.mim_in22k``, ``vit_base_patch16_dinov3.lvd1689m``); ``hf-hub:`` or
             ``local-dir:`` ids work as in timm.
         pretrained: load the model's pretrained weights (from the hub cache, or ``checkpoint_path``).
         checkpoint_path: a local weights file (``.safetensors``/``.pth``) loaded through timm's
@@ -43,7 +46,7 @@ class ViTBackbone(Backbone):
         if checkpoint_path:
             kwargs["pretrained_cfg_overlay"] = dict(file=checkpoint_path)
         self.model = timm.create_model(model_name, pretrained=pretrained or bool(checkpoint_path), **kwargs)
-        self.vision = TimmViTRunner(self.model)
+        self.vision = timm_runner_for(self.model)
         self._apply_freeze()
 
     def identity(self) -> dict[str, Any]:
@@ -78,7 +81,9 @@ class ViTBackbone(Backbone):
 
     @property
     def patches_per_image(self) -> Optional[int]:
-        """Patch tokens per image: timm's ``patch_embed.num_patches``, None if absent."""
+        """Patch tokens per image: timm's ``patch_embed.num_patches`` (the grid of the model's
+        ``img_size``; for a ``dynamic_img_size`` model, DINOv3 for one, the count at that size), None
+        if absent."""
         count = getattr(getattr(self.model, "patch_embed", None), "num_patches", None)
         return int(count) if count is not None else None
 

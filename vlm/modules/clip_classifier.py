@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
-from vlm.backbones import ClipBackbone
+from vlm.backbones.base import Backbone
 from vlm.datamodules.templates import DEFAULT_TEMPLATE
 from vlm.datamodules.protocols import ClassificationData, data_of
 from vlm.modules.fit_data import serve_fit_requests
@@ -25,6 +25,7 @@ from vlm.metrics import harmonic_mean
 from vlm.modules.hooked import HookedClassifier
 from vlm.modules.optim import OptimConfig
 from vlm.prompts import PromptLearner
+from vlm.protocols import ImageTextBackbone
 from vlm.pruning.base import Pruner
 from vlm.runtime.paths import ExportDir
 
@@ -51,10 +52,11 @@ class CLIPClassifier(HookedClassifier):
     """
 
     no_learner = "zeroshot"
+    backbone_protocol = ImageTextBackbone
 
     def __init__(
         self,
-        backbone: ClipBackbone,
+        backbone: Backbone,
         prompt_learner: Optional[PromptLearner] = None,
         classnames: Optional[list[str]] = None,
         test_classnames: Optional[dict[str, list[str]]] = None,

@@ -18,14 +18,14 @@ the 95 % interval ``1.96 * std / sqrt(n)`` (``std`` the sample standard deviatio
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vlm.backbones import ClipBackbone, ViTBackbone
-from vlm.protocols import ImageTextBackbone
+from vlm.backbones.base import Backbone
+from vlm.protocols import ImageTextBackbone, check_backbone
 from vlm.datamodules.protocols import EpisodicData, data_of
 from vlm.datamodules.templates import DEFAULT_TEMPLATE
 from vlm.metrics import mean_ci95
@@ -62,9 +62,9 @@ class EpisodicClassifier(HookedClassifier):
 
     def __init__(
         self,
-        backbone: Union[ViTBackbone, ClipBackbone],
+        backbone: Backbone,
         prompt_learner: Optional[PromptLearner] = None,
-        text_encoder: Optional[ClipBackbone] = None,
+        text_encoder: Optional[Backbone] = None,
         template: Optional[str] = None,
         temperature: float = 0.2,
         optim: Optional[OptimConfig] = None,
@@ -75,6 +75,7 @@ class EpisodicClassifier(HookedClassifier):
         self.save_hyperparameters(ignore=["backbone", "prompt_learner", "text_encoder", "optim", "template"])
         self.text_encoder = text_encoder
         if text_encoder is not None:
+            check_backbone(text_encoder, ImageTextBackbone, f"{type(self).__name__}.text_encoder")
             text_encoder.requires_grad_(False)
         text_model = text_encoder if text_encoder is not None else (backbone if isinstance(backbone, ImageTextBackbone) else None)
         if prompt_learner is not None and prompt_learner.needs_class_text and prompt_learner.class_text_width is None and text_model is not None:

@@ -19,6 +19,7 @@ from vlm.hooks import TowerHook
 from vlm.modules.base import LearnedOnlyModule, accuracy_percent
 from vlm.modules.optim import OptimConfig
 from vlm.prompts import PromptLearner
+from vlm.protocols import ImageBackbone, check_backbone
 from vlm.pruning.base import Pruner
 from vlm.runtime.reliability import check_hooks
 
@@ -32,6 +33,9 @@ class HookedClassifier(LearnedOnlyModule):
 
     #: ``method_name`` without a prompt learner (``zeroshot`` for CLIP, ``linear`` for a probe).
     no_learner: str = "none"
+    #: what the module needs of its backbone (``vlm.protocols``); checked in :meth:`attach`, so the
+    #: ``backbone`` argument is typed with the base class and any backbone meeting it is accepted.
+    backbone_protocol: type = ImageBackbone
 
     def attach(
         self,
@@ -42,6 +46,7 @@ class HookedClassifier(LearnedOnlyModule):
         init_from: Optional[str],
     ) -> None:
         """Build the learner for ``backbone`` and check the learner/pruner pair (vlm.runtime.reliability)."""
+        check_backbone(backbone, self.backbone_protocol, type(self).__name__)
         self.backbone = backbone
         self.prompt_learner = prompt_learner
         self.pruner = pruner

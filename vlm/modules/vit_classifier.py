@@ -8,13 +8,13 @@ never reported as an accuracy.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 from torch import Tensor, nn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torchmetrics.classification import MulticlassAccuracy
 
-from vlm.backbones import ClipBackbone, ViTBackbone
+from vlm.backbones.base import Backbone
 from vlm.datamodules.protocols import ClassificationData, data_of
 from vlm.runtime.links import check_image_size
 from vlm.runtime.paths import ExportDir
@@ -43,7 +43,7 @@ class ViTClassifier(HookedClassifier):
 
     def __init__(
         self,
-        backbone: Union[ViTBackbone, ClipBackbone],
+        backbone: Backbone,
         num_classes: int,
         prompt_learner: Optional[PromptLearner] = None,
         optim: Optional[OptimConfig] = None,

@@ -42,6 +42,11 @@ class BlockAdapter(ABC):
     def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Per-head ``q, k, v [B, H, N, d]`` from the block's (normalised) input."""
 
+    def values(self, x: Tensor) -> Tensor:
+        """Per-head ``v [B, H, N, d]`` only (no rotary or other position-dependent step, so any tokens
+        may be projected; blocks whose ``qkv`` rotates q and k override it)."""
+        return self.qkv(x)[2]
+
     @abstractmethod
     def attn_out(self, o: Tensor) -> Tensor:
         """The block's output projection of the merged heads ``[B, N, H*d]``."""

@@ -6,7 +6,12 @@ check 1e-5 in fp32). The runners read the library modules' own weights; nothing 
 
 The causal text tower runs only up to the last EOT of the batch (``trim``, see
 :func:`~vlm.towers.runner.trim_text`): nothing after EOT can reach EOT, so the pooled features
-equal the full-context run, at a fraction of the cost for short prompts.
+equal the full-context run, at a fraction of the cost for short prompts. A bidirectional text
+tower (SigLIP's ``no_causal_mask``, pooling the last position) is never trimmed: every position
+reaches the pooled one.
+
+open_clip's timm-backed image towers (``TimmModel``: SigLIP, EVA02-CLIP) run through
+:class:`~vlm.towers.open_clip_timm.OpenClipTimmVisionRunner`; :func:`vision_runner_for` picks.
 """
 
 from __future__ import annotations
@@ -14,12 +19,14 @@ from __future__ import annotations
 from typing import Iterable, Optional
 
 import torch
+from open_clip.timm_model import TimmModel
 from torch import Tensor, nn
 
 from vlm.context import Tower
 from vlm.hooks import TowerHook
 from vlm.tokens import TokenState, TokenType, masked_mean
 from vlm.towers.blocks import OpenClipBlock
+from vlm.towers.open_clip_timm import OpenClipTimmVisionRunner
 from vlm.towers.runner import TowerOutput, TowerPass, trim_text
 
 
@@ -74,6 +81,12 @@ class ClipVisionRunner:
             pooled = v.ln_post(pooled)
         return pooled @ v.proj if v.proj is not None else pooled
 
+    def dense_features(self, tokens: Tensor) -> Tensor:
+        """Per-token features in the joint image-text space (``ln_post`` then ``proj``, as the pooled
+        token gets them: MaskCLIP-style dense features) of last-block tokens ``[..., width]``."""
+        x = self.visual.ln_post(tokens)
+        return x @ self.visual.proj if self.visual.proj is not None else x
+
     def __call__(self, images: Tensor, hooks: Optional[Iterable[TowerHook]] = None) -> TowerOutput:
         run = TowerPass(self.tower, self.blocks, hooks)
         state = run.start(self.embed(images))
@@ -91,9 +104,15 @@ class ClipTextRunner:
 
     tower = Tower.TEXT
 
-    def __init__(self, text: nn.Module, trim: bool = True) -> None:
+    def __init__(self, text: nn.Module, trim: bool = True, sos_id: Optional[int] = None,
+                 end_id: Optional[int] = None) -> None:
         if getattr(text, "cls_emb", None) is not None:
             raise TypeError("open_clip text towers with a class embedding (CoCa) are not supported.")
+        if getattr(text, "use_pad_mask", False):
+            raise TypeError(
+                "open_clip text towers with a padding mask (use_pad_mask=True) are not supported by the runner; "
+                "build the TextTransformer with use_pad_mask=False (open_clip's configs never set it)."
+            )
         self.text = text
         self.blocks = [OpenClipBlock(b) for b in text.transformer.resblocks]
         self.width = text.transformer.width
@@ -102,6 +121,9 @@ class ClipTextRunner:
         self.pool_type = getattr(text, "text_pool_type", None) or getattr(text, "pool_type", "argmax")
         self.causal = getattr(text, "attn_mask", None) is not None
         self.eos_id = getattr(text, "text_eos_id", None) or getattr(text, "eos_id", None)
+        #: the tokenizer's start and end ids (CLIP's SOT/EOT; SigLIP's tokenizer has no start id):
+        #: with ``last`` pooling they place SOS and EOT (``token_types``)
+        self.sos_id, self.end_id = sos_id, end_id
         self.trim = trim
 
     @property
@@ -109,22 +131,30 @@ class ClipTextRunner:
         return self.text.token_embedding
 
     def token_types(self, tokens: Tensor) -> Tensor:
-        """SOS at 0, EOT where open_clip pools (argmax id, or ``eos_id``), PAD after, TEXT else."""
+        """SOS at 0, EOT where open_clip pools (argmax id, or ``eos_id``), PAD after, TEXT else.
+        With ``last`` pooling (SigLIP: no mask, the last position is pooled by position, not type)
+        EOT is the tokenizer's first end id (``end_id``; else the largest id) and position 0 is SOS
+        only where it holds the tokenizer's start id (SigLIP's tokenizer has none)."""
         b, n = tokens.shape
         pos = torch.arange(n, device=tokens.device)[None]
-        if self.pool_type == "eos" and self.eos_id is not None:
-            eot = (tokens == self.eos_id).int().argmax(-1, keepdim=True)
+        end = self.end_id if self.pool_type == "last" else (self.eos_id if self.pool_type == "eos" else None)
+        if end is not None:
+            is_end = tokens == end
+            eot = torch.where(is_end.any(-1), is_end.int().argmax(-1), n - 1)[:, None]
         else:
             eot = tokens.argmax(-1, keepdim=True)
         types = torch.full((b, n), int(TokenType.TEXT), dtype=torch.int8, device=tokens.device)
-        types[:, 0] = int(TokenType.SOS)
+        if self.pool_type != "last":
+            types[:, 0] = int(TokenType.SOS)
+        elif self.sos_id is not None:
+            types[:, 0] = torch.where(tokens[:, 0] == self.sos_id, int(TokenType.SOS), int(TokenType.TEXT))
         types = torch.where(pos == eot, torch.full_like(types, int(TokenType.EOT)), types)
         return torch.where(pos > eot, torch.full_like(types, int(TokenType.PAD)), types)
 
     def prefix_length(self, tokens: Tensor) -> Optional[int]:
         """Last EOT position of the batch + 1: under the causal mask no later token reaches an EOT
-        (or the first token). ``None`` (keep all) without a causal mask or when pooling reads the
-        last position or every token."""
+        (or the first token). ``None`` (keep all) without a causal mask (every token reaches every
+        other, e.g. SigLIP) or when pooling reads the last position (``last``) or every token."""
         if not self.causal or self.pool_type not in ("argmax", "eos", "first"):
             return None
         eot = self.token_types(tokens) == int(TokenType.EOT)
@@ -143,12 +173,13 @@ class ClipTextRunner:
     def pool(self, state: TokenState, project: bool = True) -> Tensor:
         t = self.text
         x = t.ln_final(state.x)
-        if self.pool_type in ("argmax", "eos"):
+        if self.pool_type == "last":  # the original last position (an end token or padding)
+            pooled = x[:, -1] if state.positions is None else x[
+                torch.arange(x.shape[0], device=x.device), state.positions.argmax(1)]
+        elif self.pool_type in ("argmax", "eos"):
             pooled = state.replace(x=x).first_of_type(TokenType.EOT)
         elif self.pool_type == "first":
             pooled = x[:, 0]
-        elif self.pool_type == "last":
-            pooled = x[:, -1]
         else:
             pooled = x
         return self.project(pooled) if project else pooled
@@ -173,14 +204,30 @@ class ClipTextRunner:
         return TowerOutput(self.pool(state, project), state)
 
 
-def text_runner_for(model: nn.Module, trim: bool = True):
+def vision_runner_for(visual: nn.Module):
+    """The right image runner for an open_clip ``model.visual``: its own ``VisionTransformer``
+    (:class:`ClipVisionRunner`) or a timm-backed ``TimmModel`` (SigLIP, EVA02-CLIP;
+    :class:`~vlm.towers.open_clip_timm.OpenClipTimmVisionRunner`)."""
+    if isinstance(visual, TimmModel):
+        return OpenClipTimmVisionRunner(visual)
+    if not hasattr(visual, "transformer"):
+        raise TypeError(
+            f"open_clip image tower {type(visual).__name__} is not supported by the block-loop runners; use a ViT "
+            "tower (open_clip VisionTransformer) or a timm-backed one (TimmModel: SigLIP, EVA02-CLIP)."
+        )
+    return ClipVisionRunner(visual)
+
+
+def text_runner_for(model: nn.Module, trim: bool = True, sos_id: Optional[int] = None,
+                    end_id: Optional[int] = None):
     """The right text runner for an open_clip model (built-in text tower or HF text encoder);
-    ``trim``: run the text tower at the batch's longest prompt (exact, see ``trim_text``)."""
+    ``trim``: run the text tower at the batch's longest prompt (exact, see ``trim_text``);
+    ``sos_id``/``end_id``: the tokenizer's start and end ids, if it has them (:class:`ClipTextRunner`)."""
     text = getattr(model, "text", None)
     if text is None:
-        return ClipTextRunner(model, trim)
+        return ClipTextRunner(model, trim, sos_id, end_id)
     if hasattr(text, "transformer") and hasattr(text, "pooler") and hasattr(text, "proj"):
         from vlm.towers.hf_text import HFTextRunner
 
         return HFTextRunner(text, trim)
-    return ClipTextRunner(text, trim)
+    return ClipTextRunner(text, trim, sos_id, end_id)

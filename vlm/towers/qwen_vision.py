@@ -59,13 +59,13 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor, nn
 
-from vlm.context import BlockContext, Tower, TowerContext
+from vlm.context import Tower
 from vlm.hooks import TowerHook
 from vlm.kernels import AttnOutput, AttnSpec, attention
 from vlm.kernels.reference import mean_query_weights
 from vlm.tokens import TokenState, TokenType, check, kept_first
 from vlm.towers.blocks import BlockAdapter
-from vlm.towers.runner import TowerPass
+from vlm.towers.runner import PositionTracker, TowerPass
 
 
 # --- geometry of one image ---------------------------------------------------------------------
@@ -148,7 +148,7 @@ class VisionGeometry:
     ``stride``: more than any frame or window id (the packed sequence key is ``row * stride + id``);
     ``packings``: the last :class:`Packing` per kind of block (windowed or not).
     ``positions [I, N]``: the tokens of the state the pass is at (kept current by
-    :class:`GeometryTracker`), which :meth:`QwenVisionBlock.qkv` rotates by. ``deepstack``: the
+    :class:`~vlm.towers.runner.PositionTracker`), which :meth:`QwenVisionBlock.qkv` rotates by. ``deepstack``: the
     taps recorded by the blocks, ``(layer, features [T_u, D_llm], row [T_u], unit [T_u])``."""
 
     cos: Tensor
@@ -181,31 +181,6 @@ class Packing:
     cu: Tensor
     cos: Tensor
     sin: Tensor
-
-
-class GeometryTracker(TowerHook):
-    """The runner's own hook, last in the pass: records the positions of the state before and
-    after every block (after the other hooks' cuts), so that :meth:`QwenVisionBlock.qkv` rotates
-    the tokens hooks project. It changes nothing."""
-
-    towers = (Tower.VISION,)
-
-    def __init__(self, geometry: VisionGeometry) -> None:
-        super().__init__()
-        self.geometry = geometry
-
-    def _record(self, state: TokenState) -> TokenState:
-        self.geometry.positions = state.positions
-        return state
-
-    def on_tower_start(self, ctx: TowerContext, state: TokenState) -> TokenState:
-        return self._record(state)
-
-    def before_block(self, ctx: BlockContext, state: TokenState) -> TokenState:
-        return self._record(state)
-
-    def after_block(self, ctx: BlockContext, state: TokenState, attn: AttnOutput) -> TokenState:
-        return self._record(state)
 
 
 # --- packing the padded state ------------------------------------------------------------------
@@ -495,7 +470,7 @@ class QwenVisionRunner:
         self.ref.current = geo
         try:
             image_index = torch.arange(state.x.shape[0], device=state.x.device)
-            run = TowerPass(self.tower, self.blocks, [*(hooks or ()), GeometryTracker(geo)], image_index, token_group=self.m2)
+            run = TowerPass(self.tower, self.blocks, [*(hooks or ()), PositionTracker(geo)], image_index, token_group=self.m2)
             state = run.run(run.start(state))
             return self.merge_tokens(state, grid_thw, geo)
         finally:

@@ -8,13 +8,13 @@ norm, pooling and projection. Hooks see every block of every tower in the same w
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Optional, Protocol, Sequence
+from typing import Any, Iterable, Optional, Protocol, Sequence
 
 from torch import Tensor
 
-from vlm.context import Tower, TowerContext
+from vlm.context import BlockContext, Tower, TowerContext
 from vlm.hooks import TowerHook, active_hooks
-from vlm.kernels import AttnSpec
+from vlm.kernels import AttnOutput, AttnSpec
 from vlm.tokens import TokenState
 from vlm.towers.blocks import BlockAdapter
 
@@ -97,3 +97,29 @@ def trim_text(
     if n is None or n >= tokens.shape[1]:
         return tokens, embeds
     return tokens[:, :n], None if embeds is None else embeds[:, :n]
+
+
+class PositionTracker(TowerHook):
+    """A runner's own vision hook, last in its pass: writes the positions of the state before and
+    after every block (after the other hooks' cuts and insertions) to ``target.positions``, so a
+    block whose projections depend on positions (rotary: Eva, Qwen's towers) rotates the tokens a
+    scoring hook projects. It changes nothing."""
+
+    towers = (Tower.VISION,)
+
+    def __init__(self, target: Any) -> None:
+        super().__init__()
+        self.target = target
+
+    def _record(self, state: TokenState) -> TokenState:
+        self.target.positions = state.positions
+        return state
+
+    def on_tower_start(self, ctx: TowerContext, state: TokenState) -> TokenState:
+        return self._record(state)
+
+    def before_block(self, ctx: BlockContext, state: TokenState) -> TokenState:
+        return self._record(state)
+
+    def after_block(self, ctx: BlockContext, state: TokenState, attn: AttnOutput) -> TokenState:
+        return self._record(state)

@@ -17,7 +17,7 @@ request, and answers greedily through :meth:`~vlm.backbones.llava.LlavaBackbone.
 need it.
 
 Efficiency, per task (``efficiency`` attribute; printed at the end, and written to
-``efficiency_file`` when given; under several processes gathered on every rank first): mean visual
+``efficiency_file`` when given; under several processes gathered on every rank first, ``processes`` says how many): mean visual
 tokens entering the LLM per request (after an LLM-stage cut: after it), mean prefill ms per batch
 (vision + projector + LLM prefill), decode ms per generated token, the mean KV cache at the end of
 decoding per request (bytes: layers × 2 × KV heads × head dim × dtype bytes × cached tokens, the
@@ -342,7 +342,8 @@ class VLMLmms(lmms):
         for state in states:
             for task, st in state["stats"].items():
                 merged[task].merge(st)
-        self.efficiency = {task: {"method": self.method_name, **merged[task].summary()} for task in sorted(merged)}
+        self.efficiency = {task: {"method": self.method_name, "processes": len(states), **merged[task].summary()}
+                           for task in sorted(merged)}
         called = sorted({t for state in states for t in state["tasks"]} & set(self.efficiency))
         if self.rank == 0 and self.efficiency:
             print(efficiency_table(self.efficiency))

@@ -162,3 +162,27 @@ def test_unknown_pruner_is_refused_with_the_list(data: Path) -> None:
 
     with pytest.raises(ValueError, match=r"unknown pruner 'nope'; available: none, .*vtc_cls"):
         build_eval_module([str(write_vlm_config(data, None))], pruner="nope")
+
+
+def test_two_processes_answer_each_sample_once(data: Path, tmp_path: Path) -> None:
+    """`accelerate launch --multi_gpu --num_processes 2 -m lmms_eval --model vlm`, the GPU command, on a
+    machine without GPUs: two CPU processes (gloo; accelerate's `--cpu` would start one). lmms-eval
+    splits the documents over the ranks; every sample is answered once, as one process answers it, and
+    the score and the efficiency numbers gathered from both ranks are the one-process ones."""
+    ref = vlm_reference(data, "two_procs", PRUNER)
+    out, eff = tmp_path / "out", tmp_path / "efficiency.json"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lmms_eval", "--model", "vlm",
+           "--model_args", f"config={ref['config']},efficiency_file={eff}", "--tasks", TASK, "--include_path", str(TASKS),
+           "--batch_size", "2", "--output_path", str(out), "--log_samples"]  # fmt: skip
+    env = base_env({"LMMS_EVAL_DATASETS_CACHE": str(tmp_path / "datasets"), "HF_DATASETS_OFFLINE": "1"})
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    (samples_file,) = out.rglob(f"*samples_{TASK}.jsonl")
+    (results_file,) = out.rglob("*_results.json")
+    samples = [json.loads(x) for x in samples_file.read_text().splitlines()]
+    assert sorted(s["doc_id"] for s in samples) == list(range(len(task_docs())))  # each sample once
+    efficiency = json.loads(eff.read_text())[TASK]
+    assert efficiency["method"] == "vtc_cls" and efficiency["processes"] == 2  # gathered from both ranks
+    results = json.loads(results_file.read_text())
+    check_agreement(ref, by_doc(samples), results["results"][TASK]["pope_acc,none"], efficiency)

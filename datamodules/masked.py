@@ -48,6 +48,7 @@ from vlm.datamodules.transforms import (
     CorruptImageError,
     _interpolation,
     load_image,
+    strict_decoding,
 )
 
 RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # torchvision's RandomResizedCrop default, as Dassl uses it
@@ -62,7 +63,7 @@ def read_mask(path: str | Path, void_value: Optional[int] = 255) -> Image.Image:
             "(see vlm.datamodules.masked); use the learner's CLS-attention mask source (masks from the frozen "
             "CLIP) when no masks are available."
         )
-    with Image.open(path) as img:
+    with Image.open(path) as img, strict_decoding():
         img.load()
         arr = np.asarray(img.convert("L") if img.mode not in ("L", "P", "1") else img).astype(np.int64)
     fg = arr > 0

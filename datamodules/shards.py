@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from vlm.datamodules.splits import Datum
-from vlm.datamodules.transforms import to_rgb
+from vlm.datamodules.transforms import strict_decoding, to_rgb
 
 from vlm.runtime.hashing import sha256_file
 
@@ -150,7 +150,8 @@ class ShardIndexDataset(Dataset):
         if f is None:
             f = self._files[shard] = (self.folder / shard).open("rb")
         f.seek(offset)
-        image = to_rgb(Image.open(io.BytesIO(f.read(size))))
+        with Image.open(io.BytesIO(f.read(size))) as raw, strict_decoding():
+            image = to_rgb(raw)
         return {"image": self.transform(image), "label": torch.tensor(label), "index": torch.tensor(int(key))}
 
     def __getstate__(self) -> dict[str, Any]:

@@ -12,10 +12,11 @@ by `to_rgb` (PIL's own conversion clips them, turning most 16-bit images white).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFile
 from torchvision import transforms as T
 
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
@@ -40,13 +41,28 @@ class CorruptImageError(OSError):
         self.path = path
 
 
+@contextmanager
+def strict_decoding() -> Iterator[None]:
+    """PIL raises on a truncated file while inside, whatever the process-wide
+    ``ImageFile.LOAD_TRUNCATED_IMAGES`` says: other libraries turn it on for the whole process
+    (lmms-eval's task module does on import), which would make a truncated image load silently,
+    padded with grey."""
+    before = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = before
+
+
 def load_image(path: str | os.PathLike[str]) -> Image.Image:
-    """Open an image fully (so truncation surfaces here, not later) and convert it to RGB."""
+    """Open an image fully (so truncation surfaces here, not later; :func:`strict_decoding`) and
+    convert it to RGB."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Image '{path}' does not exist (listed in the split but missing on disk).")
     try:
-        with Image.open(path) as img:
+        with Image.open(path) as img, strict_decoding():
             img.load()
             return to_rgb(img)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:

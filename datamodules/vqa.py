@@ -20,7 +20,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from vlm.datamodules.distributed import exact_eval_sampler
-from vlm.datamodules.transforms import to_rgb
+from vlm.datamodules.transforms import strict_decoding, to_rgb
 from vlm.metrics_vqa import SCORERS
 
 _ANSWER_KEYS = ("answers", "answer", "label")
@@ -61,7 +61,7 @@ class VQAQuestions(Dataset):
         return len(self.questions)
 
     def load(self, path: str) -> Image.Image:
-        with Image.open(self.image_folder / path) as im:
+        with Image.open(self.image_folder / path) as im, strict_decoding():
             return to_rgb(im)
 
     def __getitem__(self, i: int) -> dict[str, Any]:

@@ -97,6 +97,18 @@ def test_corrupt_image_error_names_file(tmp_path: Path) -> None:
         load_image(tmp_path / "gone.png")
 
 
+def test_truncated_image_is_an_error_even_when_another_library_allows_them(tmp_path: Path, monkeypatch) -> None:
+    """lmms-eval turns PIL's process-wide LOAD_TRUNCATED_IMAGES on when imported; the loaders still
+    refuse a truncated file (it would load padded with grey) and leave the setting as they found it."""
+    from PIL import ImageFile
+
+    _truncated_png(tmp_path / "broken.png")
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    with pytest.raises(CorruptImageError, match=r"broken\.png"):
+        load_image(tmp_path / "broken.png")
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True
+
+
 def _items(tmp_path: Path, n: int, broken: set[int]) -> list[Datum]:
     items = []
     for i in range(n):

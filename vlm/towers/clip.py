@@ -27,7 +27,7 @@ from vlm.hooks import TowerHook
 from vlm.tokens import TokenState, TokenType, masked_mean
 from vlm.towers.blocks import OpenClipBlock
 from vlm.towers.open_clip_timm import OpenClipTimmVisionRunner
-from vlm.towers.runner import TowerOutput, TowerPass, trim_text
+from vlm.towers.runner import TextRunner, TowerOutput, TowerPass, last_original
 
 
 class ClipVisionRunner:
@@ -94,15 +94,13 @@ class ClipVisionRunner:
         return TowerOutput(self.pool(state), state)
 
 
-class ClipTextRunner:
+class ClipTextRunner(TextRunner):
     """open_clip causal text transformer (CLIP's flattened text tower, or ``TextTransformer``).
 
     ``embeds`` (token embeddings before the positional embedding, ``[B, L, D]``) lets prompt
     prompt learners replace placeholder embeddings with learned context. ``trim``: run only
     the positions up to the batch's last EOT (exact under the causal mask; see ``prefix_length``).
     """
-
-    tower = Tower.TEXT
 
     def __init__(self, text: nn.Module, trim: bool = True, sos_id: Optional[int] = None,
                  end_id: Optional[int] = None) -> None:
@@ -174,8 +172,7 @@ class ClipTextRunner:
         t = self.text
         x = t.ln_final(state.x)
         if self.pool_type == "last":  # the original last position (an end token or padding)
-            pooled = x[:, -1] if state.positions is None else x[
-                torch.arange(x.shape[0], device=x.device), state.positions.argmax(1)]
+            pooled = last_original(x, state)
         elif self.pool_type in ("argmax", "eos"):
             pooled = state.replace(x=x).first_of_type(TokenType.EOT)
         elif self.pool_type == "first":
@@ -191,17 +188,6 @@ class ClipTextRunner:
             return pooled
         return proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
 
-    def __call__(
-        self,
-        tokens: Tensor,
-        hooks: Optional[Iterable[TowerHook]] = None,
-        embeds: Optional[Tensor] = None,
-        project: bool = True,
-    ) -> TowerOutput:
-        tokens, embeds = trim_text(self, tokens, embeds, hooks)
-        run = TowerPass(self.tower, self.blocks, hooks)
-        state = run.run(run.start(self.embed(tokens, embeds)), causal=self.causal)
-        return TowerOutput(self.pool(state, project), state)
 
 
 def vision_runner_for(visual: nn.Module):

@@ -23,7 +23,7 @@ from vlm.context import Tower
 from vlm.hooks import TowerHook
 from vlm.tokens import TokenState, TokenType
 from vlm.towers.hf_clip_vision import HFClipBlock
-from vlm.towers.runner import TowerOutput, TowerPass, trim_text
+from vlm.towers.runner import TextRunner, TowerOutput, TowerPass
 
 #: ``eos_token_id`` of CLIP configs written before transformers PR #24773: pool at the largest id.
 LEGACY_EOS_ID = 2
@@ -83,7 +83,7 @@ class HFClipImageRunner:
         return TowerOutput(self.pool(state), state)
 
 
-class HFClipTextRunner:
+class HFClipTextRunner(TextRunner):
     """transformers' CLIP text tower: token + position embeddings -> causal blocks ->
     ``final_layer_norm`` -> EOS state -> ``text_projection`` (a ``CLIPModel`` module, passed in).
 
@@ -91,8 +91,6 @@ class HFClipTextRunner:
     ``token_embedding(tokens)``, so prompt learners can splice learned context; the token ids still
     decide types and pooling. ``trim``: run only up to the batch's last EOS (see ``prefix_length``).
     """
-
-    tower = Tower.TEXT
 
     def __init__(self, text_model: nn.Module, projection: Optional[nn.Module] = None, trim: bool = True) -> None:
         if hasattr(text_model, "text_model"):  # transformers 4.x: CLIPTextModel wraps CLIPTextTransformer
@@ -157,14 +155,3 @@ class HFClipTextRunner:
         """``text_projection`` (kept separate so frozen pooled features can be cached)."""
         return pooled if self.projection is None else self.projection(pooled)
 
-    def __call__(
-        self,
-        tokens: Tensor,
-        hooks: Optional[Iterable[TowerHook]] = None,
-        embeds: Optional[Tensor] = None,
-        project: bool = True,
-    ) -> TowerOutput:
-        tokens, embeds = trim_text(self, tokens, embeds, hooks)
-        run = TowerPass(self.tower, self.blocks, hooks)
-        state = run.run(run.start(self.embed(tokens, embeds)), causal=self.causal)
-        return TowerOutput(self.pool(state, project), state)

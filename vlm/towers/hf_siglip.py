@@ -30,11 +30,11 @@ from torch import Tensor, nn
 from vlm.context import Tower
 from vlm.hooks import TowerHook
 from vlm.kernels import AttnSpec, attention
-from vlm.tokens import TokenState, TokenType, check, kept_first
+from vlm.tokens import TokenState, TokenType, kept_first
 from vlm.towers.blocks import merge_heads, split_heads
 from vlm.towers.hf_clip_text import check_length
 from vlm.towers.hf_clip_vision import HFClipBlock
-from vlm.towers.runner import TowerOutput, TowerPass
+from vlm.towers.runner import TextRunner, TowerOutput, TowerPass, last_original
 
 
 def unwrap(model: nn.Module, inner: str) -> nn.Module:
@@ -125,7 +125,7 @@ class SiglipVisionRunner:
         return TowerOutput(self.pool(state), state)
 
 
-class SiglipTextRunner:
+class SiglipTextRunner(TextRunner):
     """Bidirectional text tower: token + position embeddings -> blocks -> ``final_layer_norm`` ->
     the last position -> ``head``.
 
@@ -135,7 +135,6 @@ class SiglipTextRunner:
     tokenized sequence (an EOS or padding) by position, not type. ``trim`` is always off (see the module).
     """
 
-    tower = Tower.TEXT
     trim = False
 
     def __init__(self, text_model: nn.Module, bos_id: Optional[int] = None, eos_id: Optional[int] = None) -> None:
@@ -184,29 +183,12 @@ class SiglipTextRunner:
         x = x + emb.position_embedding(emb.position_ids[:, :n]).to(x.dtype)
         return TokenState.create(x, self.token_types(tokens))
 
-    def pool(self, state: TokenState, last: int, project: bool = True) -> Tensor:
-        """The state of original position ``last`` (the last tokenized one, wherever hooks moved it)."""
-        x = self.model.final_layer_norm(state.x)
-        if state.positions is None:
-            pooled = x[:, -1]
-        else:
-            at = state.positions == last
-            check(at.any(1), f"SigLIP text pooling: position {last} (the last token) is missing from the state.")
-            idx = at.int().argmax(1)
-            pooled = x[torch.arange(x.shape[0], device=x.device), idx]
+    def pool(self, state: TokenState, project: bool = True) -> Tensor:
+        """The state of the last tokenized position (wherever hooks moved it), after the final norm."""
+        pooled = last_original(self.model.final_layer_norm(state.x), state)
         return self.project(pooled) if project else pooled
 
     def project(self, pooled: Tensor) -> Tensor:
         """The text ``head`` (kept separate so frozen pooled features can be cached)."""
         return self.model.head(pooled)
 
-    def __call__(
-        self,
-        tokens: Tensor,
-        hooks: Optional[Iterable[TowerHook]] = None,
-        embeds: Optional[Tensor] = None,
-        project: bool = True,
-    ) -> TowerOutput:
-        run = TowerPass(self.tower, self.blocks, hooks)
-        state = run.run(run.start(self.embed(tokens, embeds)))
-        return TowerOutput(self.pool(state, tokens.shape[1] - 1, project), state)

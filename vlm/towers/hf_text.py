@@ -9,24 +9,20 @@ padded positions change nothing that is pooled.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from vlm.context import Tower
-from vlm.hooks import TowerHook
 from vlm.tokens import TokenState, TokenType
 from vlm.towers.blocks import BertBlock
 from vlm.tokens import masked_mean
-from vlm.towers.runner import TowerOutput, TowerPass, trim_text
+from vlm.towers.runner import TextRunner
 
 
-class HFTextRunner:
+class HFTextRunner(TextRunner):
     """Bidirectional HF text encoder with key padding from ``pad_token_id`` (valid tokens first).
     ``trim``: run only the positions up to the batch's longest prompt (see ``prefix_length``)."""
-
-    tower = Tower.TEXT
 
     def __init__(self, encoder: nn.Module, trim: bool = True) -> None:
         hf = encoder.transformer
@@ -88,14 +84,3 @@ class HFTextRunner:
         """The text projection (kept separate so frozen pooled features can be cached)."""
         return self.encoder.proj(pooled)
 
-    def __call__(
-        self,
-        tokens: Tensor,
-        hooks: Optional[Iterable[TowerHook]] = None,
-        embeds: Optional[Tensor] = None,
-        project: bool = True,
-    ) -> TowerOutput:
-        tokens, embeds = trim_text(self, tokens, embeds, hooks)
-        run = TowerPass(self.tower, self.blocks, hooks)
-        state = run.run(run.start(self.embed(tokens, embeds)))
-        return TowerOutput(self.pool(state, project), state)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Protocol, Sequence
 
+import torch
 from torch import Tensor
 
 from vlm.context import BlockContext, Tower, TowerContext
@@ -77,6 +78,49 @@ class TextPrefix(Protocol):
     trim: bool
 
     def prefix_length(self, tokens: Tensor) -> Optional[int]: ...
+
+
+class TextRunner:
+    """What the text runners share (``clip.py``, ``hf_text.py``, ``hf_clip_text.py``,
+    ``hf_siglip.py``): the call, trimming then one pass then pooling. A runner sets ``tower``,
+    ``blocks``, ``causal`` and ``trim`` and implements ``embed``, ``prefix_length`` and ``pool``."""
+
+    tower = Tower.TEXT
+    blocks: Sequence[BlockAdapter]
+    causal: bool = False
+    trim: bool = False
+
+    def embed(self, tokens: Tensor, embeds: Optional[Tensor] = None) -> TokenState:  # pragma: no cover
+        raise NotImplementedError(f"{type(self).__name__} must implement embed(tokens, embeds).")
+
+    def prefix_length(self, tokens: Tensor) -> Optional[int]:
+        """The leading positions that can change the pooled feature (None: all; ``trim_text``)."""
+        return None
+
+    def pool(self, state: TokenState, project: bool = True) -> Tensor:  # pragma: no cover
+        raise NotImplementedError(f"{type(self).__name__} must implement pool(state, project).")
+
+    def __call__(
+        self,
+        tokens: Tensor,
+        hooks: Optional[Iterable[TowerHook]] = None,
+        embeds: Optional[Tensor] = None,
+        project: bool = True,
+    ) -> TowerOutput:
+        """``embeds [B, L, D]`` replace the token embeddings (learned context); ``project=False``
+        returns the pooled feature before the text projection."""
+        tokens, embeds = trim_text(self, tokens, embeds, hooks)
+        run = TowerPass(self.tower, self.blocks, hooks)
+        state = run.run(run.start(self.embed(tokens, embeds)), causal=self.causal)
+        return TowerOutput(self.pool(state, project), state)
+
+
+def last_original(x: Tensor, state: TokenState) -> Tensor:
+    """``x [B, N, D]`` at each row's last original token (the largest ``state.positions``; inserted
+    tokens have -1): the pooled position of a tower that pools the last one (SigLIP)."""
+    if state.positions is None:
+        return x[:, -1]
+    return x[torch.arange(x.shape[0], device=x.device), state.positions.argmax(1)]
 
 
 def trim_text(

@@ -17,6 +17,8 @@ every token) is refused.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from typing import Iterable, Optional
 
 import torch
@@ -71,7 +73,7 @@ def attention_pool(pool: nn.Module, state: TokenState, keys: Tensor, position_of
     return y
 
 
-class TimmTrunkRunner:
+class TimmTrunkRunner(ABC):
     """What timm trunk runners share: attributes, pooling by token type and the head.
 
     Subclasses set ``model``, ``blocks``, ``map_include_prefix`` (whether attention pooling reads
@@ -95,11 +97,13 @@ class TimmTrunkRunner:
         self.heads = self.blocks[0].heads
         self.num_prefix_tokens = int(m.num_prefix_tokens)
 
-    def embed(self, images: Tensor) -> TokenState:  # pragma: no cover - overridden
-        raise NotImplementedError
+    @abstractmethod
+    def embed(self, images: Tensor) -> TokenState:
+        """Patch embedding, prefix tokens and positions: the state before block 0."""
 
+    @abstractmethod
     def forward_features(self, images: Tensor, hooks: Optional[Iterable[TowerHook]] = None) -> TokenState:
-        raise NotImplementedError  # pragma: no cover - overridden
+        """Every block with ``hooks``, then the final norm."""
 
     def pool(self, state: TokenState) -> Tensor:
         """timm's ``pool`` of the final tokens (after the final norm), by token type."""

@@ -19,6 +19,11 @@ decoder, so its pruned LLM prefill includes its scoring and the cut. Reported pe
   keeping all visual tokens but one (DART returns early when it keeps all; one token fewer after the
   cut is ~0.1 % of the LLM prefill) minus ``self.lm``'s plain prefill, as the ``--anyres``
   cut-overhead column. One number per pruner, repeated on its rows;
+* scoring % (LLM-stage pruners): the time spent scoring inside the cut run at the row's budget,
+  measured directly (:class:`ScoringClock`: the probe, the key re-projection, ``keep_stage`` /
+  ``merge_stage``; median of ``--repeats`` runs), same units; the same inside the keep-all run (every
+  cut at full length, the worst case) is printed once per pruner. The overhead column's difference of
+  two whole prefills also holds the layer-group setup and re-padding at each cut;
 * vision delta % (vision pruners): the vision pass with the pruner at this budget minus the plain one,
   same units: the per-budget scoring and selection (DivPrune's greedy loop runs ``num_tokens``
   steps, so its keep-every-token overhead is its worst case), net of the vision blocks and projector
@@ -49,6 +54,12 @@ once, the pruning overhead (the pruner scoring in the vision tower but keeping e
 the plain vision pass, as % of the unpruned end-to-end prefill) and the vision tower's attention
 calls per pass (one varlen call per block: the windows of Qwen2.5-VL's windowed blocks are the
 sequences of that call, not a Python loop).
+
+On CPU the script first sets the allocator steady (``steady_allocator``: glibc keeps freed memory
+for reuse instead of mapping every large tensor afresh; ``--system-malloc`` keeps the defaults).
+With the defaults, page faults made a prefill's time depend on how much memory a code path keeps
+alive: the layer-by-layer cut decoder, which keeps a KV cache of its scored layers, read 10-14 %
+slower than ``self.lm``'s prefill while doing the same work (< 0.3 % with the setting).
 
 Times are medians over ``--repeats``. Every speed-up and every overhead compares two runs timed
 alternately (:func:`timed_pairs`), so that drift in the machine's speed hits both sides alike, and is
@@ -82,10 +93,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmark's own modules, beside it
 
 # the Qwen sizes, FLOP model and combined-table header are re-exported: the script's tests read them here
-from prefill_pruners import is_llm_stage, keep_all_pruner, make_pruner  # noqa: E402
+from prefill_pruners import ScoringClock, is_llm_stage, keep_all_pruner, make_pruner  # noqa: E402
 from prefill_qwen import QWEN_FRACTIONS, QWEN_SIZES, build_qwen, qwen_llm_flops, qwen_tables  # noqa: E402,F401
 from prefill_common import (  # noqa: E402,F401
-    COMBINED_HEADER, IMAGE_TOKEN, device_name, median_ratio, print_combined, timed, timed_pair, timed_pairs)
+    COMBINED_HEADER, IMAGE_TOKEN, device_name, median_ratio, print_combined, steady_allocator, timed, timed_pair,
+    timed_pairs)
 from vlm import pruning  # noqa: E402
 from vlm.towers.language_model import LayerGroup
 from vlm.towers.llava import LlavaRunner
@@ -247,6 +259,20 @@ def packed(args, device: str, dtype: torch.dtype) -> None:
               f"{diff.abs().max().item():.1e} |")
 
 
+def scoring_seconds(runner, inputs, hooks, repeats: int, device: str) -> float:
+    """Median over ``repeats`` cut prefills of ``inputs`` of the time the LLM-stage pruner among
+    ``hooks`` spends scoring (:class:`ScoringClock`), after one warm-up run."""
+    decoder = runner.decoder(hooks)
+    clock = ScoringClock(decoder, decoder.pruner, device)
+    runner.prefill(inputs, decoder, "right")
+    times = []
+    for _ in range(repeats):
+        clock.seconds = 0.0
+        runner.prefill(inputs, decoder, "right")
+        times.append(clock.seconds)
+    return statistics.median(times)
+
+
 @torch.no_grad()
 def llava(args, device: str, dtype: torch.dtype, names: list[str]) -> list[dict[str, Any]]:
     """The LLaVA-1.5 budget table of every pruner in ``names`` (module docstring); returns its rows."""
@@ -281,6 +307,10 @@ def llava(args, device: str, dtype: torch.dtype, names: list[str]) -> list[dict[
         if llm_stage:  # one token fewer after the cut is ~0.1 % of the LLM prefill
             plain, scored = timed_pairs(lm(full), lm(runner.prepare(ids, pix, hooks=keep_all), keep_all),
                                         args.repeats, device)
+            worst = 100.0 * scoring_seconds(runner, runner.prepare(ids, pix, hooks=keep_all), keep_all,
+                                            args.repeats, device) / t_e2e_full
+            print(f"  {name}: scoring while keeping all (every cut at full length) {worst:.2f} % of the "
+                  "unpruned end-to-end prefill", flush=True)
         else:
             plain, scored = timed_pairs(vision([]), vision(keep_all), args.repeats, device)
         overhead = 100.0 * statistics.median(b - a for a, b in zip(plain, scored)) / t_e2e_full
@@ -293,7 +323,9 @@ def llava(args, device: str, dtype: torch.dtype, names: list[str]) -> list[dict[
             inputs = runner.prepare(ids, pix, hooks=hooks)
             base, pruned = timed_pairs(lm(full), lm(inputs, hooks), args.repeats, device)
             length = inputs.embeds.shape[1]
+            scoring = None
             if llm_stage:
+                scoring = 100.0 * scoring_seconds(runner, inputs, hooks, args.repeats, device) / t_e2e_full
                 _, after = lm(inputs, hooks)()
                 n_vis = int(inputs.visual_counts[0])
                 stage_lengths = [length - n_vis + int(c[0]) for c in after.cut.stage_visual_counts]
@@ -307,13 +339,16 @@ def llava(args, device: str, dtype: torch.dtype, names: list[str]) -> list[dict[
                 delta = 100.0 * statistics.median(b - a for a, b in zip(v_plain, v_pruned)) / t_e2e_full
             rows.append(dict(method=name, budget=budget, kept=kept, llm_ms=1e3 * statistics.median(pruned),
                              base_ms=1e3 * statistics.median(base), speedup=median_ratio(base, pruned),
-                             ideal=llm_flops(cfg, len_full) / flops, overhead=overhead, delta=delta,
+                             ideal=llm_flops(cfg, len_full) / flops, overhead=overhead, scoring=scoring, delta=delta,
                              stage="llm" if llm_stage else "vision"))
             print(f"  {name} @ {budget}: done", flush=True)
     print(f"speed-up: median of the {args.repeats} within-pair ratios (unpruned / pruned LLM prefill, timed "
           "alternately); ms columns: medians of the same pairs; ms ratio: the ratio of those medians; overhead: "
           "scoring while keeping every token (LLM stage: all but one), minus the plain pass, median of the "
-          "within-pair differences, % of the unpruned end-to-end prefill; vision Δ: the vision pass (+ projector) "
+          "within-pair differences, % of the unpruned end-to-end prefill; scoring (LLM stage): the time spent "
+          "scoring inside the cut run at this budget (probe, key re-projection, keep/merge; median of the runs), "
+          "same units; "
+          "vision Δ: the vision pass (+ projector) "
           "with the pruner at this budget minus the plain one, same units (vision pruners)")
     print_combined(rows)
     return rows
@@ -340,6 +375,9 @@ def main(argv: Optional[list[str]] = None) -> Optional[list[dict[str, Any]]]:
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads (default: torch's). On a shared machine use 1: a multi-threaded op stalls "
                          "whenever another process holds one of its cores")
+    ap.add_argument("--system-malloc", action="store_true",
+                    help="on CPU, keep glibc's default allocator settings (default: steady_allocator(), so that "
+                         "runs do not differ by page faults)")
     args = ap.parse_args(argv)
     if args.model != "llava" and (args.anyres or args.packed):
         ap.error("--anyres and --packed are LLaVA settings; a Qwen model runs the budget table only")
@@ -349,6 +387,8 @@ def main(argv: Optional[list[str]] = None) -> Optional[list[dict[str, Any]]]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not args.system_malloc:
+        print(f"allocator: {steady_allocator() or 'default (not glibc)'}")
     if args.model != "llava":
         return qwen_tables(args, device, torch.bfloat16 if device == "cuda" else torch.float32, names,
                            several=args.all or args.pruners is not None)

@@ -4,7 +4,10 @@ every token while keeping all (the overhead column)."""
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Optional, Sequence
+
+import torch
 
 from vlm import pruning
 from vlm.pruning.registry import PRUNERS
@@ -88,3 +91,31 @@ def qwen_skip_reason(name: str) -> Optional[str]:
     if not getattr(PRUNERS.get(name), "runs_on_merge_units", True):
         return "declares runs_on_merge_units = False (needs a CLS row or the patch grid, which Qwen's towers lack)"
     return None
+
+
+class ScoringClock:
+    """The time an LLM-stage cut spends scoring, measured inside the cut run: the decoder's probe
+    (query re-projection, gathers, the log-sum-exps and the other groups the pruner declares) and key
+    re-projection (``score_next``), and the pruner's ``keep_stage`` / ``merge_stage``. It wraps those
+    methods of one decoder and one pruner instance; :attr:`seconds` accumulates until reset. A direct
+    measure, unlike the difference of two whole prefills, so its noise is that of the scoring alone."""
+
+    def __init__(self, decoder: Any, pruner: Any, device: str) -> None:
+        self.seconds = 0.0
+        self.device = device
+        for owner, name in ((decoder, "probe"), (decoder, "project_kv"), (pruner, "keep_stage"),
+                            (pruner, "merge_stage")):
+            setattr(owner, name, self.timed(getattr(owner, name)))
+
+    def timed(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            if self.device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            if self.device == "cuda":
+                torch.cuda.synchronize()
+            self.seconds += time.perf_counter() - start
+            return out
+
+        return run

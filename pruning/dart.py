@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vlm.llm_stage import ProbeField
 from vlm.pruning.llm import LlmProbe, LlmTokenPruner
 from vlm.pruning.registry import register
 
@@ -68,6 +69,8 @@ class Dart(LlmTokenPruner):
         pivot_image: image pivots (largest key L1 norm among the visual tokens).
         pivot_text: text pivots (largest key L1 norm among the prompt tail); 0 for none.
     """
+
+    probe_fields = frozenset({ProbeField.HIDDEN, ProbeField.TEXT})  # the pivots' keys and normed states
 
     def __init__(self, num_tokens: int = 128, layer: int = 1, pivot_image: int = 4, pivot_text: int = 4) -> None:
         super().__init__(num_tokens, layer)

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from vlm.llm_stage import ProbeField
 from vlm.pruning.llm import LlmProbe, LlmTokenPruner
 from vlm.pruning.registry import register
 
@@ -56,6 +57,8 @@ class FastV(LlmTokenPruner):
         num_tokens: visual tokens kept per sample (FastV's ``round(N (1 - R))``).
         layer: decoder layer scored and cut after (FastV's ``K - 1``; 1 is K = 2).
     """
+
+    probe_fields = frozenset({ProbeField.QUERY_LSE})  # the row weights
 
     def __init__(self, num_tokens: int = 288, layer: int = 1) -> None:
         super().__init__(num_tokens, layer)

@@ -57,6 +57,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from vlm.llm_stage import ProbeField
 from vlm.pruning.flowcut import FlowCut
 from vlm.pruning.llm import LlmProbe, LlmTokenPruner
 from vlm.pruning.registry import register
@@ -78,6 +79,8 @@ class FlowCutLlm(LlmTokenPruner):
         newlines: ``"drop"`` (official: LLaVA-NeXT images packed without ``image_newline``) or
             ``"keep"`` (native layout; newlines outside the budget, see the module docstring).
     """
+
+    probe_fields = frozenset({ProbeField.VALUES})  # the value-value relation
 
     NEWLINES = ("drop", "keep")
 

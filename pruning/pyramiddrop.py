@@ -62,6 +62,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from vlm.llm_stage import ProbeField
 from vlm.pruning.llm import LlmProbe, LlmTokenPruner
 from vlm.pruning.registry import register
 
@@ -117,6 +118,8 @@ class PyramidDrop(LlmTokenPruner):
         num_layers, reference_tokens: the model and visual-token count ``num_tokens`` refers to
             (LLaVA-1.5: 32 layers, 576 tokens); only the budget bookkeeping uses them.
     """
+
+    probe_fields = frozenset({ProbeField.QUERY_LSE})  # the row weights
 
     def __init__(
         self,

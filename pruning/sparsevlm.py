@@ -68,6 +68,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from vlm.llm_stage import ProbeField
 from vlm.pruning.llm import LlmProbe, LlmTokenPruner
 from vlm.pruning.registry import register
 
@@ -81,9 +82,17 @@ def cluster_assign(x: Tensor, clusters: int) -> Tensor:
     ``exp(-mean of the squared distances to the `clusters` nearest rows, itself included)``; each
     row's distance to its nearest denser row (the largest distance where there is none); centres:
     the ``clusters`` largest ``distance * density``; every row joins its nearest centre, a centre
-    itself. No random noise on the densities (the code adds ``1e-6 * rand`` to break ties)."""
-    x = x.float()
-    dist = (x[:, None] - x[None]).norm(dim=-1) / x.shape[1] ** 0.5
+    itself. No random noise on the densities (the code adds ``1e-6 * rand`` to break ties).
+
+    The distances come from Gram products in float64, ``|x_i|^2 + |x_j|^2 - 2 x_i . x_j`` (the
+    code's pairwise differences materialise ``[m, m, C]``: ~30x slower at 150 rows of 512, and a
+    tenth of SparseVLM's whole cut time at the 64 budget); float64 keeps them within float32
+    rounding of the differences' norms."""
+    y = x.double()
+    sq = (y * y).sum(-1)
+    dist = (sq[:, None] + sq[None] - 2.0 * (y @ y.T)).clamp_(min=0.0).sqrt_()
+    dist.fill_diagonal_(0.0)
+    dist = dist / x.shape[1] ** 0.5
     near = torch.topk(dist, clusters, dim=-1, largest=False).values
     density = (-(near**2).mean(-1)).exp()
     denser = density[None, :] > density[:, None]
@@ -121,6 +130,9 @@ class SparseVLM(LlmTokenPruner):
         adaptive: the paper's rank rule with this lambda instead of the keep-count table (None: the code).
     """
 
+    #: the raters (input embeddings), their rows' attention weights, and the states recycling merges
+    probe_fields = frozenset({ProbeField.TEXT_ROWS, ProbeField.EMBEDS, ProbeField.STATES})
+
     def __init__(self, num_tokens: int = 192, layers: Sequence[int] = RELEASED_LAYERS,
                  counts: Optional[Sequence[int]] = None, recycle: bool = True, recycle_ratio: float = 0.3,
                  adaptive: Optional[float] = None) -> None:
@@ -151,6 +163,12 @@ class SparseVLM(LlmTokenPruner):
         self.recycle = bool(recycle)
         self.recycle_ratio = float(recycle_ratio)
         self.adaptive = None if adaptive is None else float(adaptive)
+        #: (probe, its scores) between a cut's keep_stage and merge_stage (score()); cleared by merge_stage
+        self._scored: Optional[tuple[LlmProbe, Tensor]] = None
+        #: (the pass's visual input embeddings, its raters): the raters depend only on the input
+        #: embeddings of the visual tokens and of the prompt tail, which no cut changes (merged tokens go
+        #: before the tail), so the cuts of one pass share them (raters()); cleared after the last cut
+        self._raters: Optional[tuple[Tensor, Tensor]] = None
 
     def cuts(self) -> tuple[int, ...]:
         return self.layers
@@ -160,8 +178,12 @@ class SparseVLM(LlmTokenPruner):
         if probe.embeds is None or probe.text_embeds is None or probe.text_counts is None:
             raise ValueError("SparseVLM needs LlmProbe.embeds / text_embeds (input embeddings); run it with the "
                              "LLaVA or Qwen runners, whose CutDecoder fills them.")
+        if self._raters is not None and self._raters[0] is probe.embeds:  # a later cut of the same pass
+            return self._raters[1]
         initial = probe.counts if probe.initial_counts is None else probe.initial_counts
-        return select_raters(probe.embeds, initial, probe.text_embeds, probe.text_counts)
+        raters = select_raters(probe.embeds, initial, probe.text_embeds, probe.text_counts)
+        self._raters = (probe.embeds, raters)
+        return raters
 
     def rater_weights(self, probe: LlmProbe) -> tuple[Tensor, Tensor]:
         """``[B, T, N]`` head-mean attention of each prompt-tail row on the visual tokens, and the
@@ -169,10 +191,15 @@ class SparseVLM(LlmTokenPruner):
         return probe.text_row_weights("SparseVLM").mean(1), self.raters(probe)
 
     def score(self, probe: LlmProbe) -> Tensor:
-        """Step 2: head-mean attention of the raters' rows on each visual token, averaged over raters."""
+        """Step 2: head-mean attention of the raters' rows on each visual token, averaged over raters.
+        Computed once per probe: the cut (``keep_stage``) and recycling (``merge_stage``) share it."""
+        if self._scored is not None and self._scored[0] is probe:
+            return self._scored[1]
         weights, raters = self.rater_weights(probe)
         picked = weights.masked_fill(~raters[..., None], 0.0).sum(1)
-        return picked / raters.sum(1).clamp(min=1)[:, None].float()
+        scores = picked / raters.sum(1).clamp(min=1)[:, None].float()
+        self._scored = (probe, scores)
+        return scores
 
     def budget(self, probe: LlmProbe, stage: int) -> Tensor:
         """``[B]``: ``min(counts[stage], n - 1)`` visual tokens kept of the current ``n`` (the code); with
@@ -202,6 +229,15 @@ class SparseVLM(LlmTokenPruner):
         best-scored are clustered into ``int(m / 10) + 1`` groups (:func:`cluster_assign`, on the
         layer's output states) and each group becomes one token, ``sum / (size + 1e-6)`` as the code
         averages. Returns the runner's ``(weights [B, M, N], counts [B])``, or None without recycling."""
+        try:
+            return self.recycled(probe, keep)
+        finally:
+            self._scored = None  # the cut is done: hold no tensors of it
+            if stage == len(self.layers) - 1:
+                self._raters = None  # and the pass is done
+
+    def recycled(self, probe: LlmProbe, keep: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+        """:meth:`merge_stage`'s weights and counts (None without recycling)."""
         if not self.recycle:
             return None
         if probe.states is None:

@@ -50,3 +50,10 @@ def vision_pruners() -> list[str]:
     from vlm import pruning
 
     return [n for n in pruning.available() if Tower.VISION in pruning.create(n).towers]
+
+
+def llm_pruners() -> list[str]:
+    """Registered pruners that cut inside the language model (``Tower.LLM``)."""
+    from vlm import pruning
+
+    return [n for n in pruning.available() if Tower.LLM in pruning.create(n).towers]

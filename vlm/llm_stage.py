@@ -12,6 +12,7 @@ runner (``vlm.towers.language_model.CutDecoder``) owns positions, masks and the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import Iterable, Optional, Union
 
 import torch
@@ -21,18 +22,46 @@ from vlm.context import Tower
 from vlm.hooks import TowerHook
 
 
+class ProbeField(Enum):
+    """An optional group of :class:`LlmProbe` fields. A stage lists the groups it reads in
+    :attr:`LlmStage.probe_fields` and the runner computes only those (each costs gathers, norms or
+    projections over the sequence at every cut); the others stay None."""
+
+    #: ``values``, ``query_value`` (with ``score_next``, the values are a projection of every token)
+    VALUES = "values"
+    #: ``query_lse`` (for :meth:`LlmProbe.row_weights`)
+    QUERY_LSE = "query_lse"
+    #: ``hidden``: final-normed output states of the visual slots
+    HIDDEN = "hidden"
+    #: ``states``: output states of the visual slots (what :meth:`LlmStage.merge_stage` averages)
+    STATES = "states"
+    #: ``text_keys``, ``text_hidden``, ``text_counts``: the prompt tail's keys and normed states
+    TEXT = "text"
+    #: ``text_queries``, ``text_lse``, ``text_weights``, ``text_counts`` (for :meth:`LlmProbe.text_row_weights`)
+    TEXT_ROWS = "text_rows"
+    #: ``embeds``, ``text_embeds``, ``text_counts``: input embeddings of the visual tokens and prompt tail
+    EMBEDS = "embeds"
+
+
+#: every optional group: what a stage that declares nothing is given
+ALL_PROBE_FIELDS: frozenset[ProbeField] = frozenset(ProbeField)
+
+
 @dataclass
 class LlmProbe:
     """One decoder layer's attention inputs, per sample, for the probe row and the visual tokens.
 
     ``query [B, H, d]``: post-RoPE query of the probe token; ``query_value [B, Hkv, d]`` its value;
     ``keys, values [B, Hkv, N, d]``: post-RoPE keys and values of the sample's scored visual tokens
+    (the values and ``query_value`` only under :attr:`ProbeField.VALUES`)
     (layout tokens such as kept ``image_newline`` are not among them) in sequence order, padded to
     the batch maximum N; ``counts [B]`` visual tokens per sample (slots at or after the count are
     padding). ``H = Hkv * G`` with grouped-query attention: query head ``h`` reads key/value head
     ``h // G``, as the model's attention does.
 
-    Optional fields (None where the runner does not fill them; ``CutDecoder`` fills them all):
+    Optional fields (None where the runner does not fill them; ``CutDecoder`` fills ``scale`` and
+    ``initial_counts`` always, the others where the stage's ``probe_fields`` lists their
+    :class:`ProbeField`):
 
     * ``scale``: the layer's attention logit scale (``scaling``, ``d ** -0.5`` on Llama/Qwen);
     * ``query_lse [B, H]`` (fp32): per head, the log-sum-exp of the probe row's scaled logits
@@ -52,7 +81,9 @@ class LlmProbe:
       prompt-tail rows, re-projected as the probe's, and per head the log-sum-exp of each such row's
       scaled logits over its own causal row (the tokens of the sample up to and including that row),
       so ``exp(scale * q_{h,t} . k_{h,j} - text_lse_{h,t})`` is the weight row ``t`` gives token ``j``
-      (:meth:`text_row_weights`);
+      (:meth:`text_row_weights`); ``text_weights [B, H, T, N]`` (fp32): those weights on the visual
+      slots, which the runner takes from the logits it computed for ``text_lse`` (what
+      :meth:`text_row_weights` returns when set);
     * ``states [B, N, D]``: the layer's output hidden states at the visual slots, before the final
       norm (padding slots are zeros): what a merge (:meth:`LlmStage.merge_stage`) averages;
     * ``embeds [B, N0, D]``, ``text_embeds [B, T, D]``: the language model's input embeddings of the
@@ -61,9 +92,9 @@ class LlmProbe:
     """
 
     query: Tensor
-    query_value: Tensor
+    query_value: Optional[Tensor]
     keys: Tensor
-    values: Tensor
+    values: Optional[Tensor]
     counts: Tensor
     scale: Optional[float] = None
     query_lse: Optional[Tensor] = None
@@ -75,6 +106,7 @@ class LlmProbe:
     states: Optional[Tensor] = None
     text_queries: Optional[Tensor] = None
     text_lse: Optional[Tensor] = None
+    text_weights: Optional[Tensor] = None
     embeds: Optional[Tensor] = None
     text_embeds: Optional[Tensor] = None
 
@@ -90,8 +122,8 @@ class LlmProbe:
         ``h`` reads key head ``h // G``); from the probe alone, no attention matrix. ``who`` names the
         caller in the error when the runner did not fill ``query_lse``."""
         if self.query_lse is None:
-            raise ValueError(f"{who} needs LlmProbe.query_lse (the probe row's log-sum-exp over its causal row); "
-                             "run it with the LLaVA or Qwen runners, whose CutDecoder fills it.")
+            raise ValueError(f"{who} needs LlmProbe.query_lse (the probe row's log-sum-exp over its causal row): "
+                             "list ProbeField.QUERY_LSE in its probe_fields and run it with the LLaVA or Qwen runners.")
         q, k = self.query.float(), self.keys.float()
         b, heads, d = q.shape
         kv_heads = k.shape[1]
@@ -102,10 +134,14 @@ class LlmProbe:
     def text_row_weights(self, who: str) -> Tensor:
         """``[B, H, T, N]`` fp32: the layer's attention weight of each prompt-tail row on each visual
         key under the softmax over that row's whole causal row (``text_queries`` / ``text_lse``; query
-        head ``h`` reads key head ``h // G``); padding rows and slots mean nothing."""
+        head ``h`` reads key head ``h // G``); padding rows and slots mean nothing. ``text_weights``
+        where the runner filled it."""
+        if self.text_weights is not None:
+            return self.text_weights
         if self.text_queries is None or self.text_lse is None:
             raise ValueError(f"{who} needs LlmProbe.text_queries and text_lse (the prompt tail's queries and "
-                             "log-sum-exps); run it with the LLaVA or Qwen runners, whose CutDecoder fills them.")
+                             "log-sum-exps): list ProbeField.TEXT_ROWS in its probe_fields and run it with the LLaVA "
+                             "or Qwen runners.")
         q, k = self.text_queries.float(), self.keys.float()
         b, heads, t, d = q.shape
         kv_heads = k.shape[1]
@@ -147,6 +183,9 @@ class LlmStage(TowerHook):
     #: whether a cut after layer k scores with layer k + 1's projections of layer k's output
     #: (class docstring); False: with layer k's own attention inputs.
     score_next: bool = False
+    #: the optional probe fields this stage reads (:class:`ProbeField`); the runner computes only
+    #: these. Default: all of them (correct for any stage; a stage that lists fewer is cheaper).
+    probe_fields: frozenset[ProbeField] = ALL_PROBE_FIELDS
 
     def cuts(self) -> tuple[int, ...]:
         """The decoder layers (0-based, strictly increasing) after which the visual tokens are cut;
@@ -171,7 +210,8 @@ class LlmStage(TowerHook):
         ``LlmProbe.states``; weights on padding slots are ignored), in order ``m``. The runner inserts
         them right after the sample's last visual token (layout ones included) of the uncut sequence,
         counts them as scored visual tokens for later cuts, and positions them by its policy
-        (``compact``: renumbered with the rest; ``original``: the positions of the token they follow)."""
+        (``compact``: renumbered with the rest; ``original``: the positions of the token they follow).
+        A stage that merges lists :attr:`ProbeField.STATES` in ``probe_fields``."""
         return None
 
 

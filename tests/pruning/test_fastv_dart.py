@@ -17,6 +17,7 @@ from tests.llava.test_llava_next import SIZES, tiny_llava_next
 from tests.qwen.test_qwen_llm_cut import args, reference_cut_generate, reference_inputs, sample_rows, split_lm
 from tests.qwen.tiny import encode, tiny_model
 from vlm import pruning
+from vlm.llm_stage import ALL_PROBE_FIELDS
 from vlm.towers.llava_next import LlavaNextRunner
 from vlm.towers.qwen import QwenRunner
 
@@ -198,6 +199,7 @@ def test_probe_lse_is_the_full_row_normaliser_and_budgets_are_exact(qwen):
     runner = QwenRunner(qwen)
     probes = []
     pruner = pruning.create("fastv", num_tokens=QWEN_BUDGET, layer=1)
+    pruner.probe_fields = ALL_PROBE_FIELDS  # the probe also feeds DART below
     keep = pruner.keep
     pruner.keep = lambda probe: probes.append(probe) or keep(probe)
     runner(*args(enc), [pruner], padding_side="left")

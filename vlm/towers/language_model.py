@@ -16,7 +16,7 @@ implementation (sdpa, eager, flash) is untouched:
   normaliser), the layer's output states of the visual tokens (raw and final-normed), the keys,
   states, queries and per-row log-sum-exps of the prompt tail after the last visual token, and the
   input embeddings of the visual tokens before the first cut and of the prompt tail (``LlmProbe``'s
-  optional fields);
+  optional fields: only the groups the stage lists in ``LlmStage.probe_fields`` are computed);
 * after layer ``k`` each sample keeps its text tokens, its layout tokens (``LlmInputs.layout_mask``,
   e.g. kept ``image_newline``: never scored, outside the budget) and the kept visual tokens, in order,
   re-padded on the input's padding side; layers ``k+1..`` run on that shorter sequence.
@@ -72,7 +72,7 @@ import torch
 from torch import Tensor, nn
 
 from vlm.hooks import TowerHook
-from vlm.llm_stage import LlmProbe, LlmStage, StageHooks, split_stages
+from vlm.llm_stage import ALL_PROBE_FIELDS, LlmProbe, LlmStage, ProbeField, StageHooks, split_stages
 from vlm.tokens import kept_first
 from vlm.towers.packed_prefill import PackedLayout, layer_position_ids, repad_cache, run_packed, scratch_cache
 
@@ -158,8 +158,20 @@ def vision_hooks(hooks: Union[Iterable[TowerHook], StageHooks, None]) -> list[To
 
 
 def rows(x: Tensor, index: Tensor) -> Tensor:
-    """``x [B, L, ...]`` gathered along dim 1 at ``index [B, M]``."""
-    return torch.gather(x, 1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:]))
+    """``x [B, L, ...]`` gathered along dim 1 at ``index [B, M]`` (advanced indexing: it copies whole
+    rows, several times faster on CPU than ``torch.gather`` with an expanded index)."""
+    return x[torch.arange(x.shape[0], device=x.device)[:, None], index]
+
+
+def zero_at(x: Tensor, pad: Optional[Tensor]) -> Tensor:
+    """``x`` with zeros where ``pad`` (broadcast) is True; ``x`` itself when ``pad`` is None (no
+    padding: a batch of equal counts skips the copy)."""
+    return x if pad is None else x.masked_fill(pad, 0.0)
+
+
+def heads_at(x: Tensor, index: Tensor) -> Tensor:
+    """``x [B, H, L, d]`` (per-head keys or values) gathered along dim 2 at ``index [B, M]``."""
+    return rows(x.transpose(1, 2), index).transpose(1, 2)
 
 
 def gather_positions(positions: Tensor, index: Tensor) -> Tensor:
@@ -266,68 +278,76 @@ class CutDecoder:
 
     # --- the probe ----------------------------------------------------------------------------
     def probe(
-        self, h: Tensor, rope: tuple[Tensor, Tensor], keys: Tensor, values: Tensor, visual: Tensor, probe_index: Tensor,
-        out: Optional[Tensor] = None, valid: Optional[Tensor] = None, layout: Optional[Tensor] = None,
-        layer: Optional[int] = None, embeds: Optional[Tensor] = None,
+        self, h: Tensor, rope: tuple[Tensor, Tensor], keys: Tensor, values: Optional[Tensor], visual: Tensor,
+        probe_index: Tensor, out: Optional[Tensor] = None, valid: Optional[Tensor] = None,
+        layout: Optional[Tensor] = None, layer: Optional[int] = None, embeds: Optional[Tensor] = None,
+        fields: frozenset[ProbeField] = ALL_PROBE_FIELDS,
     ) -> tuple[LlmProbe, Tensor]:
         """The pruner's view of layer ``k``: the probe row's query, re-projected from the layer's input
         ``h [B, L, D]`` (its input norm, ``q_proj``, ``q_norm`` if any, and RoPE from ``rope``, the
         tables of the whole sequence: one row per sample), and the layer's own post-RoPE ``keys`` /
-        ``values [B, Hkv, L, d]`` (from its KV cache) at the probe row and the scored tokens ``visual``.
-        With ``out`` (the layer's output ``[B, L, D]``), ``valid [B, L]`` (the tokens) and ``layout``
-        (every visual token, layout ones included; default ``visual``) it also fills the optional
-        fields (:class:`~vlm.llm_stage.LlmProbe`): the probe row's per-head log-sum-exp over its causal
-        row, the final-normed output states of the visual tokens, and the keys and states of the
-        prompt tail, with the prompt-tail rows' queries and per-row log-sum-exps (and, given ``embeds``,
-        the input embeddings ``[B, L, D]`` of the current rows, the prompt tail's). ``layer``: the
-        decoder layer whose projections make the query (default: the first cut's scoring layer). Returns the probe and ``visual_index [B, N]`` (sequence row of each visual slot)."""
+        ``values [B, Hkv, L, d]`` (from its KV cache; ``values`` None: the probe carries none) at the
+        probe row and the scored tokens ``visual``. With ``out`` (the layer's output ``[B, L, D]``),
+        ``valid [B, L]`` (the tokens) and ``layout`` (every visual token, layout ones included; default
+        ``visual``) it also fills the optional groups of ``fields`` (:class:`~vlm.llm_stage.ProbeField`):
+        the probe row's per-head log-sum-exp over its causal row, the (final-normed) output states of
+        the visual tokens, the keys and normed states of the prompt tail, the prompt-tail rows' queries
+        and per-row log-sum-exps, and (given ``embeds``, the input embeddings ``[B, L, D]`` of the
+        current rows) the prompt tail's embeddings. ``layer``: the decoder layer whose projections make
+        the query (default: the first cut's scoring layer). Returns the probe and ``visual_index [B, N]``
+        (sequence row of each visual slot)."""
         layer = self.lm.layers[self.score_layers[0] if layer is None else layer]
         attn = layer.self_attn
         b, d = h.shape[0], attn.head_dim
         heads = attn.q_proj.out_features // d
         counts = visual.sum(1)
-        n = int(counts.max())
-        visual_index = kept_first(visual, n)
+        visual_index = kept_first(visual, int(counts.max()))
         q = self.queries(layer, h, rope, probe_index[:, None])
-
-        def at(t: Tensor, index: Tensor) -> Tensor:  # [B, Hkv, L, d] at sequence rows index [B, M]
-            return torch.gather(t, 2, index[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))
-
-        probe = LlmProbe(q[:, :, 0], at(values, probe_index[:, None])[:, :, 0], at(keys, visual_index),
-                         at(values, visual_index), counts)  # fmt: skip
+        probe = LlmProbe(q[:, :, 0], None if values is None else heads_at(values, probe_index[:, None])[:, :, 0],
+                         heads_at(keys, visual_index), None if values is None else heads_at(values, visual_index),
+                         counts)  # fmt: skip
+        probe.scale = float(getattr(attn, "scaling", d**-0.5))
         if out is None or valid is None:
             return probe, visual_index
-        scale = float(getattr(attn, "scaling", d**-0.5))
-        length = keys.shape[2]
+        length, kv_heads = keys.shape[2], keys.shape[1]
         seq = torch.arange(length, device=keys.device)[None]
         causal = valid.bool() & (seq <= probe_index[:, None])  # the probe row's keys
-        kv_heads = keys.shape[1]
-        logits = torch.einsum("bkgd,bkld->bkgl", q[:, :, 0].float().view(b, kv_heads, heads // kv_heads, d),
-                              keys.float()).flatten(1, 2) * scale
-        probe.scale = scale
-        probe.query_lse = logits.masked_fill(~causal[:, None], float("-inf")).logsumexp(-1)
-        normed = self.lm.norm(out)
-        slot_valid = probe.valid
-        probe.hidden = rows(normed, visual_index).masked_fill(~slot_valid[..., None], 0.0)
-        probe.states = rows(out, visual_index).masked_fill(~slot_valid[..., None], 0.0)
+        if ProbeField.QUERY_LSE in fields:
+            logits = torch.einsum("bkgd,bkld->bkgl", q[:, :, 0].float().view(b, kv_heads, heads // kv_heads, d),
+                                  keys.float()).flatten(1, 2) * probe.scale
+            probe.query_lse = logits.masked_fill(~causal[:, None], float("-inf")).logsumexp(-1)
+        slot_pad = None if bool((counts == counts.max()).all()) else ~probe.valid[..., None]  # padding slots
+        if ProbeField.STATES in fields or ProbeField.HIDDEN in fields:
+            states = rows(out, visual_index)
+            if ProbeField.STATES in fields:
+                probe.states = zero_at(states, slot_pad)
+            if ProbeField.HIDDEN in fields:  # the final norm is per token: normed rows = rows of the normed
+                probe.hidden = zero_at(self.lm.norm(states), slot_pad)
+        if not fields & {ProbeField.TEXT, ProbeField.TEXT_ROWS, ProbeField.EMBEDS}:
+            return probe, visual_index
         marked = visual if layout is None else layout
         last = torch.where(marked, seq, -1).max(1).values  # the last visual token (-1: none)
         tail = causal & ~marked & (seq > last[:, None])
         text_counts = tail.sum(1)
         tail_index = kept_first(tail, int(text_counts.max()))
         text_valid = torch.arange(tail_index.shape[1], device=keys.device)[None] < text_counts[:, None]
-        probe.text_keys = at(keys, tail_index).masked_fill(~text_valid[:, None, :, None], 0.0)
-        probe.text_hidden = rows(normed, tail_index).masked_fill(~text_valid[..., None], 0.0)
+        text_pad = None if bool(text_valid.all()) else ~text_valid  # padding rows of the tail
         probe.text_counts = text_counts
-        tq = self.queries(layer, h, rope, tail_index)  # [B, H, T, d]
-        t_logits = torch.einsum("bkgtd,bkld->bkgtl", tq.float().view(b, kv_heads, heads // kv_heads, -1, d),
-                                keys.float()).flatten(1, 2) * scale
-        row_causal = valid.bool()[:, None] & (seq[:, None] <= tail_index[:, :, None])  # [B, T, L]
-        probe.text_queries = tq.masked_fill(~text_valid[:, None, :, None], 0.0)
-        probe.text_lse = t_logits.masked_fill(~row_causal[:, None], float("-inf")).logsumexp(-1).masked_fill(
-            ~text_valid[:, None], 0.0)
-        if embeds is not None:
-            probe.text_embeds = rows(embeds, tail_index).masked_fill(~text_valid[..., None], 0.0)
+        if ProbeField.TEXT in fields:
+            probe.text_keys = zero_at(heads_at(keys, tail_index), None if text_pad is None else text_pad[:, None, :, None])
+            probe.text_hidden = zero_at(self.lm.norm(rows(out, tail_index)), None if text_pad is None else text_pad[..., None])
+        if ProbeField.TEXT_ROWS in fields:
+            tq = self.queries(layer, h, rope, tail_index)  # [B, H, T, d]
+            t_logits = torch.einsum("bkgtd,bkld->bkgtl", tq.float().view(b, kv_heads, heads // kv_heads, -1, d),
+                                    keys.float()).flatten(1, 2) * probe.scale
+            row_causal = valid.bool()[:, None] & (seq[:, None] <= tail_index[:, :, None])  # [B, T, L]
+            probe.text_queries = zero_at(tq, None if text_pad is None else text_pad[:, None, :, None])
+            probe.text_lse = t_logits.masked_fill(~row_causal[:, None], float("-inf")).logsumexp(-1).masked_fill(
+                ~text_valid[:, None], 0.0)
+            at_visual = visual_index[:, None, None, :].expand(-1, t_logits.shape[1], t_logits.shape[2], -1)
+            probe.text_weights = (t_logits.gather(-1, at_visual) - probe.text_lse[..., None]).exp()
+        if ProbeField.EMBEDS in fields and embeds is not None:
+            probe.text_embeds = zero_at(rows(embeds, tail_index), None if text_pad is None else text_pad[..., None])
         return probe, visual_index
 
     def queries(self, layer: nn.Module, h: Tensor, rope: tuple[Tensor, Tensor], index: Tensor) -> Tensor:
@@ -344,17 +364,22 @@ class CutDecoder:
         q = q.view(b, m, heads, d)
         if self.q_norm_per_head:
             q = attn.q_norm(q)
-        return self.apply_rope(q.transpose(1, 2), q.transpose(1, 2), cos, sin)[0]
+        q = q.transpose(1, 2)
+        return self.apply_rope(q, q[:, :1], cos, sin)[0]  # RoPE on the queries once (the second operand is a dummy)
 
-    def project_kv(self, layer: int, h: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    def project_kv(
+        self, layer: int, h: Tensor, rope: tuple[Tensor, Tensor], values: bool = True
+    ) -> tuple[Tensor, Optional[Tensor]]:
         """Decoder ``layer``'s post-RoPE keys and values ``[B, Hkv, L, d]`` of its input ``h [B, L, D]``,
         re-projected as its attention computes them (input norm, ``k_proj`` / ``v_proj``, ``k_norm`` if
-        any, RoPE from ``rope``): what a ``score_next`` cut scores with (no cache holds them)."""
+        any, RoPE from ``rope``): what a ``score_next`` cut scores with (no cache holds them). Without
+        ``values`` the values are None (``v_proj`` is not run)."""
         block = self.lm.layers[layer]
         attn = block.self_attn
         b, length, d = h.shape[0], h.shape[1], attn.head_dim
         x = block.input_layernorm(h)
-        k, v = attn.k_proj(x), attn.v_proj(x)
+        k = attn.k_proj(x)
+        v = attn.v_proj(x) if values else None
         norm = getattr(attn, "k_norm", None)
         per_head = None if norm is None else getattr(norm, "weight", torch.empty(d)).numel() == d
         if per_head is False:
@@ -363,8 +388,8 @@ class CutDecoder:
         if per_head:
             k = norm(k)
         k = k.transpose(1, 2)
-        k = self.apply_rope(k, k, *rope)[1]
-        return k, v.view(b, length, -1, d).transpose(1, 2)
+        k = self.apply_rope(k, k[:, :1], *rope)[0]  # RoPE on the keys once (the second operand is a dummy)
+        return k, None if v is None else v.view(b, length, -1, d).transpose(1, 2)
 
     # --- prefill and decoding -----------------------------------------------------------------
     def prefill(self, inputs: LlmInputs, padding_side: str, cache=None) -> tuple[Tensor, LlmCut]:
@@ -384,8 +409,12 @@ class CutDecoder:
         source = torch.arange(h.shape[1], device=h.device)[None].expand(h.shape[0], -1)  # assembled row of each row
         initial = scored.sum(1)
         embeds0 = inputs.embeds
-        visual_embeds = rows(embeds0, kept_first(scored, int(initial.max()))).masked_fill(
-            ~(torch.arange(int(initial.max()), device=h.device)[None] < initial[:, None])[..., None], 0.0)
+        fields = self.pruner.probe_fields
+        with_embeds, with_values = ProbeField.EMBEDS in fields, ProbeField.VALUES in fields
+        visual_embeds = None
+        if with_embeds:
+            visual_embeds = rows(embeds0, kept_first(scored, int(initial.max()))).masked_fill(
+                ~(torch.arange(int(initial.max()), device=h.device)[None] < initial[:, None])[..., None], 0.0)
         multi = positions.dim() == 3
         work = cache if cache is not None else scratch_cache(self.lm)  # the scores' keys and values
         groups: list[LayerGroup] = []
@@ -402,9 +431,10 @@ class CutDecoder:
                 keys, values = work.layers[k].keys, work.layers[k].values
             if self.score_next:  # the next layer's attention inputs, from this layer's output
                 h_in = h
-                keys, values = self.project_kv(score_layer, h, rope)
-            probe, visual_index = self.probe(h_in, rope, keys, values, scored, probe_index, h, valid, visual,
-                                             layer=score_layer, embeds=rows(embeds0, source.clamp(min=0)))
+                keys, values = self.project_kv(score_layer, h, rope, values=with_values)
+            probe, visual_index = self.probe(
+                h_in, rope, keys, values if with_values else None, scored, probe_index, h, valid, visual,
+                layer=score_layer, embeds=rows(embeds0, source.clamp(min=0)) if with_embeds else None, fields=fields)
             probe.initial_counts = initial
             probe.embeds = visual_embeds
             length = h.shape[1]
@@ -415,6 +445,9 @@ class CutDecoder:
             merge = self.pruner.merge_stage(probe, stage, chosen)
             key = None
             if merge is not None and int(merge[1].max()) > 0:  # insert merged tokens after the visual block
+                if probe.states is None:
+                    raise TypeError(f"{type(self.pruner).__name__}.merge_stage returned merged tokens, but its "
+                                    "probe_fields lacks ProbeField.STATES (the states they average): add it.")
                 weights, merged_counts = merge
                 m = weights.shape[1]
                 mvalid = torch.arange(m, device=h.device)[None] < merged_counts[:, None]

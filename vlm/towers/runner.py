@@ -7,6 +7,7 @@ norm, pooling and projection. Hooks see every block of every tower in the same w
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Protocol, Sequence
 
@@ -80,7 +81,7 @@ class TextPrefix(Protocol):
     def prefix_length(self, tokens: Tensor) -> Optional[int]: ...
 
 
-class TextRunner:
+class TextRunner(ABC):
     """What the text runners share (``clip.py``, ``hf_text.py``, ``hf_clip_text.py``,
     ``hf_siglip.py``): the call, trimming then one pass then pooling. A runner sets ``tower``,
     ``blocks``, ``causal`` and ``trim`` and implements ``embed``, ``prefix_length`` and ``pool``."""
@@ -90,15 +91,17 @@ class TextRunner:
     causal: bool = False
     trim: bool = False
 
-    def embed(self, tokens: Tensor, embeds: Optional[Tensor] = None) -> TokenState:  # pragma: no cover
-        raise NotImplementedError(f"{type(self).__name__} must implement embed(tokens, embeds).")
+    @abstractmethod
+    def embed(self, tokens: Tensor, embeds: Optional[Tensor] = None) -> TokenState:
+        """The token state before the first block (``embeds`` replace the token embeddings)."""
 
     def prefix_length(self, tokens: Tensor) -> Optional[int]:
         """The leading positions that can change the pooled feature (None: all; ``trim_text``)."""
         return None
 
-    def pool(self, state: TokenState, project: bool = True) -> Tensor:  # pragma: no cover
-        raise NotImplementedError(f"{type(self).__name__} must implement pool(state, project).")
+    @abstractmethod
+    def pool(self, state: TokenState, project: bool = True) -> Tensor:
+        """The pooled feature of the final state (through the text projection when ``project``)."""
 
     def __call__(
         self,
